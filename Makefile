@@ -1,0 +1,27 @@
+# The README's two commands: `make serve` and `make test`. Each does all set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup serve test bench clean
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 goes in first and is named again beside the project, so pip never resolves a newer (CUDA) build.
+$(VENV)/.installed: pyproject.toml Makefile
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]' torch==2.13.0
+	@touch $@
+
+serve: setup
+	$(VENV)/bin/specrelay serve
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) *.egg-info

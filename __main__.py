@@ -1,0 +1,5 @@
+import sys
+
+from specrelay.cli import main
+
+sys.exit(main())

@@ -1,0 +1,46 @@
+"""The `specrelay` command. Each subcommand lives in its own module with `add_arguments(parser)` and
+`main(args) -> int`; modules keep heavy imports (torch, aiohttp) inside `main` so that `--help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from specrelay import __version__
+from specrelay.shared.errors import SpecrelayError
+
+# name -> (module, one-line help). Add a command by adding a row.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("specrelay.services.serve", "start every service in one process (the embedded default)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specrelay", description="specrelay: serving for LLM agent workloads")
+    parser.add_argument("--version", action="version", version=f"specrelay {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        sub.choices[name].set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args._module.main(args) or 0)
+    except SpecrelayError as e:
+        print(f"specrelay {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Shared fixtures. Redis: `SPECRELAY_TEST_REDIS` if set, else a private redis-server on a free port."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A Redis server for the session. A private server is ours to flush; a shared one is only written under
+    the per-test `redis_prefix`."""
+    url = os.environ.get("SPECRELAY_TEST_REDIS")
+    if url:
+        yield url
+        return
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed: run `make test` (it installs it) or set SPECRELAY_TEST_REDIS")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail(f"redis-server did not start on port {port}")
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key/stream prefix private to one test, so tests never touch each other's (or anyone's) keys."""
+    return f"specrelay-test:{uuid.uuid4().hex[:12]}:"
