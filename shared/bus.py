@@ -1,0 +1,308 @@
+"""The message bus: one interface, two transports (local asyncio queues here; Redis Streams in bus_redis.py).
+
+Work queues (`publish` / `consume`) follow Redis Streams semantics on both transports, so a service behaves the same
+embedded or distributed:
+- a stream is a bounded log (`maxlen`; the oldest entries are trimmed);
+- every consumer *group* sees every message; within a group each message goes to one consumer;
+- delivery is at-least-once: a message stays pending until its handler calls `await delivery.ack()` after the work
+  is done; a consumer that dies holding messages loses them to any live consumer of the group once they have been
+  idle for `min_idle_ms` (XAUTOCLAIM). Handlers that can run longer call `await delivery.touch()` now and then.
+  A restarted consumer with the same name first gets its own pending messages back.
+Reply channels (`open_reply_channel` / `reply`) stream results back to one waiting caller (the gateway's per-request
+token stream): ordered, one reader, no redelivery. See bus_redis.py for why they are streams and not pub/sub.
+
+Messages are msgspec Structs encoded as msgpack, also on the local transport: what works embedded works over Redis,
+and a consumer never shares a mutable object with its producer. Tensors travel as `wire.WireTensor` fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import msgspec
+
+from specrelay.shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    prefix: str = "specrelay:"  # every Redis key and stream lives under it
+    maxlen: int = 10_000  # entries kept per work stream (approximate on Redis: MAXLEN ~)
+    batch_size: int = 16  # messages fetched per read
+    block_ms: int = 200  # longest wait of one read; also how soon a consumer notices close()
+    min_idle_ms: int = 30_000  # a pending message idle this long is taken from its (dead) consumer
+    claim_interval_ms: int = 1_000  # how often a consumer looks for such messages
+    reply_maxlen: int = 100_000  # entries kept in one gateway's reply stream
+    reply_ttl_s: int = 600  # a reply stream nobody writes to for this long disappears (its gateway is gone)
+
+    def __post_init__(self):
+        if self.maxlen < 1 or self.batch_size < 1 or self.block_ms < 1 or self.min_idle_ms < 0:
+            raise ConfigError(f"bus settings out of range: {self}")
+
+
+class Delivery(Generic[T]):
+    """One message handed to one consumer. It stays pending (and will be redelivered if this consumer dies) until
+    `ack()` is awaited."""
+
+    __slots__ = ("msg", "stream", "message_id", "published_ns", "redelivered", "_ack", "_touch")
+
+    def __init__(self, msg: T, stream: str, message_id: str, published_ns: int, redelivered: bool,
+                 ack: Callable[[], Awaitable[None]], touch: Callable[[], Awaitable[None]]):
+        self.msg = msg
+        self.stream = stream
+        self.message_id = message_id
+        self.published_ns = published_ns  # time.time_ns() at publish: queueing latency without schema support
+        self.redelivered = redelivered  # taken over from a dead consumer, or this consumer's own earlier life
+        self._ack = ack
+        self._touch = touch
+
+    async def ack(self) -> None:
+        await self._ack()
+
+    async def touch(self) -> None:
+        """Reset the idle clock so a long handler is not mistaken for a dead consumer."""
+        await self._touch()
+
+
+class ReplyChannel(Generic[T]):
+    """The reading end of a reply channel: `async for msg in channel` until `close()`. Pass `channel.name` as the
+    request's `reply_to`; open the channel before publishing the request so no reply can arrive first."""
+
+    def __init__(self, name: str, type: type[T], on_close: Callable[[str], None]):
+        self.name = name
+        self._decoder = msgspec.msgpack.Decoder(type)
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._on_close = on_close
+        self.closed = False
+
+    def _deliver(self, payload: bytes | None) -> None:
+        self._queue.put_nowait(payload)
+
+    async def get(self, timeout_s: float | None = None) -> T | None:
+        """The next reply; None once the channel is closed. Raises TimeoutError after `timeout_s`."""
+        if self.closed and self._queue.empty():
+            return None
+        payload = await asyncio.wait_for(self._queue.get(), timeout_s)
+        return None if payload is None else self._decoder.decode(payload)
+
+    def __aiter__(self) -> ReplyChannel[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        msg = await self.get()
+        if msg is None:
+            raise StopAsyncIteration
+        return msg
+
+    def close(self) -> None:
+        """Stop listening; replies that arrive later are dropped (the request is finished or abandoned)."""
+        if not self.closed:
+            self.closed = True
+            self._on_close(self.name)
+            self._queue.put_nowait(None)
+
+    async def __aenter__(self) -> ReplyChannel[T]:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+
+class Bus(ABC):
+    config: BusConfig
+
+    @abstractmethod
+    async def publish(self, stream: str, msg: msgspec.Struct) -> str:
+        """Append `msg` to `stream`; returns its message id."""
+
+    @abstractmethod
+    def consume(self, stream: str, group: str, consumer: str, type: type[T]) -> AsyncIterator[Delivery[T]]:
+        """Messages of `stream` for `consumer` in `group` (created if missing, reading from the oldest retained
+        entry), forever or until `close()`."""
+
+    @abstractmethod
+    def open_reply_channel(self, type: type[T], name: str | None = None) -> ReplyChannel[T]:
+        """A new channel that this process reads; `name` is unique when not given."""
+
+    @abstractmethod
+    async def reply(self, reply_to: str, msg: msgspec.Struct) -> None:
+        """Send `msg` to the channel named `reply_to` (possibly in another process)."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def make_bus(url: str | None, config: BusConfig | None = None) -> Bus:
+    """None -> the in-process bus; redis://... or rediss://... -> Redis Streams."""
+    config = config or BusConfig()
+    if url is None or url == "local":
+        return LocalBus(config)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from specrelay.shared.bus_redis import RedisBus
+
+        return RedisBus(url, config)
+    raise ConfigError(f"bus URL {url!r}: expected redis://host:port/db, or nothing for the in-process bus")
+
+
+def decode_or_none(decoder: msgspec.msgpack.Decoder, payload: bytes, where: str) -> msgspec.Struct | None:
+    """A message that does not decode as the consumer's type can never succeed: log it, and the caller acks it
+    away into the dead-letter stream instead of redelivering it forever."""
+    try:
+        return decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        log.error("bus: dropping undecodable message on %s: %s", where, e)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local transport: every service in one process, one event loop.
+
+
+@dataclass
+class _Pending:
+    entry: tuple[int, int, bytes]  # (seq, published_ns, payload)
+    consumer: str
+    delivered_at: float  # monotonic seconds; the idle clock XAUTOCLAIM compares against
+
+
+@dataclass
+class _Group:
+    cursor: int  # next sequence number to hand out
+    pending: dict[int, _Pending] = field(default_factory=dict)
+
+
+class _Stream:
+    def __init__(self, maxlen: int):
+        self.entries: deque[tuple[int, int, bytes]] = deque(maxlen=maxlen)
+        self.next_seq = 0
+        self.groups: dict[str, _Group] = {}
+        self.changed = asyncio.Event()
+
+    def first_seq(self) -> int:
+        return self.entries[0][0] if self.entries else self.next_seq
+
+
+class LocalBus(Bus):
+    def __init__(self, config: BusConfig | None = None):
+        self.config = config or BusConfig()
+        self._streams: dict[str, _Stream] = {}
+        self._channels: dict[str, ReplyChannel] = {}
+        self._closed = False
+        self._names = itertools.count()
+
+    def _stream(self, name: str) -> _Stream:
+        if name not in self._streams:
+            self._streams[name] = _Stream(self.config.maxlen)
+        return self._streams[name]
+
+    async def publish(self, stream: str, msg: msgspec.Struct) -> str:
+        s = self._stream(stream)
+        s.entries.append((s.next_seq, time.time_ns(), _encoder.encode(msg)))
+        s.next_seq += 1
+        s.changed.set()
+        return str(s.next_seq - 1)
+
+    def stream_length(self, stream: str) -> int:
+        return len(self._stream(stream).entries)
+
+    async def consume(self, stream: str, group: str, consumer: str, type: type[T]) -> AsyncIterator[Delivery[T]]:
+        s = self._stream(stream)
+        g = s.groups.setdefault(group, _Group(cursor=s.first_seq()))
+        decoder = msgspec.msgpack.Decoder(type)
+        cfg = self.config
+        # A consumer restarted under the same name gets its own unacknowledged messages back first.
+        batch = [(seq, True) for seq, p in g.pending.items() if p.consumer == consumer]
+        next_claim = 0.0
+        while not self._closed:
+            now = time.monotonic()
+            if not batch and now >= next_claim:
+                next_claim = now + cfg.claim_interval_ms / 1000
+                idle_s = cfg.min_idle_ms / 1000
+                batch = [(seq, True) for seq, p in g.pending.items()
+                         if p.consumer != consumer and now - p.delivered_at >= idle_s][: cfg.batch_size]
+            if not batch:
+                g.cursor = max(g.cursor, s.first_seq())  # entries trimmed before this group read them are gone
+                for seq, published_ns, payload in itertools.islice(s.entries, g.cursor - s.first_seq(), None):
+                    if len(batch) == cfg.batch_size:
+                        break
+                    g.pending[seq] = _Pending((seq, published_ns, payload), consumer, now)
+                    g.cursor = seq + 1
+                    batch.append((seq, False))
+            if not batch:
+                s.changed.clear()
+                try:
+                    await asyncio.wait_for(s.changed.wait(), min(cfg.block_ms, cfg.claim_interval_ms) / 1000)
+                except TimeoutError:
+                    pass
+                continue
+            for seq, redelivered in batch:
+                pending = g.pending.get(seq)
+                if pending is None:  # acknowledged meanwhile by another consumer
+                    continue
+                pending.consumer, pending.delivered_at = consumer, time.monotonic()
+                _, published_ns, payload = pending.entry
+                msg = decode_or_none(decoder, payload, f"{stream}/{group}")
+                if msg is None:
+                    self._stream(stream + ".dead").entries.append(pending.entry)
+                    g.pending.pop(seq, None)
+                    continue
+                yield Delivery(msg, stream, str(seq), published_ns, redelivered,
+                               _local_ack(g, seq), _local_touch(g, seq, consumer))
+            batch = []
+
+    def open_reply_channel(self, type: type[T], name: str | None = None) -> ReplyChannel[T]:
+        name = name or f"local/{uuid.uuid4().hex}"
+        if name in self._channels:
+            raise ConfigError(f"reply channel {name!r} is already open")
+        channel = ReplyChannel(name, type, self._channels.pop)
+        self._channels[name] = channel
+        return channel
+
+    async def reply(self, reply_to: str, msg: msgspec.Struct) -> None:
+        channel = self._channels.get(reply_to)
+        if channel is not None:
+            channel._deliver(_encoder.encode(msg))
+
+    async def close(self) -> None:
+        self._closed = True
+        for channel in list(self._channels.values()):
+            channel.close()
+        for s in self._streams.values():
+            s.changed.set()
+
+
+def _local_ack(group: _Group, seq: int) -> Callable[[], Awaitable[None]]:
+    async def ack() -> None:
+        group.pending.pop(seq, None)
+
+    return ack
+
+
+def _local_touch(group: _Group, seq: int, consumer: str) -> Callable[[], Awaitable[None]]:
+    async def touch() -> None:
+        pending = group.pending.get(seq)
+        if pending is not None and pending.consumer == consumer:
+            pending.delivered_at = time.monotonic()
+
+    return touch

@@ -1,0 +1,96 @@
+"""ForwardBatch: the typed handoff from whoever schedules a forward (runner, verifier) to the model.
+
+A forward runs the *new* tokens of several sequences at once (ragged). Each sequence has `context_len` tokens already
+in the paged cache; its new tokens are written at logical positions context_len .. context_len + query_len - 1 and
+attend to the whole cached context plus the new tokens their mask allows: causal for prefill and decode, ancestors
+only for a token tree (SpecInfer's tree attention). Positions are explicit, so a tree node sits at context_len + its
+depth even though its KV slot is elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [num_tokens] the new tokens of all sequences, sequence by sequence
+    positions: torch.Tensor  # [num_tokens] RoPE positions
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot that receives each new token's K/V
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with block 0 (masked out)
+    context_lens: torch.Tensor  # [num_seqs] int32, tokens cached before this forward
+    cu_query_lens: torch.Tensor  # [num_seqs + 1] int32, prefix sums of new tokens per sequence
+    tree_mask: torch.Tensor | None  # [num_tokens, max_query_len] bool, row i: new tokens of its sequence it sees
+    logits_indices: torch.Tensor  # [num_logits] rows of the new tokens whose logits the caller wants
+    # Derived once per forward for the torch attention path (shared by every layer):
+    query_index: torch.Tensor  # [num_seqs, max_query_len] row in input_ids of each padded query (pads -> 0)
+    query_valid: torch.Tensor  # [num_seqs, max_query_len] bool
+    attn_mask: torch.Tensor  # [num_seqs, 1, max_query_len, max_kv_len] bool, True = may attend
+    max_kv_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.shape[0]
+
+    @classmethod
+    def build(cls, token_ids: list[list[int]], context_lens: list[int], slots: list[list[int]],
+              block_tables: list[list[int]], positions: list[list[int]] | None = None,
+              tree_masks: list[torch.Tensor | None] | None = None, logits_rows: list[list[int]] | None = None,
+              device: str | torch.device = "cpu") -> ForwardBatch:
+        """token_ids[s]: new tokens of sequence s; slots[s]: their cache slots; tree_masks[s]: [n_s, n_s] bool or
+        None (causal); positions[s]: default context_len + arange; logits_rows[s]: sequence-local rows wanting
+        logits (default: the last new token)."""
+        num_seqs = len(token_ids)
+        query_lens = [len(t) for t in token_ids]
+        max_q = max(max(query_lens), 1)
+        cu = [0]
+        for n in query_lens:
+            cu.append(cu[-1] + n)
+        if positions is None:
+            positions = [list(range(c, c + n)) for c, n in zip(context_lens, query_lens)]
+        kv_lens = [c + n for c, n in zip(context_lens, query_lens)]
+        max_kv = max(max(kv_lens), 1)
+        max_blocks = max(max((len(b) for b in block_tables), default=1), 1)
+        tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)
+        for s, blocks in enumerate(block_tables):
+            tables[s, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+
+        query_index = torch.zeros(num_seqs, max_q, dtype=torch.int64)
+        query_valid = torch.zeros(num_seqs, max_q, dtype=torch.bool)
+        attn_mask = torch.zeros(num_seqs, 1, max_q, max_kv, dtype=torch.bool)
+        any_tree = tree_masks is not None and any(m is not None for m in tree_masks)
+        flat_tree = torch.zeros(cu[-1], max_q, dtype=torch.bool) if any_tree else None
+        for s in range(num_seqs):
+            c, n = context_lens[s], query_lens[s]
+            query_index[s, :n] = torch.arange(cu[s], cu[s] + n)
+            query_valid[s, :n] = True
+            attn_mask[s, 0, :n, :c] = True
+            mask = tree_masks[s] if tree_masks is not None else None
+            if mask is None:
+                mask = torch.ones(n, n, dtype=torch.bool).tril()
+            attn_mask[s, 0, :n, c : c + n] = mask
+            attn_mask[s, 0, n:, 0] = True  # padded query rows attend somewhere so softmax stays finite
+            if flat_tree is not None:
+                flat_tree[cu[s] : cu[s] + n, :n] = mask
+        rows = logits_rows if logits_rows is not None else [[n - 1] if n else [] for n in query_lens]
+        logits_indices = [cu[s] + r for s in range(num_seqs) for r in rows[s]]
+
+        def t(x, dtype=torch.int64):
+            return torch.tensor(x, dtype=dtype, device=device)
+
+        return cls(
+            input_ids=t([tok for seq in token_ids for tok in seq]),
+            positions=t([p for seq in positions for p in seq]),
+            slot_mapping=t([x for seq in slots for x in seq]),
+            block_tables=tables.to(device),
+            context_lens=t(context_lens, torch.int32),
+            cu_query_lens=t(cu, torch.int32),
+            tree_mask=None if flat_tree is None else flat_tree.to(device),
+            logits_indices=t(logits_indices),
+            query_index=query_index.to(device),
+            query_valid=query_valid.to(device),
+            attn_mask=attn_mask.to(device),
+            max_kv_len=max_kv,
+        )

@@ -1,0 +1,145 @@
+"""Our own forward for the Llama family over the paged KV cache.
+
+Parameter names follow the HF checkpoints (model.layers.N.self_attn.q_proj ...) so loading is a rename-free copy,
+except that q/k/v and gate/up are fused into one matmul each at load time: on small models per-call overhead, not
+FLOPs, sets the step time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specrelay.shared.modeling.batch import ForwardBatch
+from specrelay.shared.modeling.config import ModelConfig
+from specrelay.shared.modeling.kv_cache import PagedKVCache
+from specrelay.shared.modeling.rope import apply_rope, inv_frequencies, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                cache: PagedKVCache) -> torch.Tensor:
+        # x: [num_tokens, hidden]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, H, D]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, H_kv, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # [num_blocks, block_size, H_kv, D]
+        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, v)
+        out = paged_attention(q, k_cache, v_cache, batch, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
+                    scale: float) -> torch.Tensor:
+    """The torch path: gather each sequence's blocks, pad the queries, one SDPA call with the batch mask.
+
+    q: [num_tokens, H, D]; k_cache, v_cache: [num_blocks, block_size, H_kv, D] -> [num_tokens, H, D]
+    """
+    num_seqs, max_blocks = batch.block_tables.shape
+    block_size = k_cache.shape[1]
+    keys = k_cache[batch.block_tables].view(num_seqs, max_blocks * block_size, *k_cache.shape[2:])
+    values = v_cache[batch.block_tables].view(num_seqs, max_blocks * block_size, *v_cache.shape[2:])
+    keys = keys[:, : batch.max_kv_len].transpose(1, 2)  # [num_seqs, H_kv, max_kv_len, D]
+    values = values[:, : batch.max_kv_len].transpose(1, 2)
+    queries = q[batch.query_index].transpose(1, 2)  # [num_seqs, H, max_query_len, D]
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.attn_mask, scale=scale,
+                                         enable_gqa=q.shape[1] != k_cache.shape[2])
+    return out.transpose(1, 2)[batch.query_valid]  # [num_tokens, H, D]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, batch, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderStack(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", inv_frequencies(cfg), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def make_cache(self, num_blocks: int, block_size: int = 16) -> PagedKVCache:
+        cfg = self.config
+        return PagedKVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                            dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
+        """Writes the new tokens' K/V into `cache` and returns float32 logits [num_logits, vocab] for the rows
+        `batch.logits_indices`."""
+        x = self.model.embed_tokens(batch.input_ids)  # [num_tokens, hidden]
+        cos, sin = rope_cos_sin(self.inv_freq, batch.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, batch, cache)
+        x = self.model.norm(x[batch.logits_indices])
+        return self.lm_head(x).float()
