@@ -1,0 +1,224 @@
+"""Tree attention over a paged KV cache: the verifier's attention for tree verification, prefill and decode.
+
+Every request in the batch brings a ragged run of new tokens (the nodes of its draft tree, a prompt chunk, or one
+decode token) whose K/V are already written into the block cache. New token i of request s sits at position
+context_lens[s] + i; it sees every cached position before context_lens[s], and new token j of its own request iff
+tree_mask[i, j] (its ancestors and itself; SpecInfer, arXiv 2305.09781, "tree-based parallel decoding"). No mask
+means causal (j <= i), so prefill and decode are the same kernel.
+
+The kernel is FlashAttention's online softmax (Dao et al., arXiv 2205.14135) over key blocks gathered through the
+block table (vLLM's PagedAttention, arXiv 2309.06180): for each key block, m' = max(m, rowmax(S)),
+l' = l·2^(m−m') + Σ 2^(S−m'), acc' = acc·2^(m−m') + 2^(S−m')·V, with S in log2 units (scale·log2 e folded in).
+One program owns one kv head and a block of queries of one request, with all GROUP query heads that share that kv
+head stacked as rows, so each K/V tile is read once per group (GQA, arXiv 2305.13245).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from specrelay.kernels.dispatch import interpret_enabled, load_triton, next_power_of_2, use_triton
+
+tl = None  # triton.language, bound by _build() on first use: importing this module must not import triton
+
+
+def tree_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    context_lens: torch.Tensor,  # [num_seqs] int32, tokens cached before this forward's new tokens
+    cu_query_lens: torch.Tensor,  # [num_seqs + 1] int32, new tokens per request (CSR)
+    tree_mask: torch.Tensor | None,  # [num_tokens, max_query_len] bool; None = causal
+    scale: float,
+    max_query_len: int | None = None,  # saves the kernel a host sync when tree_mask is None
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    args = (q, k_cache, v_cache, block_tables, context_lens, cu_query_lens, tree_mask, scale)
+    if use_triton(q, k_cache, v_cache):
+        return tree_attention_triton(*args, max_query_len=max_query_len)
+    return tree_attention_reference(*args)
+
+
+def tree_attention_reference(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    context_lens: torch.Tensor,  # [num_seqs] int32
+    cu_query_lens: torch.Tensor,  # [num_seqs + 1] int32
+    tree_mask: torch.Tensor | None,  # [num_tokens, max_query_len] bool
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Plain torch, one request at a time, softmax in fp32. Queries that see no key at all get zeros."""
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    k_slots = k_cache.reshape(-1, num_kv_heads, head_dim)  # [num_slots, num_kv_heads, head_dim]
+    v_slots = v_cache.reshape(-1, num_kv_heads, head_dim)
+    cu = cu_query_lens.tolist()
+    assert cu[-1] == num_tokens, f"cu_query_lens ends at {cu[-1]}, q has {num_tokens} tokens"
+    out = torch.zeros_like(q)
+    for s, ctx in enumerate(context_lens.tolist()):
+        q_begin, q_end = cu[s], cu[s + 1]
+        query_len = q_end - q_begin
+        if query_len == 0:
+            continue
+        pos = torch.arange(ctx + query_len, device=q.device)
+        slots = block_tables[s, pos // block_size].long() * block_size + pos % block_size
+        k = k_slots[slots].float().repeat_interleave(group, dim=1)  # [num_keys, num_heads, head_dim]
+        v = v_slots[slots].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[q_begin:q_end].float(), k) * scale
+        visible = torch.ones(query_len, ctx + query_len, dtype=torch.bool, device=q.device)
+        if tree_mask is None:
+            visible[:, ctx:] = torch.ones(query_len, query_len, dtype=torch.bool, device=q.device).tril()
+        else:
+            visible[:, ctx:] = tree_mask[q_begin:q_end, :query_len]
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        out[q_begin:q_end] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    return out
+
+
+def tree_attention_triton(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    context_lens: torch.Tensor,  # [num_seqs] int32
+    cu_query_lens: torch.Tensor,  # [num_seqs + 1] int32
+    tree_mask: torch.Tensor | None,  # [num_tokens, max_query_len] bool
+    scale: float,
+    max_query_len: int | None = None,
+    block_rows: int = 64,  # query rows (query tokens x heads of one group) per program
+    block_keys: int = 64,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    num_tokens, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, kv_dim = k_cache.shape
+    num_seqs = block_tables.shape[0]
+    assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), q.dtype
+    assert k_cache.dtype == v_cache.dtype == q.dtype, (q.dtype, k_cache.dtype, v_cache.dtype)
+    assert v_cache.shape == k_cache.shape and kv_dim == head_dim, (q.shape, k_cache.shape, v_cache.shape)
+    assert num_heads % num_kv_heads == 0, f"{num_heads} heads do not split into {num_kv_heads} kv heads"
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "head_dim must be contiguous"
+    assert block_tables.dtype == context_lens.dtype == cu_query_lens.dtype == torch.int32
+    assert block_tables.dim() == 2 and block_tables.stride(-1) == 1
+    assert context_lens.shape == (num_seqs,) and cu_query_lens.shape == (num_seqs + 1,)
+    if tree_mask is not None:
+        assert tree_mask.dtype == torch.bool and tree_mask.dim() == 2 and tree_mask.shape[0] == num_tokens
+        assert tree_mask.stride(-1) == 1, "tree_mask rows must be contiguous"
+        max_query_len = tree_mask.shape[1]
+    elif max_query_len is None:
+        max_query_len = int((cu_query_lens[1:] - cu_query_lens[:-1]).max()) if num_seqs else 0
+    out = torch.empty_like(q)
+    if num_seqs == 0 or num_tokens == 0 or max_query_len == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    block_rows = max(16, next_power_of_2(group), min(block_rows, next_power_of_2(max_query_len * group)))
+    block_q = block_rows // group
+    mask = tree_mask.view(torch.uint8) if tree_mask is not None else q  # q: a placeholder pointer, never read
+    grid = (num_seqs, triton_cdiv(max_query_len, block_q), num_kv_heads)
+    _build(interpret_enabled())[grid](
+        q, k_cache, v_cache, out, block_tables, context_lens, cu_query_lens, mask,
+        scale * math.log2(math.e),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        block_tables.stride(0), mask.stride(0) if tree_mask is not None else 0, block_size,
+        GROUP=group, BLOCK_Q=block_q, BLOCK_R=block_rows, BLOCK_N=block_keys, HEAD_DIM=head_dim,
+        BLOCK_D=max(16, next_power_of_2(head_dim)), HAS_MASK=tree_mask is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache
+def _build(interpret: bool):
+    """Define the kernel under the current TRITON_INTERPRET (triton.jit reads it once, when decorating)."""
+    global tl
+    triton, tl = load_triton()
+
+    @triton.jit
+    def tree_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, cu_query_lens_ptr, mask_ptr,
+        scale_log2,
+        stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ot, stride_oh,
+        stride_bt, stride_mt, block_size,
+        GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        seq = tl.program_id(0)
+        q_start = tl.program_id(1) * BLOCK_Q
+        kv_head = tl.program_id(2)
+        q_begin = tl.load(cu_query_lens_ptr + seq)
+        query_len = tl.load(cu_query_lens_ptr + seq + 1) - q_begin
+        if q_start >= query_len:
+            return
+        context_len = tl.load(context_lens_ptr + seq)
+
+        rows = tl.arange(0, BLOCK_R)
+        q_idx = q_start + rows // GROUP  # request-local index of the new token on this row
+        head = kv_head * GROUP + rows % GROUP
+        row_ok = (rows < BLOCK_Q * GROUP) & (q_idx < query_len)
+        token = (q_begin + q_idx).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+
+        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        k_head_ptr = k_ptr + kv_head * stride_kh
+        v_head_ptr = v_ptr + kv_head * stride_vh
+        keys = tl.arange(0, BLOCK_N)
+
+        # One pass over every key: the cached prefix (visible to all new tokens), then the new tokens (visible
+        # through the tree mask, or causally, where no key past the block's last query can be visible).
+        if HAS_MASK:
+            num_keys = context_len + query_len
+        else:
+            num_keys = context_len + tl.minimum(query_len, q_start + BLOCK_Q)
+        for start in range(0, num_keys, BLOCK_N):
+            pos = start + keys
+            pos_ok = pos < num_keys
+            j = pos - context_len  # index among the new tokens; negative in the cached prefix
+            is_new = (j >= 0)[None, :]
+            if HAS_MASK:
+                bits = tl.load(mask_ptr + token[:, None] * stride_mt + j[None, :],
+                               mask=row_ok[:, None] & is_new & pos_ok[None, :], other=0)  # fmt: skip
+                new_visible = bits != 0
+            else:
+                new_visible = j[None, :] <= q_idx[:, None]
+            visible = row_ok[:, None] & pos_ok[None, :] & (~is_new | new_visible)
+
+            # Key at logical position p lives in block block_tables[seq, p // block_size] at offset p % block_size.
+            block = tl.load(bt_row_ptr + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
+            offset = (pos % block_size).to(tl.int64)
+            kv_ok = pos_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_head_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks + d[None, :],
+                        mask=kv_ok, other=0.0)  # fmt: skip
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_R, BLOCK_N]
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen nothing yet keeps m = -inf; shift by 0 instead so exp2 gives 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            v = tl.load(v_head_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + d[None, :],
+                        mask=kv_ok, other=0.0)  # fmt: skip
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+
+    return tree_attention_kernel
