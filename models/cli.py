@@ -1,0 +1,70 @@
+"""`specrelay models train|eval`: make and measure the embedded target + draft pair."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from specrelay.shared.errors import ConfigError
+
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="models_command", metavar="{train,eval}", required=True)
+
+    train = sub.add_parser("train", help="generate the corpus, train the tokenizer, the target and the draft")
+    train.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR, help="writes OUT/target and OUT/draft")
+    train.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--quick", action="store_true", help="toy sizes: a smoke run of every step in seconds")
+    train.add_argument("--target-steps", type=int, help="optimizer steps of the target")
+    train.add_argument("--draft-steps", type=int, help="optimizer steps of the draft's distillation")
+    train.add_argument("--seq-len", type=int, help="training window in tokens")
+    train.add_argument("--batch-size", type=int, help="windows per step")
+    train.add_argument("--train-samples", type=int, help="corpus size in samples")
+    train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+    ev = sub.add_parser("eval", help="val loss, tool-call validity and draft agreement; prints a table")
+    ev.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="a folder holding target/ and draft/")
+    ev.add_argument("--json", type=Path, help="also write the figures to this file")
+    ev.add_argument("--seed", type=int, default=0, help="the seed the pair was trained with")
+    ev.add_argument("--tool-prompts", type=int, default=200, help="held-out tool-use prompts to complete")
+    ev.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def _train(args) -> int:
+    from specrelay.models.train import TrainConfig, quick_config, train
+
+    cfg = quick_config(args.out, args.device, args.seed) if args.quick else TrainConfig(
+        out_dir=args.out, device=args.device, seed=args.seed)
+    overrides = {"target_steps": args.target_steps, "draft_steps": args.draft_steps, "seq_len": args.seq_len,
+                 "batch_size": args.batch_size, "num_train_samples": args.train_samples}
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    for name in ("target_steps", "draft_steps", "seq_len", "batch_size", "num_train_samples"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    train(cfg, log=lambda line: print(line, flush=True))
+    return 0
+
+
+def _eval(args) -> int:
+    from specrelay.models.evaluate import EvalConfig, evaluate, format_table
+
+    if args.tool_prompts < 1:
+        raise ConfigError("--tool-prompts must be at least 1")
+    result = evaluate(EvalConfig(models_dir=args.models, seed=args.seed, num_tool_prompts=args.tool_prompts))
+    print(format_table(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def main(args) -> int:
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return _train(args) if args.models_command == "train" else _eval(args)

@@ -1,0 +1,130 @@
+"""`specrelay models eval`: the pair's figures on held-out data.
+
+- val_loss: next-token cross-entropy on the val split (its own random stream; stdlib files never trained on).
+- tool_call_valid_rate: greedy completions of held-out tool-use prompts; valid when the first
+  `<tool_call>` block parses as JSON, names a tool offered in the prompt, and carries every required argument.
+- top1_agreement: teacher-forced on held-out dialogues, the share of positions where argmax(draft) == argmax(target)
+  — with greedy verification this is the chance that one drafted token is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from specrelay.shared.errors import ModelLoadError
+
+TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    models_dir: Path
+    seed: int = 0
+    seq_len: int = 512
+    num_val_samples: int = 300
+    num_val_windows: int = 64
+    num_tool_prompts: int = 200
+    max_new_tokens: int = 96
+
+
+def tool_call_is_valid(completion: str, tools: list[dict]) -> bool:
+    """The completion's first tool call parses, names an offered tool and has that tool's required arguments."""
+    match = TOOL_CALL.search(completion)
+    if match is None:
+        return False
+    try:
+        call = json.loads(match.group(1))
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(call, dict) or not isinstance(call.get("arguments"), dict):
+        return False
+    schemas = {t["function"]["name"]: t["function"] for t in tools}
+    schema = schemas.get(call.get("name"))
+    if schema is None:
+        return False
+    return all(arg in call["arguments"] for arg in schema["parameters"].get("required", []))
+
+
+def _load(directory: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (directory / "config.json").exists():
+        raise ModelLoadError(f"{directory}: no config.json (run `specrelay models train` first)")
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype="float32")
+    return model.eval(), AutoTokenizer.from_pretrained(directory)
+
+
+def _val_windows(cfg: EvalConfig, tokenizer):
+    import torch
+
+    from specrelay.models.corpus import generate
+
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    ids: list[int] = []
+    for sample in generate(cfg.seed, "val", cfg.num_val_samples):
+        ids.extend(tokenizer(sample.text, add_special_tokens=False)["input_ids"] + [eot])
+    stream = torch.tensor(ids, dtype=torch.long)
+    count = min(cfg.num_val_windows, (len(stream) - 1) // cfg.seq_len)
+    return [stream[i * cfg.seq_len: (i + 1) * cfg.seq_len + 1] for i in range(count)]  # each [seq_len + 1]
+
+
+def loss_and_agreement(target, draft, windows) -> tuple[float, float, float]:
+    """(target val loss, draft val loss, top-1 agreement) over the same teacher-forced windows."""
+    import torch
+    import torch.nn.functional as F
+
+    t_loss = d_loss = 0.0
+    agree = total = 0
+    with torch.no_grad():
+        for w in windows:
+            inputs, labels = w[:-1].unsqueeze(0), w[1:]
+            t_logits = target(input_ids=inputs).logits[0]  # [seq_len, vocab]
+            d_logits = draft(input_ids=inputs).logits[0]  # [seq_len, vocab]
+            t_loss += F.cross_entropy(t_logits, labels).item()
+            d_loss += F.cross_entropy(d_logits, labels).item()
+            agree += (t_logits.argmax(-1) == d_logits.argmax(-1)).sum().item()
+            total += labels.numel()
+    n = max(len(windows), 1)
+    return t_loss / n, d_loss / n, agree / max(total, 1)
+
+
+def tool_call_valid_rate(model, tokenizer, cfg: EvalConfig) -> float:
+    import torch
+
+    from specrelay.models.corpus import tool_prompts
+
+    stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "</tool_call>", "<|endoftext|>")]
+    valid = 0
+    prompts = tool_prompts(cfg.seed, cfg.num_tool_prompts)
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template(prompt.messages, tools=prompt.tools, tokenize=False,
+                                             add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])  # [1, prompt_len]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=cfg.max_new_tokens, eos_token_id=stop, pad_token_id=stop[-1])
+        completion = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
+        valid += tool_call_is_valid(completion, prompt.tools)
+    return valid / max(len(prompts), 1)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """{"target": {"val_loss", "tool_call_valid_rate"}, "draft": {"val_loss", "top1_agreement"}}"""
+    target, tokenizer = _load(cfg.models_dir / "target")
+    draft, _ = _load(cfg.models_dir / "draft")
+    t_loss, d_loss, agreement = loss_and_agreement(target, draft, _val_windows(cfg, tokenizer))
+    return {"target": {"val_loss": t_loss, "tool_call_valid_rate": tool_call_valid_rate(target, tokenizer, cfg)},
+            "draft": {"val_loss": d_loss, "top1_agreement": agreement}}
+
+
+def format_table(result: dict) -> str:
+    goals = {"tool_call_valid_rate": ">= 0.95", "top1_agreement": ">= 0.70"}
+    rows = [(model, metric, f"{value:.4f}", goals.get(metric, ""))
+            for model, metrics in result.items() for metric, value in metrics.items()]
+    header = ("model", "metric", "value", "goal")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header] + rows]
+    return "\n".join(lines)
