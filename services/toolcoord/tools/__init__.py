@@ -1,0 +1,1 @@
+"""Server-side tools: built-ins (calculator, python, http_fetch) and the registry that names them."""
