@@ -13,6 +13,7 @@ from specrelay.shared.errors import SpecrelayError
 # name -> (module, one-line help). Add a command by adding a row.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("specrelay.services.serve", "start every service in one process (the embedded default)"),
+    "loadgen": ("specrelay.loadgen.cli", "drive an OpenAI-compatible endpoint and measure SLO attainment and goodput"),
     "models": ("specrelay.models.cli", "train and evaluate the embedded target + draft pair"),
 }
 
