@@ -129,6 +129,8 @@ def tree_attention_triton(
         GROUP=group, BLOCK_Q=block_q, BLOCK_R=block_rows, BLOCK_N=block_keys, HEAD_DIM=head_dim,
         BLOCK_D=max(16, next_power_of_2(head_dim)), HAS_MASK=tree_mask is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # triton 3.9's interpreter computes bf16 tl.dot wrongly; there the operands go up to fp32 first
+        DOT_IN_FP32=interpret_enabled() and q.dtype == torch.bfloat16,
     )  # fmt: skip
     return out
 
@@ -151,6 +153,7 @@ def _build(interpret: bool):
         stride_bt, stride_mt, block_size,
         GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr,
     ):  # fmt: skip
         seq = tl.program_id(0)
         q_start = tl.program_id(1) * BLOCK_Q
@@ -170,6 +173,8 @@ def _build(interpret: bool):
         d_ok = d < HEAD_DIM
         q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        if DOT_IN_FP32:
+            q = q.to(tl.float32)
 
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -204,6 +209,8 @@ def _build(interpret: bool):
             kv_ok = pos_ok[:, None] & d_ok[None, :]
             k = tl.load(k_head_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks + d[None, :],
                         mask=kv_ok, other=0.0)  # fmt: skip
+            if DOT_IN_FP32:
+                k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_R, BLOCK_N]
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -213,6 +220,8 @@ def _build(interpret: bool):
             alpha = tl.exp2(m_i - m_safe)
             v = tl.load(v_head_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + d[None, :],
                         mask=kv_ok, other=0.0)  # fmt: skip
+            if DOT_IN_FP32:
+                v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
