@@ -24,12 +24,13 @@ class FakeBehaviour:
     tokens_per_chunk: int = 1
     ttft_s: float = 0.0
     token_delay_s: float = 0.0
-    tool_turns: int = 0  # with tools: answer with a tool call until this many tool results are in the conversation
+    tool_turns: int = 0  # with tools: answer with tool calls until the conversation holds this many tool turns
     parallel_tools: int = 1  # tool calls per tool turn
     error_every: int = 0  # every n-th request gets HTTP 500
     break_every: int = 0  # every n-th request's stream is cut before [DONE]
     pte: Any = None  # reported as usage.pte when set
     max_concurrency: int = 0  # > 0: requests beyond it wait (a server with a fixed batch)
+    tag_tokens: bool = False  # tokens name their request (` r3.0 r3.1`), so quoting can be traced
 
 
 @dataclass
@@ -82,8 +83,9 @@ async def _stream(request: web.Request, state: FakeState, body: dict[str, Any], 
     await resp.prepare(request)
     await asyncio.sleep(b.ttft_s)
     num_tool_results = sum(m.get("role") == "tool" for m in body["messages"])
+    num_tool_turns = sum(bool(m.get("tool_calls")) for m in body["messages"])
     prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in body["messages"])
-    if body.get("tools") and num_tool_results < b.tool_turns:
+    if body.get("tools") and num_tool_turns < b.tool_turns:
         calls = [(i, f"call_{n}_{i}", body["tools"][i % len(body["tools"])]["function"]["name"])
                  for i in range(b.parallel_tools)]
         await resp.write(_chunk({"role": "assistant", "content": None, "tool_calls": [
@@ -100,7 +102,8 @@ async def _stream(request: web.Request, state: FakeState, body: dict[str, Any], 
         for start in range(0, completion_tokens, b.tokens_per_chunk):
             if b.break_every and n % b.break_every == 0 and start >= completion_tokens // 2:
                 return resp  # the connection ends mid-answer
-            text = "".join(f" tok{i}" for i in range(start, min(start + b.tokens_per_chunk, completion_tokens)))
+            word = f"r{n}." if b.tag_tokens else "tok"
+            text = "".join(f" {word}{i}" for i in range(start, min(start + b.tokens_per_chunk, completion_tokens)))
             await asyncio.sleep(b.token_delay_s)
             await resp.write(_chunk({"content": text}))
         finish = "length" if completion_tokens == body.get("max_tokens") else "stop"
