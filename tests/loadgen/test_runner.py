@@ -106,7 +106,9 @@ async def test_open_loop_starts_trajectories_on_the_arrival_schedule(serve_fake)
     starts = sorted(t.start_s for t in result.data.trajectories)
     expected = ArrivalProcess(40.0, 0.5).schedule(15, seed=5)
     assert result.data.run.arrival == "gamma" and result.data.run.rate == 40.0
-    assert np.allclose(starts, expected, atol=0.05)
+    # Never early; late only by event-loop scheduling (generous: the test machine is shared).
+    assert np.all(starts >= expected - 0.002)
+    assert np.median(starts - expected) < 0.05 and np.max(starts - expected) < 0.3
 
 
 async def test_a_duration_bound_stops_starting_trajectories(serve_fake):
