@@ -79,8 +79,8 @@ class RunResult:
 
 
 class _Run:
-    def __init__(self, cfg: RunConfig, client: OpenAIClient, writer: RecordWriter, header: RunRecord):
-        self.cfg, self.writer, self.header = cfg, writer, header
+    def __init__(self, cfg: RunConfig, client: OpenAIClient, writer: RecordWriter):
+        self.cfg, self.writer = cfg, writer
         self.requests: list[RequestRecord] = []
         self.trajectories: list[TrajectoryRecord] = []
         self.start = time.perf_counter()
@@ -165,7 +165,7 @@ async def run_load(cfg: RunConfig) -> RunResult:
         )
         writer = RecordWriter(cfg.out)
         writer.write(header)
-        run = _Run(cfg, client, writer, header)
+        run = _Run(cfg, client, writer)
         try:
             num_cancelled = await run.drive()
         finally:

@@ -199,7 +199,8 @@ async def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
         "slos": {cls: slo.as_dict() for cls, slo in cfg.base.slos.items()},
         "policies": policies, "comparison": compare(policies),
     }
-    (Path(cfg.out_dir) / "sweep.json").write_text(json.dumps(_json_clean(report), indent=2, allow_nan=False))
+    report = _json_clean(report)
+    (Path(cfg.out_dir) / "sweep.json").write_text(json.dumps(report, indent=2, allow_nan=False))
     plot_sweep(report, str(Path(cfg.out_dir) / "sweep.png"))
     return report
 
