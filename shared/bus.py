@@ -202,6 +202,13 @@ class _Stream:
     def first_seq(self) -> int:
         return self.entries[0][0] if self.entries else self.next_seq
 
+    def append(self, published_ns: int, payload: bytes) -> int:
+        seq = self.next_seq
+        self.entries.append((seq, published_ns, payload))
+        self.next_seq += 1
+        self.changed.set()
+        return seq
+
 
 class LocalBus(Bus):
     def __init__(self, config: BusConfig | None = None):
@@ -217,11 +224,7 @@ class LocalBus(Bus):
         return self._streams[name]
 
     async def publish(self, stream: str, msg: msgspec.Struct) -> str:
-        s = self._stream(stream)
-        s.entries.append((s.next_seq, time.time_ns(), _encoder.encode(msg)))
-        s.next_seq += 1
-        s.changed.set()
-        return str(s.next_seq - 1)
+        return str(self._stream(stream).append(time.time_ns(), _encoder.encode(msg)))
 
     def stream_length(self, stream: str) -> int:
         return len(self._stream(stream).entries)
@@ -264,7 +267,7 @@ class LocalBus(Bus):
                 _, published_ns, payload = pending.entry
                 msg = decode_or_none(decoder, payload, f"{stream}/{group}")
                 if msg is None:
-                    self._stream(stream + ".dead").entries.append(pending.entry)
+                    self._stream(stream + ".dead").append(published_ns, payload)
                     g.pending.pop(seq, None)
                     continue
                 yield Delivery(msg, stream, str(seq), published_ns, redelivered,

@@ -1,0 +1,265 @@
+"""The bus, on both transports: in-order delivery, groups and competing consumers, at-least-once with XACK after
+the work (a killed consumer's message is taken over), bounded streams, reply channels, poison messages."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+
+from specrelay.shared.bus import BusConfig, LocalBus, make_bus
+from specrelay.shared.errors import ConfigError
+from specrelay.shared.wire import WireTensor
+
+REPO_PARENT = str(Path(__file__).resolve().parents[3])
+
+
+class Job(msgspec.Struct):
+    n: int
+    text: str = ""
+
+
+class Token(msgspec.Struct):
+    request_id: str
+    token_id: int
+
+
+class Other(msgspec.Struct):
+    name: str
+
+
+class KVMessage(msgspec.Struct):
+    request_id: str
+    kv: WireTensor
+
+
+FAST = dict(block_ms=20, min_idle_ms=150, claim_interval_ms=50)
+
+
+@pytest.fixture(params=["local", "redis"])
+async def make(request):
+    """make(**config) -> a bus of the parametrised transport, closed after the test. On the local transport every
+    call returns the same in-process bus, which is what "another process" means there."""
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    prefix = request.getfixturevalue("redis_prefix") if url else "specrelay:"
+    buses = []
+
+    def factory(**overrides):
+        if url is None and buses:
+            return buses[0]
+        buses.append(make_bus(url, BusConfig(**{**FAST, "prefix": prefix, **overrides})))
+        return buses[-1]
+
+    factory.transport, factory.url, factory.prefix = request.param, url, prefix
+    yield factory
+    for bus in buses:
+        await bus.close()
+
+
+async def take(stream, n: int, timeout_s: float = 5.0, ack: bool = True) -> list:
+    got = []
+
+    async def run():
+        async for d in stream:
+            got.append(d)
+            if ack:
+                await d.ack()
+            if len(got) == n:
+                return
+
+    await asyncio.wait_for(run(), timeout_s)
+    return got
+
+
+async def test_messages_arrive_in_publish_order_and_intact(make):
+    bus = make()
+    for i in range(50):
+        await bus.publish("jobs", Job(i, f"job {i}"))
+    got = await take(bus.consume("jobs", "workers", "w1", Job), 50)
+    assert [d.msg for d in got] == [Job(i, f"job {i}") for i in range(50)]
+    assert not any(d.redelivered for d in got)
+    assert all(d.published_ns > 0 for d in got)
+    await bus.close()
+
+
+async def test_every_group_sees_every_message_and_consumers_of_a_group_share_them(make):
+    bus = make()
+    for i in range(40):
+        await bus.publish("jobs", Job(i))
+    audit = await take(bus.consume("jobs", "audit", "a1", Job), 40)
+    assert [d.msg.n for d in audit] == list(range(40))
+
+    seen: dict[str, list[int]] = {"w1": [], "w2": []}
+
+    async def worker(name):
+        async for d in bus.consume("jobs", "workers", name, Job):
+            seen[name].append(d.msg.n)
+            await d.ack()
+            await asyncio.sleep(0.001)  # let the other worker take its turn
+
+    tasks = [asyncio.create_task(worker(n)) for n in seen]
+    for _ in range(200):
+        if len(seen["w1"]) + len(seen["w2"]) == 40:
+            break
+        await asyncio.sleep(0.02)
+    for t in tasks:
+        t.cancel()
+    assert sorted(seen["w1"] + seen["w2"]) == list(range(40))  # each message to exactly one consumer of the group
+    assert seen["w1"] == sorted(seen["w1"]) and seen["w2"] == sorted(seen["w2"])
+    await bus.close()
+
+
+async def test_a_consumer_that_dies_before_ack_loses_its_message_to_a_live_one(make):
+    bus = make()
+    await bus.publish("jobs", Job(1, "important"))
+    await bus.publish("jobs", Job(2))
+    if make.transport == "redis":
+        # A real process takes the first message and is SIGKILLed before it acks.
+        script = textwrap.dedent(f"""
+            import asyncio, os, signal, msgspec
+            from specrelay.shared.bus import make_bus, BusConfig
+            class Job(msgspec.Struct):
+                n: int
+                text: str = ""
+            async def main():
+                bus = make_bus({make.url!r}, BusConfig(prefix={make.prefix!r}, batch_size=1))
+                async for d in bus.consume("jobs", "workers", "doomed", Job):
+                    print(d.msg.n, flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            asyncio.run(main())
+        """)
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "PYTHONPATH": REPO_PARENT})
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        assert proc.stdout.split() == ["1"]
+    else:
+        doomed = bus.consume("jobs", "workers", "doomed", Job)
+        first = await doomed.__anext__()
+        assert first.msg.n == 1
+        await doomed.aclose()  # the consumer is gone; its message was never acknowledged
+
+    survivor = make(batch_size=1)
+    got = await take(survivor.consume("jobs", "workers", "survivor", Job), 2)
+    by_n = {d.msg.n: d for d in got}
+    assert set(by_n) == {1, 2}
+    assert by_n[1].redelivered and by_n[1].msg.text == "important"
+    # Acked now: nobody gets it again, however long we wait.
+    again = survivor.consume("jobs", "workers", "third", Job)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(again.__anext__(), 0.5)
+
+
+async def test_a_restarted_consumer_gets_its_own_unacked_messages_back_and_acked_ones_never(make):
+    bus = make(min_idle_ms=60_000, batch_size=1)  # a larger batch would prefetch (and hold) message 2 too
+    for i in range(3):
+        await bus.publish("jobs", Job(i))
+    first_life = bus.consume("jobs", "workers", "w1", Job)
+    d0 = await first_life.__anext__()
+    await d0.ack()
+    d1 = await first_life.__anext__()
+    assert (d0.msg.n, d1.msg.n) == (0, 1)
+    await first_life.aclose()  # crash after taking 1 without acking it
+
+    second_life = bus.consume("jobs", "workers", "w1", Job)
+    got = await take(second_life, 2)
+    assert [(d.msg.n, d.redelivered) for d in got] == [(1, True), (2, False)]
+
+
+async def test_maxlen_bounds_the_stream(make):
+    bus = make(maxlen=50)
+    for i in range(1000):
+        await bus.publish("jobs", Job(i))
+    length = await bus.stream_length("jobs") if make.transport == "redis" else bus.stream_length("jobs")
+    # Redis trims with MAXLEN ~ at whole radix-tree nodes (100 entries by default); the local bus is exact.
+    assert 50 <= length <= (150 if make.transport == "redis" else 50)
+    got = await take(bus.consume("jobs", "late", "c", Job), length)
+    assert [d.msg.n for d in got] == list(range(1000 - length, 1000))  # a late group reads what is retained
+
+
+async def test_reply_channels_stream_in_order_to_the_right_request(make):
+    gateway, verifier = make(), make()
+    a = gateway.open_reply_channel(Token)
+    b = gateway.open_reply_channel(Token)
+    for i in range(30):
+        await verifier.reply(a.name, Token("a", i))
+        await verifier.reply(b.name, Token("b", 100 + i))
+    got_a = [await a.get(timeout_s=5) for _ in range(30)]
+    got_b = [await b.get(timeout_s=5) for _ in range(30)]
+    assert got_a == [Token("a", i) for i in range(30)]
+    assert got_b == [Token("b", 100 + i) for i in range(30)]
+
+    b.close()
+    await verifier.reply(b.name, Token("b", -1))  # the request is over: dropped, no error
+    await verifier.reply(a.name, Token("a", 99))
+    async with a:
+        assert await a.get(timeout_s=5) == Token("a", 99)
+    assert await b.get() is None
+    assert [m async for m in a] == []
+
+
+async def test_a_message_of_the_wrong_type_is_dead_lettered_not_redelivered(make, caplog):
+    bus = make()
+    await bus.publish("jobs", Other("not a job"))
+    await bus.publish("jobs", Job(7))
+    got = await take(bus.consume("jobs", "workers", "w1", Job), 1)
+    assert [d.msg for d in got] == [Job(7)]
+    assert "undecodable" in caplog.text
+    dead = await take(bus.consume("jobs.dead", "ops", "o", Other), 1)
+    assert dead[0].msg == Other("not a job")
+
+
+async def test_tensors_ride_the_bus_as_raw_bytes(make):
+    bus = make()
+    kv = torch.randn(2, 2, 16, 2, 8).to(torch.bfloat16)
+    await bus.publish("kv", KVMessage("r1", WireTensor.from_torch(kv)))
+    (d,) = await take(bus.consume("kv", "g", "c", KVMessage), 1)
+    assert torch.equal(d.msg.kv.to_torch(), kv)
+
+
+async def test_redis_keys_stay_under_the_prefix(redis_url, redis_prefix):
+    import redis.asyncio as aioredis
+
+    bus = make_bus(redis_url, BusConfig(prefix=redis_prefix, **FAST))
+    await bus.publish("jobs", Job(1))
+    channel = bus.open_reply_channel(Token)
+    await bus.reply(channel.name, Token("r", 1))
+    assert await channel.get(timeout_s=5) == Token("r", 1)
+    client = aioredis.Redis.from_url(redis_url)
+    keys = sorted([k.decode() async for k in client.scan_iter(match=f"{redis_prefix}*")])
+    assert keys == [f"{redis_prefix}reply:{bus.inbox}", f"{redis_prefix}stream:jobs"]
+    await bus.close()
+    keys = sorted([k.decode() async for k in client.scan_iter(match=f"{redis_prefix}*")])
+    assert keys == [f"{redis_prefix}stream:jobs"]  # the reply stream goes with its process
+    await client.aclose()
+
+
+def test_make_bus_picks_the_transport_from_the_url():
+    assert isinstance(make_bus(None), LocalBus)
+    with pytest.raises(ConfigError, match="expected redis://"):
+        make_bus("http://localhost:6379")
+    with pytest.raises(ConfigError, match="out of range"):
+        BusConfig(maxlen=0)
+
+
+async def test_a_slow_handler_that_touches_keeps_its_message(make):
+    bus = make()
+    await bus.publish("jobs", Job(1))
+    slow = bus.consume("jobs", "workers", "slow", Job)
+    d = await slow.__anext__()
+    other = make().consume("jobs", "workers", "other", Job)
+    stolen = asyncio.create_task(other.__anext__())
+    for _ in range(8):  # 400 ms of work against min_idle_ms = 150
+        await asyncio.sleep(0.05)
+        await d.touch()
+    await d.ack()
+    await asyncio.sleep(0.2)
+    assert not stolen.done()
+    stolen.cancel()
