@@ -90,6 +90,7 @@ class RunSummary:
     trajectory_e2e: LatencyStats
     per_class: dict[str, ClassStats] = field(default_factory=dict)
     pte: LatencyStats | None = None  # per trajectory, over those with a reported PTE
+    pte_detail_mean: dict[str, float] = field(default_factory=dict)  # per usage.pte field, mean per trajectory
 
     def starved_classes(self) -> list[str]:
         """Classes that had traffic but no trajectory met its SLO."""
@@ -167,7 +168,17 @@ def summarize(data: RunData) -> RunSummary:
         trajectory_e2e=LatencyStats.of([t.e2e_ms for t in trajs]),
         per_class=per_class,
         pte=LatencyStats.of(ptes) if ptes else None,  # type: ignore[arg-type]
+        pte_detail_mean=_mean_fields([t.pte_detail for t in trajs if t.pte_detail]),
     )
+
+
+def _mean_fields(dicts: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each field over the dicts that have it."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for d in dicts:
+        for k, v in d.items():
+            values[k].append(v)
+    return {k: sum(v) / len(v) for k, v in sorted(values.items())}
 
 
 def _class_order(cls: str) -> tuple[int, str]:

@@ -75,6 +75,8 @@ class TrajectoryRecord(msgspec.Struct, tag="trajectory", kw_only=True):
     completion_tokens: int = 0
     deadline_ms: float | None = None  # end-to-end budget of the whole trajectory (compound SLO), if any
     pte: float | None = None  # sum of the requests' usage.pte, when every request reported one
+    # The sum of each usage.pte field every request reported (e.g. a full-eviction PTE beside ours).
+    pte_detail: dict[str, float] | None = None
 
 
 Record = Union[RunRecord, RequestRecord, TrajectoryRecord]

@@ -45,11 +45,19 @@ def _pct(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:.1f}%"
 
 
+def slo_text(slos: dict[str, dict[str, float]]) -> str:
+    """`interactive ttft<=1000 tpot<=100, deadline e2e<=30000` (ms); classes without targets are left out."""
+    parts = [f"{cls} " + " ".join(f"{k}<={v:g}" for k, v in targets.items())
+             for cls, targets in slos.items() if targets]
+    return ", ".join(parts) or "none"
+
+
 def table_rows(run: LoadedRun) -> list[tuple[str, str]]:
     s = run.summary
     rows = [
         ("workload", run.data.run.workload if run.data.run else "?"),
         ("offered load", run.offered),
+        ("SLO targets", slo_text(run.data.run.slos) if run.data.run else "?"),
         ("duration s", _num(s.duration_s)),
         ("trajectories", str(s.num_trajectories)),
         ("requests", str(s.num_requests)),
@@ -70,6 +78,9 @@ def table_rows(run: LoadedRun) -> list[tuple[str, str]]:
             rows.append((f"{cls}: token goodput tok/s", _num(c.token_goodput)))
     if s.pte is not None:
         rows.append(("PTE per trajectory mean/p90", f"{_num(s.pte.mean)} / {_num(s.pte.p90)}"))
+    for key, mean in s.pte_detail_mean.items():
+        if key != "total":
+            rows.append((f"PTE {key} mean", _num(mean)))
     for kind, count in s.errors.items():
         rows.append((f"errors: {kind}", str(count)))
     return rows

@@ -41,6 +41,7 @@ class _Trajectory:
     ctx: PlayContext
     start: float = field(default_factory=time.perf_counter)
     records: list[RequestRecord] = field(default_factory=list)
+    num_calls: int = 0  # calls started (parallel relay workers start before any of them is recorded)
     num_tool_pauses: int = 0
     tool_pause_ms: float = 0.0
 
@@ -59,7 +60,7 @@ class _Trajectory:
         req = ChatRequest(messages=messages, max_tokens=task.max_tokens, slo_class=task.slo_class,
                           deadline_ms=deadline_ms, tools=TOOLS if tools else None,
                           temperature=ctx.temperature, seed=task.seed % 2**31)
-        turn = len(self.records)
+        turn, self.num_calls = self.num_calls, self.num_calls + 1
         start_s = time.perf_counter() - ctx.run_start
         result = await ctx.client.chat(req)
         pte, pte_detail = result.pte
@@ -87,6 +88,11 @@ class _Trajectory:
 
     def finish(self) -> TrajectoryRecord:
         ptes = [r.pte for r in self.records]
+        details = [r.pte_detail for r in self.records]
+        pte_detail = None
+        if details and all(d is not None for d in details):
+            keys = set.intersection(*(set(d) for d in details))  # type: ignore[arg-type]
+            pte_detail = {k: sum(d[k] for d in details) for k in sorted(keys)}  # type: ignore[index]
         return TrajectoryRecord(
             trajectory_id=self.task.trajectory_id, workload=self.task.workload, slo_class=self.task.slo_class,
             start_s=self.start - self.ctx.run_start, e2e_ms=(time.perf_counter() - self.start) * 1000.0,
@@ -94,6 +100,7 @@ class _Trajectory:
             num_tool_pauses=self.num_tool_pauses, tool_pause_ms=self.tool_pause_ms,
             completion_tokens=sum(r.completion_tokens for r in self.records), deadline_ms=self.task.deadline_ms,
             pte=sum(ptes) if ptes and all(p is not None for p in ptes) else None,  # type: ignore[misc]
+            pte_detail=pte_detail,
         )
 
 

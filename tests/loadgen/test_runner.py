@@ -84,8 +84,17 @@ async def test_relay_prompts_quote_earlier_outputs_verbatim(serve_fake, fake):
     # Each call is sent what is left of the pipeline's budget.
     budgets = [int(state.headers[i]["X-Deadline-Ms"]) for i in range(len(bodies))]
     assert budgets[0] <= DEFAULT_SLOS["deadline"].e2e_ms and budgets[-1] <= budgets[0]
+    assert len({r.request_id for r in result.data.requests}) == t.num_requests
     assert {r.agent for r in result.data.requests} == {"planner", "reviewer"} | {
         f"worker-{i + 1}" for i in range(task.num_workers)}
+
+
+async def test_pte_fields_are_summed_per_trajectory(serve_fake, fake):
+    url, _ = await serve_fake(fake.FakeBehaviour(tool_turns=4, pte={"total": 5, "full_eviction": 12}))
+    result = await run_load(cfg(url, "agentic", num=2))
+    for t in result.data.trajectories:
+        assert t.pte == 25.0 and t.pte_detail == {"full_eviction": 60.0, "total": 25.0}
+    assert result.summary.pte_detail_mean == {"full_eviction": 60.0, "total": 25.0}
 
 
 async def test_server_errors_are_counted_and_the_run_goes_on(serve_fake, fake, tmp_path):

@@ -1,6 +1,8 @@
 from collections import Counter
 
 import pytest
+from openai.types.chat import ChatCompletionToolParam
+from pydantic import TypeAdapter
 
 from specrelay.loadgen.slo import DEFAULT_SLOS, parse_slo_specs
 from specrelay.loadgen.workloads import MIX_WEIGHTS, TOOL_PROFILES, TOOLS, make_task
@@ -28,7 +30,8 @@ def test_each_workload_has_its_class_and_targets():
     assert research.max_tokens > chat.max_tokens
 
 
-def test_every_offered_tool_has_a_pause_profile():
+def test_the_tools_are_openai_tool_params_and_each_has_a_pause_profile():
+    TypeAdapter(list[ChatCompletionToolParam]).validate_python(TOOLS)
     assert {t["function"]["name"] for t in TOOLS} == set(TOOL_PROFILES)
 
 
