@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("specrelay.services.serve", "start every service in one process (the embedded default)"),
     "loadgen": ("specrelay.loadgen.cli", "drive an OpenAI-compatible endpoint and measure SLO attainment and goodput"),
     "models": ("specrelay.models.cli", "train and evaluate the embedded target + draft pair"),
+    "kernels": ("specrelay.kernels.cli", "benchmark the Triton kernels against torch"),
 }
 
 

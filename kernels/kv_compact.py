@@ -50,7 +50,7 @@ def kv_compact_triton_(
     src_slots: torch.Tensor,  # [n] int64
     dst_slots: torch.Tensor,  # [n] int64
     block_rows: int = 64,
-    block_cols: int = 256,
+    block_cols: int = 64,
 ) -> None:
     num_layers, num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     n = src_slots.numel()
