@@ -82,7 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--port", type=int, help="the {port} of --server-cmd (default: a free port)")
     sweep.add_argument("--factors", default="0.5,0.75,1,1.25,1.5,2", help="rates as multiples of capacity")
     sweep.add_argument("--capacity", type=_positive_float, help="trajectories/s; skips the capacity measurement")
-    sweep.add_argument("--capacity-concurrency", type=int, default=16)
+    sweep.add_argument("--capacity-concurrency", type=int, default=8, help="workers of the first capacity probe")
+    sweep.add_argument("--capacity-max-concurrency", type=int, default=64,
+                       help="probes double the workers while throughput grows by 10%%, up to this")
     sweep.add_argument("--capacity-num", type=int, help="trajectories in the capacity run (default: as --num)")
     sweep.add_argument("--server-ready-timeout", type=_positive_float, default=600.0, metavar="S")
     sweep.add_argument("--out-dir", required=True, help="sweep.json, sweep.png and one JSONL per point")
@@ -158,7 +160,8 @@ def _sweep(args: argparse.Namespace) -> int:
     cfg = SweepConfig(
         targets=targets, base=_base_config(args, args.endpoint[0] if args.endpoint else "http://127.0.0.1"),
         out_dir=args.out_dir, factors=factors, capacity=args.capacity, capacity_concurrency=args.capacity_concurrency,
-        capacity_num=args.capacity_num, server_ready_timeout_s=args.server_ready_timeout, port=args.port,
+        capacity_max_concurrency=args.capacity_max_concurrency, capacity_num=args.capacity_num,
+        server_ready_timeout_s=args.server_ready_timeout, port=args.port,
     )
     report = asyncio.run(run_sweep(cfg, log=lambda line: print(line, file=sys.stderr)))
     comparison = report["comparison"]

@@ -1,7 +1,8 @@
 """`specrelay loadgen sweep`: goodput against offered rate, for two (or more) server policies on one workload.
 
-1. Capacity: a closed-loop run against the first target (`--capacity-concurrency` workers back to back); capacity
-   is the trajectories it completed per second.
+1. Capacity: closed-loop runs against the first target, `--capacity-concurrency` workers back to back, doubled
+   while throughput still grows by 10% (up to `--capacity-max-concurrency`); capacity is the most trajectories
+   per second any probe completed.
 2. For each target and each factor f in `--factors` (default 0.5x .. 2x): an open-loop run at f x capacity, the
    same seeded arrivals and tasks for every target, so the policies see identical traffic.
 3. JSON (every point, every class) and a PNG (token goodput against rate; per-class attainment against rate).
@@ -34,6 +35,7 @@ from specrelay.loadgen.runner import RunConfig, RunResult, run_load
 from specrelay.shared.errors import ConfigError
 
 DEFAULT_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+CAPACITY_GAIN = 1.1  # doubling the workers must add 10% throughput for the probe to go on
 
 
 @dataclass
@@ -50,7 +52,8 @@ class SweepConfig:
     out_dir: str
     factors: tuple[float, ...] = DEFAULT_FACTORS
     capacity: float | None = None  # trajectories/s; None: measure it
-    capacity_concurrency: int = 16
+    capacity_concurrency: int = 8  # the first probe's workers; doubled while throughput still grows
+    capacity_max_concurrency: int = 64
     capacity_num: int | None = None  # trajectories for the capacity run; None: the points' bound
     server_ready_timeout_s: float = 600.0
     port: int | None = None  # for {port}; None: a free port
@@ -64,6 +67,9 @@ class SweepConfig:
             raise ConfigError(f"sweep labels must differ, got {self.labels}")
         if not self.factors or any(not f > 0 for f in self.factors):
             raise ConfigError(f"--factors must be positive numbers, got {list(self.factors)}")
+        if not 1 <= self.capacity_concurrency <= self.capacity_max_concurrency:
+            raise ConfigError(f"capacity concurrency must be 1 <= {self.capacity_concurrency} <= "
+                              f"{self.capacity_max_concurrency} (--capacity-max-concurrency)")
         if self.capacity is not None and not self.capacity > 0:
             raise ConfigError(f"--capacity must be positive, got {self.capacity:g}")
 
@@ -161,24 +167,38 @@ def compare(policies: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
     return out
 
 
-async def measure_capacity(cfg: SweepConfig, endpoint: str) -> float:
-    bound = {"num": cfg.capacity_num, "duration_s": None} if cfg.capacity_num else {"num": cfg.base.num, "duration_s": cfg.base.duration_s}
-    run_cfg = replace(cfg.base, endpoint=endpoint, rate=None, concurrency=cfg.capacity_concurrency,
-                      label="capacity", out=str(Path(cfg.out_dir) / "capacity.jsonl"), **bound)
-    result = await run_load(run_cfg)
-    if result.summary.num_trajectories == 0 or result.summary.duration_s <= 0:
-        raise EndpointError("capacity run completed no trajectory")
-    return result.summary.num_trajectories / result.summary.duration_s
+async def measure_capacity(cfg: SweepConfig, endpoint: str, log=print) -> tuple[float, list[dict[str, float]]]:
+    """Closed-loop runs at doubling concurrency until throughput grows less than `CAPACITY_GAIN` (or the cap):
+    with tool pauses in the workload, a few workers leave the server idle, so one level would understate it."""
+    bound = ({"num": cfg.capacity_num, "duration_s": None} if cfg.capacity_num
+             else {"num": cfg.base.num, "duration_s": cfg.base.duration_s})
+    runs: list[dict[str, float]] = []
+    concurrency = cfg.capacity_concurrency
+    while True:
+        run_cfg = replace(cfg.base, endpoint=endpoint, rate=None, concurrency=concurrency, label="capacity",
+                          out=str(Path(cfg.out_dir) / f"capacity-c{concurrency}.jsonl"), **bound)
+        s = (await run_load(run_cfg)).summary
+        if s.num_trajectories == 0 or s.duration_s <= 0:
+            raise EndpointError(f"capacity run at concurrency {concurrency} completed no trajectory")
+        runs.append({"concurrency": concurrency, "trajectories_per_s": s.num_trajectories / s.duration_s,
+                     "num_failed": s.num_failed})
+        log(f"capacity probe: concurrency {concurrency}: {runs[-1]['trajectories_per_s']:.3f} trajectories/s")
+        grew = len(runs) == 1 or runs[-1]["trajectories_per_s"] >= CAPACITY_GAIN * runs[-2]["trajectories_per_s"]
+        if not grew or concurrency * 2 > cfg.capacity_max_concurrency:
+            break
+        concurrency *= 2
+    return max(r["trajectories_per_s"] for r in runs), runs
 
 
 async def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     capacity = cfg.capacity
+    capacity_runs: list[dict[str, float]] = []
     policies: dict[str, list[dict[str, Any]]] = {}
     for target in cfg.targets:
         async with serving(target, cfg) as endpoint:
             if capacity is None:
-                capacity = await measure_capacity(cfg, endpoint)
+                capacity, capacity_runs = await measure_capacity(cfg, endpoint, log)
                 log(f"capacity on {target.label}: {capacity:.3f} trajectories/s")
             points = []
             for factor in cfg.factors:
@@ -195,7 +215,7 @@ async def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
     report = {
         "workload": cfg.base.workload, "seed": cfg.base.seed,
         "capacity_trajectories_per_s": capacity, "capacity_measured_on": cfg.labels[0] if cfg.capacity is None
-        else "given", "factors": list(cfg.factors),
+        else "given", "capacity_runs": capacity_runs, "factors": list(cfg.factors),
         "slos": {cls: slo.as_dict() for cls, slo in cfg.base.slos.items()},
         "policies": policies, "comparison": compare(policies),
     }

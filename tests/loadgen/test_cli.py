@@ -95,7 +95,7 @@ def test_report_on_a_file_that_is_not_records_is_a_clear_error(tmp_path):
 def test_sweep_restarts_a_server_command_per_policy(tmp_path):
     cmd = f"{sys.executable} {FAKE} --port {{port}} --schedule {{schedule}}"
     out = loadgen("sweep", "--server-cmd", cmd, "--schedules", "fcfs,slo", "--workload", "chat", "--num", "8",
-                  "--capacity-num", "12", "--capacity-concurrency", "4", "--factors", "0.5,2",
+                  "--capacity-num", "12", "--capacity-concurrency", "4", "--capacity-max-concurrency", "8", "--factors", "0.5,2",
                   "--out-dir", str(tmp_path), timeout=240)
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "sweep.json").read_text())
