@@ -2,16 +2,17 @@
 
 Layers, outermost first:
   1. Wall clock: the child runs in its own session; past `timeout_s` the whole process group is killed.
-  2. Kernel limits set in the child before exec (`resource.setrlimit`): CPU seconds (SIGXCPU/SIGKILL), address
-     space (allocations fail with MemoryError), file size (writes past it fail), RLIMIT_NPROC = 0 (fork fails;
-     the kernel does not enforce it for root, which is why layer 4 also blocks process creation), no core files.
+  2. Kernel limits, set by the child's bootstrap before the user code is read (`resource.setrlimit`, soft = hard;
+     not in a preexec_fn, which is unsafe in a threaded parent): CPU seconds (SIGXCPU), address space
+     (allocations fail with MemoryError), file size (writes past it fail), RLIMIT_NPROC = 0 (fork fails; the
+     kernel does not enforce it for root, which is why layer 4 also blocks process creation), no core files.
   3. No network: when `unshare --net --map-root-user` works (util-linux, unprivileged user namespaces, or root)
      the interpreter starts in a fresh network namespace that has no interfaces but a down loopback, so every
      connect fails. Where it does not work (containers that forbid namespaces) layer 4 is what blocks sockets;
      `network_isolation()` says which one is in force and the tool result's header reports it.
   4. An audit hook (PEP 578), installed in the child before the user code is compiled, refuses socket creation
-     and connection, process creation (fork, exec, spawn, system, subprocess), ctypes and loading native
-     extensions by path. Audit hooks are not a sandbox on their own (code could still reach C through modules
+     and connection, process creation (fork, exec, spawn, system, subprocess), ctypes, raising rlimits and walking
+     the gc graph. Audit hooks are not a sandbox on their own (code could still reach C through modules
      already imported); they are a second wall behind the kernel's.
 ctypes is refused outright, so libraries that load it at import (numpy among them) are not available to the code.
 The interpreter runs with `-I` (isolated: no user site, no PYTHON* variables, no script directory on sys.path)
@@ -23,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -44,13 +44,20 @@ DESCRIPTION = "Run Python 3 code in a sandbox (no network, limited time and memo
 
 # Runs inside the child before the user's code; the code arrives on stdin so it never appears in argv.
 _BOOTSTRAP = r"""
-import sys
+import resource, sys
+def _limit(cpu_s, memory_bytes, file_bytes):
+    # Soft and hard alike, so the code cannot raise them again (and the audit hook refuses setrlimit anyway).
+    for which, value in ((resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_AS, memory_bytes),
+                         (resource.RLIMIT_FSIZE, file_bytes), (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(which, (value, value))
+_limit(*(int(a) for a in sys.argv[1:4]))
+del _limit
 def _install():
     # The lists live in the closure, not in globals the user code could rebind.
     blocked = frozenset(("socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "os.fork",
         "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen", "pty.spawn",
         "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function", "gc.get_objects",
-        "gc.get_referrers", "gc.get_referents"))
+        "gc.get_referrers", "gc.get_referents", "resource.setrlimit", "resource.prlimit"))
     blocked_modules = frozenset(("ctypes", "_ctypes", "_posixsubprocess", "multiprocessing", "_multiprocessing"))
     def hook(event, args):
         if event in blocked:
@@ -78,15 +85,6 @@ def _child_env(workdir: str) -> dict[str, str]:
     # One thread per numeric library: thread creation counts against RLIMIT_NPROC = 0.
     return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "OMP_NUM_THREADS": "1",
             "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def _limit_child(limits: PythonLimits) -> None:
-    """preexec_fn: runs in the forked child, before exec."""
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
-    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 @functools.cache
@@ -123,15 +121,15 @@ async def run_python(code: str, limits: PythonLimits = PythonLimits()) -> ToolRe
     """Run `code`; the result holds stdout, stderr and why it stopped. A limit hit is an error result."""
     if not isinstance(code, str):
         raise ToolError("code must be a string")
-    argv = [sys.executable, "-I", "-X", "utf8", "-c", _BOOTSTRAP]
+    argv = [sys.executable, "-I", "-X", "utf8", "-c", _BOOTSTRAP, str(limits.cpu_s), str(limits.memory_bytes),
+            str(limits.file_bytes)]
     if network_isolation() == "namespace":
         argv = [shutil.which("unshare") or "unshare", "--net", "--map-root-user", *argv]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="specrelay-python-") as workdir:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            cwd=workdir, env=_child_env(workdir),
-            preexec_fn=functools.partial(_limit_child, limits), start_new_session=True)
+            cwd=workdir, env=_child_env(workdir), start_new_session=True)
         cap = limits.max_output_chars * 4 + 16  # bytes: enough for max_output_chars of any UTF-8 text
         readers = asyncio.ensure_future(asyncio.gather(_read_capped(proc.stdout, cap),
                                                        _read_capped(proc.stderr, cap)))

@@ -26,10 +26,9 @@ async def test_an_exception_is_an_error_result_with_its_traceback():
 
 
 async def test_cpu_runaway_is_killed_by_the_cpu_limit():
-    started = time.monotonic()
-    result = await run_python("while True:\n    pass", FAST)
+    # A generous wall clock: on a loaded machine one CPU-second can take several seconds of wall time.
+    result = await run_python("while True:\n    pass", PythonLimits(timeout_s=60.0, cpu_s=1))
     assert result.is_error and result.content == "[killed: CPU limit of 1 s]"
-    assert time.monotonic() - started < FAST.timeout_s
 
 
 async def test_sleeping_code_is_killed_by_the_wall_clock_and_keeps_its_output():
@@ -47,9 +46,9 @@ async def test_memory_and_file_limits():
     assert big_file.is_error and "File too large" in big_file.content
 
 
-async def test_no_new_processes():
+async def test_no_new_processes_and_no_way_around_the_limits():
     for code in ("import os; os.fork()", "import os; os.system('echo hi')", "import subprocess",
-                 "import ctypes"):
+                 "import ctypes", "import resource; resource.setrlimit(resource.RLIMIT_CPU, (100, 100))"):
         result = await run_python(code, FAST)
         assert result.is_error and "sandbox:" in result.content, code
         assert "hi" not in result.content.splitlines()

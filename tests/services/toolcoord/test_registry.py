@@ -61,7 +61,7 @@ async def test_config_file_tools_and_builtin_options(tmp_path, user_tools):
     config = tmp_path / "tools.toml"
     config.write_text('''
 [builtins]
-python = { timeout_s = 2, cpu_s = 1 }
+python = { timeout_s = 60, cpu_s = 1 }
 http_fetch = { enabled = true, max_bytes = 1000 }
 
 [[tools]]
