@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-
-import pytest
 
 from specrelay.services.toolcoord.tools.python_tool import PythonLimits, network_isolation, run_python
 
