@@ -86,12 +86,20 @@ def table_rows(run: LoadedRun) -> list[tuple[str, str]]:
     return rows
 
 
+def _row_order(metric: str) -> float:
+    cls = metric.split(":", 1)[0]
+    if cls in SLO_CLASSES:
+        return 1 + SLO_CLASSES.index(cls) / 10
+    return 2 if metric.startswith("PTE") else 3 if metric.startswith("errors:") else 0
+
+
 def format_table(runs: list[LoadedRun]) -> str:
     """Metrics down, runs across; rows a run lacks (a class it never saw, an error it never had) show `-`."""
     columns = [dict(table_rows(r)) for r in runs]
     metric_names: list[str] = []
     for r in runs:
         metric_names += [m for m, _ in table_rows(r) if m not in metric_names]
+    metric_names.sort(key=_row_order)  # stable: runs that saw different classes or errors still line up
     header = ["metric"] + [r.name for r in runs]
     body = [[m] + [col.get(m, "-") for col in columns] for m in metric_names]
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
@@ -125,7 +133,7 @@ def plot_runs(runs: list[LoadedRun], path: str) -> None:
         ax.set_ylabel("fraction of requests")
         ax.set_title(f"{title} CDF")
         ax.grid(alpha=0.3)
-        if runs:
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     ax = axes.flat[3]
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)

@@ -83,6 +83,7 @@ class _Run:
         self.cfg, self.writer = cfg, writer
         self.requests: list[RequestRecord] = []
         self.trajectories: list[TrajectoryRecord] = []
+        self.num_errors = 0
         self.start = time.perf_counter()
         self.ctx = PlayContext(client=client, run_start=self.start, on_request=self.on_request,
                                tool_pause_scale=cfg.tool_pause_scale, temperature=cfg.temperature)
@@ -91,13 +92,14 @@ class _Run:
 
     def on_request(self, record: RequestRecord) -> None:
         self.requests.append(record)
+        self.num_errors += not record.ok
         self.writer.write(record)
         self.draw()
 
     def draw(self, force: bool = False) -> None:
         elapsed = time.perf_counter() - self.start
         done = len(self.trajectories) if self.cfg.num is not None else min(elapsed, self.cfg.duration_s or 0)
-        self.bar.update(done, requests=len(self.requests), errors=sum(not r.ok for r in self.requests), force=force)
+        self.bar.update(done, requests=len(self.requests), errors=self.num_errors, force=force)
 
     async def one(self, index: int) -> None:
         record = await play(make_task(self.cfg.workload, index, self.cfg.seed, self.cfg.slos), self.ctx)

@@ -257,7 +257,8 @@ def plot_sweep(report: dict[str, Any], path: str) -> None:
     for ax in (ax1, ax2):
         ax.axvline(report["capacity_trajectories_per_s"], color="grey", lw=0.8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
