@@ -8,9 +8,11 @@ Formats (decided for specrelay):
   * auto: llama3 when the text opens with `{` or `<|python_tag|>`, hermes otherwise.
 
 Streaming: `feed(text_delta)` returns what can be shown now. Content is held back only while it might be the start
-of `<tool_call>`, or is whitespace that may precede one. Inside a hermes call, once `{"name": "...", "arguments": `
+of `<tool_call>`, or is whitespace that may precede one. Inside a hermes call, once `{"name": "...", "arguments": {`
 has arrived the call's first delta (index, id, name) goes out and the argument text follows as it arrives, less
-the tail that might be the object's closing brace. A llama3 reply is one JSON object, so it is held to the end.
+the tail that might be the object's closing brace. Such a name-first object must end with its arguments (no keys
+after them), so that a streamed call is never contradicted by its end; other key orders and double-encoded
+arguments are accepted whole when the block closes. A llama3 reply is one JSON object, so it is held to the end.
 `parse_tool_calls` is the same machine fed the whole text, so streamed and whole parses agree.
 
 Content whitespace: leading whitespace of the reply and of any text after a call is dropped, and whitespace at the
@@ -40,7 +42,7 @@ PYTHON_TAG = "<|python_tag|>"
 FORMATS = ("hermes", "llama3", "auto")
 
 # The head of a hermes call object, written name-first as the chat template does.
-_HERMES_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
+_HERMES_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\{)')
 _LOOKS_LIKE_LLAMA_CALL = re.compile(r'\s*\{\s*"name"\s*:')
 
 
@@ -198,6 +200,10 @@ class StreamingToolParser:
                                  f"unterminated {TOOL_CALL_START}: generation stopped inside the call")
         else:
             parsed = call_from_object(obj, self.tool_names)
+            # A name-first call may be streamed before it closes, so whole and streamed parses agree only if the
+            # object ends with its arguments: anything after them (extra or repeated keys) is refused in both.
+            if not isinstance(parsed, str) and _HERMES_HEADER.match(block) and self._pending_args_text(block) is None:
+                parsed = 'a tool call must be {"name": ..., "arguments": {...}} with nothing after the arguments'
         if isinstance(parsed, str):
             self._refuse(out, parsed, block, index)
             return

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from specrelay.services.toolcoord.tools.base import ToolError
 from specrelay.services.toolcoord.tools.calculator import calculator
@@ -61,4 +63,15 @@ def test_huge_results_are_refused_quickly(expression):
     started = time.monotonic()
     with pytest.raises(ToolError):
         calculator(expression)
+    assert time.monotonic() - started < 0.5
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789.+-*/%() eπ!^,sqrtfacloigmnxp_[]'\"", max_size=60))
+def test_any_input_gives_a_number_or_a_tool_error_quickly(expression):
+    started = time.monotonic()
+    try:
+        calculator(expression)
+    except ToolError:
+        pass
     assert time.monotonic() - started < 0.5

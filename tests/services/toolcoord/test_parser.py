@@ -96,9 +96,21 @@ def test_a_call_cut_off_by_the_token_limit_is_an_error_even_when_streamed():
     assert errors[0].index == 0 and calls[0][0].name == "python"
 
 
-def test_double_encoded_arguments_are_accepted():
-    out = parse_tool_calls('<tool_call>{"name": "calculator", "arguments": "{\\"expression\\": \\"1\\"}"}</tool_call>')
-    assert out.tool_calls[0].arguments == '{"expression": "1"}'
+def test_double_encoded_arguments_and_other_key_orders_are_accepted_streamed_or_not():
+    for text in ['<tool_call>{"name": "calculator", "arguments": "{\\"expression\\": \\"1\\"}"}</tool_call>',
+                 '<tool_call>{"arguments": {"expression": "1"}, "name": "calculator"}</tool_call>']:
+        assert parse_tool_calls(text).tool_calls[0].arguments == '{"expression": "1"}'
+        _, calls, errors, result = stream(text, list(range(len(text))))
+        assert errors == [] and result.tool_calls[0].arguments == '{"expression": "1"}'
+        assert calls[0][0].name == "calculator" and calls[0][0].arguments == '{"expression": "1"}'
+
+
+def test_keys_after_the_arguments_are_refused_streamed_or_not():
+    text = '<tool_call>{"name": "calculator", "arguments": {"expression": "1"}, "name": "python"}</tool_call>'
+    message = 'a tool call must be {"name": ..., "arguments": {...}} with nothing after the arguments'
+    assert [e.message for e in parse_tool_calls(text).errors] == [message]
+    _, calls, errors, result = stream(text, list(range(len(text))))
+    assert result.tool_calls == [] and [(e.message, e.index) for e in errors] == [(message, 0)]
 
 
 def test_llama3_json_calls():
@@ -125,6 +137,8 @@ PIECES = [
     "Let me check.", "\n", "  ", "x < y", "<tool", CALC, PY,
     '<tool_call>\n{"name": "calculator", "arguments": {"expression": }\n</tool_call>',
     '<tool_call>{"arguments": {"a": 1}, "name": "python"}</tool_call>',
+    '<tool_call>{"name": "python", "arguments": "{\\"code\\": \\"1\\"}"}</tool_call>',
+    '<tool_call>{"name": "python", "arguments": {"code": "1"}, "name": "calculator"}</tool_call>',
     "done {ok}",
 ]
 
@@ -146,3 +160,21 @@ def test_any_chunking_streams_the_same_message_as_a_whole_parse(pieces, cuts):
 
 
 TOOL_CALL_MARKUP = re.compile(r"</?tool_call>")
+
+
+FRAGMENTS = st.sampled_from(["<tool_call>", "</tool_call>", "<tool", "_call>", "{", "}", '"name"', '"arguments"',
+                             ":", ",", '"calculator"', "[", "]", "\n", " ", "x", '"', "\\", "<|python_tag|>", "1"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(FRAGMENTS, max_size=40), st.lists(st.integers(0, 200), max_size=20),
+       st.sampled_from(["hermes", "llama3", "auto"]))
+def test_garbage_never_raises_and_never_depends_on_chunking(fragments, cuts, fmt):
+    text = "".join(fragments)
+    whole = parse_tool_calls(text, fmt=fmt, id_factory=ids())
+    content, calls, errors, result = stream(text, cuts, fmt=fmt)
+    assert content == whole.content
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [(c.name, c.arguments) for c in whole.tool_calls]
+    assert [e.message for e in errors] == [e.message for e in whole.errors]
+    for call in whole.tool_calls:
+        assert isinstance(json.loads(call.arguments), dict)
