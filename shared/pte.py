@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from specrelay.shared.errors import ConfigError
 
@@ -137,6 +138,19 @@ class PteProfile:
 
     def pte(self, seconds: float) -> float:
         return seconds / self.prefill_s_per_token
+
+
+def measure_profile(prefill_s: Callable[[int], float], decode_step_s: Callable[[int], float],
+                    prompt_lengths: Sequence[int], context_lengths: Sequence[int], repeats: int = 3,
+                    device: str = "unknown", model: str = "unknown") -> PteProfile:
+    """Fit a profile from timing callables (the caller runs the model and synchronises the device):
+    `prefill_s(n)` the seconds to prefill an n-token prompt, `decode_step_s(L)` the seconds of one decode step at
+    context length L. Each point is the median of `repeats` runs, which shrugs off a stray slow run."""
+    if repeats < 1:
+        raise ConfigError("repeats must be at least 1")
+    prefill = [(n, statistics.median(prefill_s(n) for _ in range(repeats))) for n in prompt_lengths]
+    decode = [(L, statistics.median(decode_step_s(L) for _ in range(repeats))) for L in context_lengths]
+    return PteProfile.fit(prefill, decode, device=device, model=model)
 
 
 @dataclass(frozen=True)

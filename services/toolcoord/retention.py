@@ -170,6 +170,20 @@ class RetentionPolicy:
         return chosen
 
 
+class FixedPolicy:
+    """The benchmark baselines: always drop (recompute on resume, what a stateless server does) or always keep
+    (whatever the memory: its peak KV shows what that costs)."""
+
+    def __init__(self, action: Retention) -> None:
+        self.action = action
+
+    def observe_pause(self, tool_names: Sequence[str], seconds: float) -> None:
+        pass  # a fixed choice learns nothing
+
+    def decide(self, conv: PausedConversation, memory: MemoryState) -> RetentionDecision:
+        return RetentionDecision(conv.conversation_id, self.action, {}, math.nan, None)
+
+
 class InferCeptPolicy:
     """The anchor: InferCept's min-waste choice (module docstring), with the same inputs as the PTE policy —
     recompute and swap times from the profile and bandwidths, the pause from the same learned estimates. Its

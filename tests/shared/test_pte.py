@@ -13,6 +13,7 @@ from specrelay.shared.pte import (
     PteProfile,
     TurnTokens,
     analytic_gamma,
+    measure_profile,
     trajectory_pte,
     turn_pte,
 )
@@ -107,3 +108,17 @@ def test_calibrated_beta_charges_every_decode_step():
     account = PteAccount(profile)
     account.add(TurnTokens(prefilled_tokens=10, decode_tokens=4))
     assert account.usage.decode == pytest.approx(200)
+
+
+def test_measure_profile_takes_the_median_of_repeats():
+    calls = {"n": 0}
+
+    def prefill_s(n):
+        calls["n"] += 1
+        return 1.0 if calls["n"] % 3 == 0 else 1e-3 + 2e-5 * n  # every third run is a stray slow one
+
+    profile = measure_profile(prefill_s, lambda L: 5e-3 + 1e-8 * L, [256, 1024, 4096], [512, 8192, 32768],
+                              repeats=3, device="test", model="toy")
+    assert profile.prefill_s_per_token == pytest.approx(2e-5)
+    assert profile.gamma == pytest.approx(1e-8 / 2e-5) and profile.beta == pytest.approx(5e-3 / 2e-5)
+    assert (profile.device, profile.model) == ("test", "toy")

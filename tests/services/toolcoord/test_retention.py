@@ -8,6 +8,7 @@ import pytest
 
 from specrelay.services.toolcoord.pauses import PauseEstimator
 from specrelay.services.toolcoord.retention import (
+    FixedPolicy,
     InferCeptPolicy,
     MemoryState,
     PausedConversation,
@@ -170,3 +171,9 @@ def test_on_a_mixed_workload_the_pte_policy_pays_least():
         totals["keep"] += real["keep"]
     assert totals["pte"] < 0.6 * totals["infercept"]
     assert totals["pte"] < 0.2 * totals["drop"] and totals["pte"] < 0.2 * totals["keep"]
+
+
+def test_fixed_baselines_ignore_pauses_and_memory():
+    full = MemoryState(used_bytes=40 * GiB)
+    assert FixedPolicy(Retention.KEEP).decide(conv(), full).action is Retention.KEEP
+    assert FixedPolicy(Retention.DROP).decide(conv(["calculator"]), MemoryState(used_bytes=0)).action is Retention.DROP
