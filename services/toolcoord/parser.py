@@ -103,8 +103,8 @@ class StreamingToolParser:
             if self._state == "detect" and not self._detect(final):
                 return
             if self._state == "whole":
-                if final:
-                    self._finish_whole(out)
+                if final and self._finish_whole(out):
+                    continue  # not a llama3 call after all: the text goes through the content path
                 return
             if self._state == "content":
                 if not self._advance_content(out, final):
@@ -244,8 +244,9 @@ class StreamingToolParser:
         out.errors.append(error)
         self.result.errors.append(error)
 
-    def _finish_whole(self, out: StreamDelta) -> None:
-        """A llama3 reply: one or more call objects (`;`-separated), or plain content that opened with `{`."""
+    def _finish_whole(self, out: StreamDelta) -> bool:
+        """A llama3 reply: one or more call objects (`;`-separated). True when it is plain content that opened
+        with `{` instead (left in `_pending` for the content state, which in auto mode still finds hermes calls)."""
         text = self._pending.strip()
         self._pending = ""
         tagged = text.startswith(PYTHON_TAG)
@@ -261,8 +262,9 @@ class StreamingToolParser:
         elif tagged or _LOOKS_LIKE_LLAMA_CALL.match(body):
             self._refuse(out, problem, text, None)
         else:
-            self._state = "content"
-            self._emit_content(out, text)
+            self._state, self._pending = "content", text
+            return True
+        return False
 
     def _decode_llama_calls(self, body: str) -> tuple[list[tuple[str, str]], str | None]:
         decoder = json.JSONDecoder()

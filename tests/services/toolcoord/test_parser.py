@@ -131,6 +131,9 @@ def test_auto_picks_the_format_from_the_text():
     assert parse_tool_calls(f"ok {CALC}", fmt="auto").tool_calls[0].name == "calculator"
     content, calls, errors, _ = stream('<|python_tag|>{"name": "x", "parameters": {"a": 1}}', [1, 5, 20], fmt="auto")
     assert content == "" and calls[0][0].name == "x" and calls[0][0].arguments == '{"a": 1}'
+    # A reply that opens with JSON but then makes a hermes call: the call is still found.
+    mixed = parse_tool_calls('{"plan": "compute"}\n' + CALC, fmt="auto")
+    assert mixed.content == '{"plan": "compute"}' and mixed.tool_calls[0].name == "calculator"
 
 
 PIECES = [
