@@ -70,3 +70,17 @@ def test_sweep_settings_are_checked():
         SweepConfig(targets=[Target("a", "x")], base=base, out_dir="o", capacity_concurrency=128)
     with pytest.raises(ConfigError, match="needs --endpoint"):
         SweepConfig(targets=[], base=base, out_dir="o")
+
+
+async def test_a_server_command_that_dies_or_cannot_start_is_a_clear_error(tmp_path):
+    from specrelay.loadgen.client import EndpointError
+
+    base = RunConfig(endpoint="http://127.0.0.1:1", workload="chat", progress=False)
+    dies = SweepConfig(targets=[Target("fcfs", server_cmd="sh -c 'echo no model here; exit 3'")], base=base,
+                       out_dir=str(tmp_path))
+    with pytest.raises(EndpointError, match="exited with status 3 before serving:\nno model here"):
+        await run_sweep(dies)
+    missing = SweepConfig(targets=[Target("fcfs", server_cmd=str(tmp_path / "no-such-server"))], base=base,
+                          out_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="cannot start"):
+        await run_sweep(missing)
