@@ -7,7 +7,10 @@ embedded or distributed:
 - delivery is at-least-once: a message stays pending until its handler calls `await delivery.ack()` after the work
   is done; a consumer that dies holding messages loses them to any live consumer of the group once they have been
   idle for `min_idle_ms` (XAUTOCLAIM). Handlers that can run longer call `await delivery.touch()` now and then.
-  A restarted consumer with the same name first gets its own pending messages back.
+  A restarted consumer with the same name first gets its own pending messages back;
+- a message delivered `max_deliveries` times without an ack (it crashes every handler) or that does not decode as
+  the consumer's type is moved to the dead-letter stream `<stream>.dead` and acknowledged, so it cannot block the
+  group forever.
 Reply channels (`open_reply_channel` / `reply`) stream results back to one waiting caller (the gateway's per-request
 token stream): ordered, one reader, no redelivery. See bus_redis.py for why they are streams and not pub/sub.
 
@@ -49,9 +52,11 @@ class BusConfig:
     claim_interval_ms: int = 1_000  # how often a consumer looks for such messages
     reply_maxlen: int = 100_000  # entries kept in one gateway's reply stream
     reply_ttl_s: int = 600  # a reply stream nobody writes to for this long disappears (its gateway is gone)
+    max_deliveries: int = 5  # deliveries without an ack before a message is dead-lettered
 
     def __post_init__(self):
-        if self.maxlen < 1 or self.batch_size < 1 or self.block_ms < 1 or self.min_idle_ms < 0:
+        if self.maxlen < 1 or self.batch_size < 1 or self.block_ms < 1 or self.min_idle_ms < 0 \
+                or self.max_deliveries < 1:
             raise ConfigError(f"bus settings out of range: {self}")
 
 
@@ -59,17 +64,22 @@ class Delivery(Generic[T]):
     """One message handed to one consumer. It stays pending (and will be redelivered if this consumer dies) until
     `ack()` is awaited."""
 
-    __slots__ = ("msg", "stream", "message_id", "published_ns", "redelivered", "_ack", "_touch")
+    __slots__ = ("msg", "stream", "message_id", "published_ns", "delivery_count", "_ack", "_touch")
 
-    def __init__(self, msg: T, stream: str, message_id: str, published_ns: int, redelivered: bool,
+    def __init__(self, msg: T, stream: str, message_id: str, published_ns: int, delivery_count: int,
                  ack: Callable[[], Awaitable[None]], touch: Callable[[], Awaitable[None]]):
         self.msg = msg
         self.stream = stream
         self.message_id = message_id
         self.published_ns = published_ns  # time.time_ns() at publish: queueing latency without schema support
-        self.redelivered = redelivered  # taken over from a dead consumer, or this consumer's own earlier life
+        self.delivery_count = delivery_count  # 1 on the first delivery
         self._ack = ack
         self._touch = touch
+
+    @property
+    def redelivered(self) -> bool:
+        """Taken over from a dead consumer, or handed back to this consumer after a restart."""
+        return self.delivery_count > 1
 
     async def ack(self) -> None:
         await self._ack()
@@ -184,6 +194,7 @@ class _Pending:
     entry: tuple[int, int, bytes]  # (seq, published_ns, payload)
     consumer: str
     delivered_at: float  # monotonic seconds; the idle clock XAUTOCLAIM compares against
+    delivery_count: int = 0
 
 
 @dataclass
@@ -235,14 +246,14 @@ class LocalBus(Bus):
         decoder = msgspec.msgpack.Decoder(type)
         cfg = self.config
         # A consumer restarted under the same name gets its own unacknowledged messages back first.
-        batch = [(seq, True) for seq, p in g.pending.items() if p.consumer == consumer]
+        batch = [seq for seq, p in g.pending.items() if p.consumer == consumer]
         next_claim = 0.0
         while not self._closed:
             now = time.monotonic()
             if not batch and now >= next_claim:
                 next_claim = now + cfg.claim_interval_ms / 1000
                 idle_s = cfg.min_idle_ms / 1000
-                batch = [(seq, True) for seq, p in g.pending.items()
+                batch = [seq for seq, p in g.pending.items()
                          if p.consumer != consumer and now - p.delivered_at >= idle_s][: cfg.batch_size]
             if not batch:
                 g.cursor = max(g.cursor, s.first_seq())  # entries trimmed before this group read them are gone
@@ -251,7 +262,7 @@ class LocalBus(Bus):
                         break
                     g.pending[seq] = _Pending((seq, published_ns, payload), consumer, now)
                     g.cursor = seq + 1
-                    batch.append((seq, False))
+                    batch.append(seq)
             if not batch:
                 s.changed.clear()
                 try:
@@ -259,18 +270,24 @@ class LocalBus(Bus):
                 except TimeoutError:
                     pass
                 continue
-            for seq, redelivered in batch:
+            for seq in batch:
                 pending = g.pending.get(seq)
                 if pending is None:  # acknowledged meanwhile by another consumer
                     continue
                 pending.consumer, pending.delivered_at = consumer, time.monotonic()
+                pending.delivery_count += 1
                 _, published_ns, payload = pending.entry
-                msg = decode_or_none(decoder, payload, f"{stream}/{group}")
+                msg = None
+                if pending.delivery_count <= cfg.max_deliveries:
+                    msg = decode_or_none(decoder, payload, f"{stream}/{group}")
+                else:
+                    log.error("bus: dead-lettering message %s on %s/%s after %d deliveries without an ack",
+                              seq, stream, group, pending.delivery_count - 1)
                 if msg is None:
                     self._stream(stream + ".dead").append(published_ns, payload)
                     g.pending.pop(seq, None)
                     continue
-                yield Delivery(msg, stream, str(seq), published_ns, redelivered,
+                yield Delivery(msg, stream, str(seq), published_ns, pending.delivery_count,
                                _local_ack(g, seq), _local_touch(g, seq, consumer))
             batch = []
 

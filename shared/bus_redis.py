@@ -109,16 +109,23 @@ class RedisBus(Bus):
                     raise
                 await self._ensure_group(key, group)  # Redis restarted without persistence
                 continue
+            counts = await self._delivery_counts(key, group, consumer, entries) if redelivered and entries else {}
             for message_id, fields in entries:
                 if not fields:  # trimmed while pending: nothing left to do
                     await self._redis.xack(key, group, message_id)
                     continue
-                msg = decode_or_none(decoder, fields[b"b"], f"{key}/{group}")
+                delivery_count = counts.get(message_id, 2) if redelivered else 1
+                msg = None
+                if delivery_count <= cfg.max_deliveries:
+                    msg = decode_or_none(decoder, fields[b"b"], f"{key}/{group}")
+                else:
+                    log.error("bus: dead-lettering message %s on %s/%s after %d deliveries without an ack",
+                              message_id.decode(), key, group, delivery_count - 1)
                 if msg is None:
                     await self._redis.xadd(key + ".dead", fields, maxlen=cfg.maxlen, approximate=True)
                     await self._redis.xack(key, group, message_id)
                     continue
-                yield Delivery(msg, stream, message_id.decode(), int(fields.get(b"t", 0)), redelivered,
+                yield Delivery(msg, stream, message_id.decode(), int(fields.get(b"t", 0)), delivery_count,
                                self._acker(key, group, message_id), self._toucher(key, group, consumer, message_id))
 
     async def _claim_idle(self, key: str, group: str, consumer: str) -> list[tuple[bytes, dict]]:
@@ -128,6 +135,14 @@ class RedisBus(Bus):
         if claimed:
             log.info("bus: %s took over %d idle message(s) on %s", consumer, len(claimed), key)
         return claimed
+
+    async def _delivery_counts(self, key: str, group: str, consumer: str,
+                               entries: list[tuple[bytes, dict]]) -> dict[bytes, int]:
+        """How often each redelivered entry has now been delivered (XAUTOCLAIM and a re-read of one's own pending
+        entries both count one more), from one XPENDING over their id range."""
+        rows = await self._redis.xpending_range(key, group, min=entries[0][0], max=entries[-1][0],
+                                                count=max(100, 4 * len(entries)), consumername=consumer)
+        return {row["message_id"]: int(row["times_delivered"]) for row in rows}
 
     def _acker(self, key: str, group: str, message_id: bytes) -> Callable[[], Awaitable[None]]:
         async def ack() -> None:

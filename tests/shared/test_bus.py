@@ -258,3 +258,35 @@ async def test_a_slow_handler_that_touches_keeps_its_message(make):
     await asyncio.sleep(0.2)
     assert not stolen.done()
     stolen.cancel()
+
+
+async def test_a_message_that_crashes_every_handler_is_dead_lettered_after_max_deliveries(make):
+    bus = make(max_deliveries=3, min_idle_ms=0, claim_interval_ms=10)
+    await bus.publish("jobs", Job(13, "poison"))
+    counts = []
+    for attempt in range(3):  # three consumers each take it and die without acking
+        stream = bus.consume("jobs", "workers", f"w{attempt}", Job)
+        d = await asyncio.wait_for(stream.__anext__(), 5)
+        counts.append(d.delivery_count)
+        await stream.aclose()
+    assert counts == [1, 2, 3]
+    await bus.publish("jobs", Job(14))
+    survivor = await take(bus.consume("jobs", "workers", "w9", Job), 1)
+    assert [d.msg.n for d in survivor] == [14]  # the poison message is not handed out a fourth time
+    dead = await take(bus.consume("jobs.dead", "ops", "o", Job), 1)
+    assert dead[0].msg == Job(13, "poison")
+
+
+async def test_close_ends_a_blocked_consumer(make):
+    bus = make(block_ms=100)
+    got = []
+
+    async def consumer():
+        async for d in bus.consume("jobs", "workers", "w1", Job):
+            got.append(d)
+
+    task = asyncio.create_task(consumer())
+    await asyncio.sleep(0.2)
+    await bus.close()
+    await asyncio.wait_for(task, 5)  # returns instead of raising or hanging
+    assert got == []
