@@ -57,8 +57,9 @@ def spec_accept(
 def tree_depths(parents: torch.Tensor, cu_nodes: torch.Tensor) -> torch.Tensor:  # [num_nodes] int64
     """Depth of every node (root 0) by pointer jumping: log2(num_nodes) vectorised rounds, no per-node loop."""
     num_nodes = parents.numel()
-    counts = (cu_nodes[1:] - cu_nodes[:-1]).long()
-    starts = torch.repeat_interleave(cu_nodes[:-1].long(), counts, output_size=num_nodes)
+    cu = cu_nodes.long()
+    seq_of_node = torch.searchsorted(cu[1:], torch.arange(num_nodes, device=parents.device), right=True)
+    starts = cu[seq_of_node]
     jump = torch.where(parents >= 0, parents + starts, -1)  # global id of the ancestor `depth` steps up, or -1
     depth = (parents >= 0).long()
     for _ in range(max(1, math.ceil(math.log2(max(num_nodes, 2))))):
@@ -102,7 +103,6 @@ def spec_accept_reference(
     assert greedy or draft_probs is not None, "sampling needs draft_probs"
     result = _empty_result(cu_nodes, parents)
     cu, parent_list, token_list = cu_nodes.tolist(), parents.tolist(), tokens.tolist()
-    best = target_probs.argmax(dim=-1).tolist() if greedy else None
     for s in range(len(cu) - 1):
         base, num_nodes = cu[s], cu[s + 1] - cu[s]
         children: list[list[int]] = [[] for _ in range(num_nodes)]
@@ -111,7 +111,7 @@ def spec_accept_reference(
         node, path = 0, []
         while True:
             if greedy:
-                want = best[base + node]
+                want = int(target_probs[base + node].argmax())  # only visited rows: most nodes never are
                 child = next((c for c in children[node] if token_list[base + c] == want), None)
                 if child is None:
                     next_token = want

@@ -120,7 +120,8 @@ def tree_attention_triton(
     block_q = block_rows // group
     mask = tree_mask.view(torch.uint8) if tree_mask is not None else q  # q: a placeholder pointer, never read
     grid = (num_seqs, triton_cdiv(max_query_len, block_q), num_kv_heads)
-    _build(interpret_enabled())[grid](
+    kernel = _build(interpret_enabled())  # binds tl
+    kernel[grid](
         q, k_cache, v_cache, out, block_tables, context_lens, cu_query_lens, mask,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -131,6 +132,8 @@ def tree_attention_triton(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # triton 3.9's interpreter computes bf16 tl.dot wrongly; there the operands go up to fp32 first
         DOT_IN_FP32=interpret_enabled() and q.dtype == torch.bfloat16,
+        # 32-bit slot offsets where the cache allows: fewer registers for the gathered K/V addresses
+        OFFSET_TYPE=tl.int32 if max(k_cache.numel(), v_cache.numel()) < 2**31 else tl.int64,
     )  # fmt: skip
     return out
 
@@ -153,7 +156,7 @@ def _build(interpret: bool):
         stride_bt, stride_mt, block_size,
         GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_IN_FP32: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr, OFFSET_TYPE: tl.constexpr,
     ):  # fmt: skip
         seq = tl.program_id(0)
         q_start = tl.program_id(1) * BLOCK_Q
@@ -204,11 +207,10 @@ def _build(interpret: bool):
             visible = row_ok[:, None] & pos_ok[None, :] & (~is_new | new_visible)
 
             # Key at logical position p lives in block block_tables[seq, p // block_size] at offset p % block_size.
-            block = tl.load(bt_row_ptr + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
-            offset = (pos % block_size).to(tl.int64)
+            block = tl.load(bt_row_ptr + pos // block_size, mask=pos_ok, other=0)
+            k_row = block.to(OFFSET_TYPE) * stride_kb + pos % block_size * stride_ks
             kv_ok = pos_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_head_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks + d[None, :],
-                        mask=kv_ok, other=0.0)  # fmt: skip
+            k = tl.load(k_head_ptr + (k_row[:, None] + d[None, :]), mask=kv_ok, other=0.0)
             if DOT_IN_FP32:
                 k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_R, BLOCK_N]
@@ -218,8 +220,8 @@ def _build(interpret: bool):
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
-            v = tl.load(v_head_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + d[None, :],
-                        mask=kv_ok, other=0.0)  # fmt: skip
+            v_row = block.to(OFFSET_TYPE) * stride_vb + pos % block_size * stride_vs
+            v = tl.load(v_head_ptr + (v_row[:, None] + d[None, :]), mask=kv_ok, other=0.0)
             if DOT_IN_FP32:
                 v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)

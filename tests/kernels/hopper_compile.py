@@ -23,7 +23,11 @@ def compile_variant(kernel, types: dict[str, str], constexprs: dict[str, object]
             constants[(i,)] = constexprs[name]
         else:
             signature[name] = types.get(name, "i32")
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    # as at launch, where triton marks pointers and integers divisible by 16 (strides, block_size) as such
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if name not in constexprs and (signature[name].startswith("*") or name.startswith("stride")
+                                            or name == "block_size")}  # fmt: skip
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
     return len(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"])
 
 
@@ -35,7 +39,7 @@ def main() -> int:
             types.update(block_tables_ptr="*i32", context_lens_ptr="*i32", cu_query_lens_ptr="*i32",
                          mask_ptr="*u8", scale_log2="fp32")  # fmt: skip
             consts = dict(GROUP=4, BLOCK_Q=16, BLOCK_R=64, BLOCK_N=64, HEAD_DIM=64, BLOCK_D=64, HAS_MASK=has_mask,
-                          DOT_PRECISION=precision, DOT_IN_FP32=False)  # fmt: skip
+                          DOT_PRECISION=precision, DOT_IN_FP32=False, OFFSET_TYPE=triton.language.int32)  # fmt: skip
             variants.append((f"tree_attention {dtype} mask={has_mask}", tree_attention._build(False), types, consts))
     for probs in ("fp32", "bf16"):
         for greedy in (True, False):

@@ -116,9 +116,9 @@ def test_sampling_hand_built_reject_then_recover():
 def test_sampling_is_lossless():
     """Three children drawn from q without replacement, then accept/reject: the first emitted token follows p."""
     gen = torch.Generator().manual_seed(5)
-    vocab, num_seqs = 6, 3000
+    vocab, num_seqs = 6, 4000
     p = torch.tensor([0.30, 0.05, 0.25, 0.10, 0.20, 0.10])
-    q = torch.tensor([0.10, 0.40, 0.10, 0.20, 0.05, 0.15])
+    q = torch.tensor([0.05, 0.50, 0.05, 0.30, 0.05, 0.05])  # q far from p: most children get rejected
     children = torch.stack([torch.multinomial(q, 3, replacement=False, generator=gen) for _ in range(num_seqs)])
     tokens = torch.cat([torch.zeros(num_seqs, 1, dtype=torch.long), children], 1).flatten()
     result = spec_accept_reference(
@@ -131,7 +131,8 @@ def test_sampling_is_lossless():
     first = torch.where(result.num_accepted > 0, tokens.view(num_seqs, 4).gather(1, first_node.clamp_min(0)[:, None])[:, 0],
                         result.next_token)  # fmt: skip
     freq = torch.bincount(first, minlength=vocab).float() / num_seqs
-    assert (freq - p).abs().sum() / 2 < 0.03, freq  # total variation; ~0.015 expected from sampling noise
+    # total variation: ~0.015 from sampling noise; keeping D[y] (not sampling without replacement) gives ~0.11
+    assert (freq - p).abs().sum() / 2 < 0.04, freq
 
 
 def test_tree_depths_and_dispatch():
@@ -140,3 +141,12 @@ def test_tree_depths_and_dispatch():
     trees = make_trees([4, 3], vocab=50, seed=1, greedy=False)
     assert spec_accept(**trees).accepted_nodes.shape[0] == 2
     assert_same(spec_accept(**trees), spec_accept_reference(**trees))
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampling"])
+def test_bf16_probabilities(greedy):
+    trees = make_trees([7, 4, 11], vocab=200, seed=21, greedy=greedy)
+    trees["target_probs"] = trees["target_probs"].bfloat16()
+    if not greedy:
+        trees["draft_probs"] = trees["draft_probs"].bfloat16()
+    assert_same(spec_accept_triton(**trees, block_vocab=64), spec_accept_reference(**trees))

@@ -125,3 +125,16 @@ def test_empty_batch_and_shape_checks():
     bad = make_batch([3], [2], num_heads=6, num_kv_heads=4, tree=False)
     with pytest.raises(AssertionError, match="do not split"):
         tree_attention_triton(**bad)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_ragged_batches(seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    num_seqs = int(torch.randint(1, 7, (1,), generator=gen))
+    context_lens = torch.randint(0, 14, (num_seqs,), generator=gen).tolist()
+    query_lens = torch.randint(0, 10, (num_seqs,), generator=gen).tolist()
+    query_lens[0] = max(query_lens[0], 1)
+    group = [1, 4, 8][seed % 3]
+    batch = make_batch(context_lens, query_lens, num_heads=group * 2, num_kv_heads=2, block_size=[1, 4, 16][seed % 3],
+                       tree=seed % 2 == 0, seed=seed)  # fmt: skip
+    torch.testing.assert_close(tree_attention_triton(**batch), tree_attention_reference(**batch), atol=2e-5, rtol=1e-4)
