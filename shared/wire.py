@@ -111,17 +111,18 @@ def tensor_from_bytes(header: TensorHeader, data: bytes | bytearray | memoryview
         return torch.empty(header.shape, dtype=dtype, device=device)
     if copy is None:
         copy = view.readonly and device is None
+    if copy:
+        # A plain memcpy: torch's clone() goes through the intra-op thread pool, which costs milliseconds per MiB
+        # when the cores are contended (measured: 15 ms vs 0.1 ms for 2 MiB on a busy 2-core host).
+        view = memoryview(bytearray(view))
     with warnings.catch_warnings():
-        # frombuffer warns on read-only memory; we only read from such a view (device copy) or copy it right away.
+        # frombuffer warns on read-only memory; we only read such a view (on the way to a device), never write it.
         warnings.simplefilter("ignore", UserWarning)
         raw = torch.frombuffer(view, dtype=torch.uint8)
     if raw.data_ptr() % dtype.itemsize:  # a view into a msgpack message may sit at any address
-        raw = raw.clone()
-        copy = False
+        raw = torch.frombuffer(bytearray(view), dtype=torch.uint8)
     tensor = raw.view(dtype).reshape(header.shape)
-    if device is not None:
-        return tensor.to(device, copy=True)
-    return tensor.clone() if copy else tensor
+    return tensor if device is None else tensor.to(device, copy=True)
 
 
 _FRAME_LEN = struct.Struct("<I")
