@@ -146,6 +146,10 @@ class Bus(ABC):
         entry), forever or until `close()`."""
 
     @abstractmethod
+    async def stream_length(self, stream: str) -> int:
+        """Entries the stream retains (acknowledged or not): a cheap queue-depth signal for admission."""
+
+    @abstractmethod
     def open_reply_channel(self, type: type[T], name: str | None = None) -> ReplyChannel[T]:
         """A new channel that this process reads; `name` is unique when not given."""
 
@@ -237,7 +241,7 @@ class LocalBus(Bus):
     async def publish(self, stream: str, msg: msgspec.Struct) -> str:
         return str(self._stream(stream).append(time.time_ns(), _encoder.encode(msg)))
 
-    def stream_length(self, stream: str) -> int:
+    async def stream_length(self, stream: str) -> int:
         return len(self._stream(stream).entries)
 
     async def consume(self, stream: str, group: str, consumer: str, type: type[T]) -> AsyncIterator[Delivery[T]]:

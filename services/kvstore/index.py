@@ -30,7 +30,8 @@ def model_root(model_id: str) -> bytes:
 def block_hashes(model_id: str, token_ids: Sequence[int] | np.ndarray, block_size: int,
                  parent: bytes | None = None) -> list[bytes]:
     """The hash of every full block of `token_ids`; `parent` continues a chain (the hash of the block before
-    token_ids[0]), else the chain starts at the model's root."""
+    token_ids[0]), else the chain starts at the model's root. `model_id` must name everything else that changes
+    the KV of the same tokens (weights, KV dtype, RoPE scaling), e.g. "qwen2.5-7b@<revision>:bf16"."""
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     tokens = np.asarray(token_ids, dtype=np.int64)

@@ -118,6 +118,9 @@ return 1
 
 
 class RedisStore(KVStore):
+    """Processes that share a prefix share one store; give them the same `capacity_bytes` (each put enforces the
+    capacity its caller was configured with)."""
+
     def __init__(self, url: str, capacity_bytes: int, prefix: str = "specrelay:"):
         if capacity_bytes < 1:
             raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")

@@ -110,14 +110,13 @@ class KVStore(ABC):
         header, data = tensor_to_bytes(kv, KV_BLOCK_LAYOUT)
         return await self.put_frame(block_hash, encode_frame(_encoder.encode(header), data))
 
-    async def put_blocks(self, block_hashes: Sequence[bytes], kvs: Sequence[torch.Tensor]) -> int:
-        """Store a chain; the blocks are written last first so that, when not all fit, the head stays and the
-        head ends up the most recently used. Returns how many blocks from the head are stored."""
+    async def put_blocks(self, block_hashes: Sequence[bytes], kvs: Sequence[torch.Tensor]) -> None:
+        """Store a chain. The blocks are written last first, so when not all fit it is the head that stays (the
+        head's puts evict the tail's), and the head ends up the most recently used."""
         if len(block_hashes) != len(kvs):
             raise ValueError(f"{len(block_hashes)} hashes for {len(kvs)} blocks")
         for block_hash, kv in zip(reversed(block_hashes), reversed(kvs)):
             await self.put_block(block_hash, kv)
-        return await self.longest_prefix(block_hashes)
 
     async def get_block(self, block_hash: bytes, *, device: torch.device | str | None = None,
                         touch: bool = True) -> torch.Tensor | None:

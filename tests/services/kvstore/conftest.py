@@ -27,7 +27,7 @@ async def make(request):
             store = make_store(f"shm://{names[-1]}", capacity_bytes)
         else:
             store = make_store(request.getfixturevalue("redis_url"), capacity_bytes,
-                               prefix=request.getfixturevalue("redis_prefix"))
+                               prefix=f"{request.getfixturevalue('redis_prefix')}{len(stores)}:")
         stores.append(store)
         return store
 
