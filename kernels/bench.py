@@ -77,15 +77,22 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
 
 
 def measure(name: str, fn: Callable[[], object] | None, bytes_moved: int, sizes: BenchSizes, device: torch.device,
-            peak_gbps: float | None, skip_reason: str = "") -> dict:  # fmt: skip
+            peak_gbps: float | None, skip_reason: str = "", check: Callable[[], dict] | None = None) -> dict:  # fmt: skip
+    """Time fn; `check` runs once first and says how its output compares with the reference's."""
     if fn is None:
         return {"impl": name, "skipped": skip_reason}
     try:
+        verdict = check() if check is not None else {}
         ms = time_ms(fn, device, sizes.warmup, sizes.iters)
     except Exception as e:  # a baseline that this torch build or device cannot run is reported, not fatal
         return {"impl": name, "skipped": f"{type(e).__name__}: {e}"[:300]}
     gbps = bytes_moved / (ms * 1e-3) / 1e9
-    return {"impl": name, "ms": _sig(ms), "gbps": _sig(gbps), "peak_fraction": _sig(gbps / peak_gbps) if peak_gbps else None}
+    peak_fraction = _sig(gbps / peak_gbps) if peak_gbps else None
+    return {"impl": name, "ms": _sig(ms), "gbps": _sig(gbps), "peak_fraction": peak_fraction, **verdict}
+
+
+def max_abs_err(got: torch.Tensor, want: torch.Tensor) -> dict:
+    return {"max_abs_err_vs_reference": _sig((got.float() - want.float()).abs().max().item()) if want.numel() else 0.0}
 
 
 def _sig(x: float) -> float:
@@ -147,13 +154,16 @@ def bench_tree_attention(sizes: BenchSizes, device: torch.device, dtype: torch.d
     visible[..., sizes.context_len :] = args["tree_mask"].view(s, 1, t, t)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     kernel_ok = use_triton(args["q"])
+    want = tree_attention_reference(**args)
+    tokens_major = lambda out: out.transpose(1, 2).reshape(want.shape)  # noqa: E731  [s, H, t, D] -> [s·t, H, D]
+    run_sdpa = lambda: sdpa(q, k, v, attn_mask=visible, scale=args["scale"], enable_gqa=True)  # noqa: E731
     results = [
         measure("triton", (lambda: tree_attention_triton(**args)) if kernel_ok else None, bytes_moved, sizes,
-                device, peak, "needs CUDA or TRITON_INTERPRET=1"),  # fmt: skip
+                device, peak, "needs CUDA or TRITON_INTERPRET=1", lambda: max_abs_err(tree_attention_triton(**args), want)),  # fmt: skip
         measure("reference", lambda: tree_attention_reference(**args), bytes_moved, sizes, device, peak),
-        measure("sdpa_mask", lambda: sdpa(q, k, v, attn_mask=visible, scale=args["scale"], enable_gqa=True),
-                bytes_moved, sizes, device, peak),  # fmt: skip
-        _measure_flex(q, k, v, args, sizes, device, bytes_moved, peak),
+        measure("sdpa_mask", run_sdpa, bytes_moved, sizes, device, peak,
+                check=lambda: max_abs_err(tokens_major(run_sdpa()), want)),  # fmt: skip
+        _measure_flex(q, k, v, args, sizes, device, bytes_moved, peak, lambda out: max_abs_err(tokens_major(out), want)),
     ]
     config = {"dtype": str(dtype).removeprefix("torch."), **{k: getattr(sizes, k) for k in (
         "num_seqs", "context_len", "tree_nodes", "num_heads", "num_kv_heads", "head_dim", "block_size")}}  # fmt: skip
@@ -161,7 +171,7 @@ def bench_tree_attention(sizes: BenchSizes, device: torch.device, dtype: torch.d
 
 
 def _measure_flex(q, k, v, args: dict, sizes: BenchSizes, device: torch.device, bytes_moved: int,
-                  peak: float | None) -> dict:  # fmt: skip
+                  peak: float | None, compare: Callable[[torch.Tensor], dict]) -> dict:  # fmt: skip
     if device.type != "cuda":
         return {"impl": "flex_attention", "skipped": "run on CUDA only"}
     try:
@@ -181,7 +191,7 @@ def _measure_flex(q, k, v, args: dict, sizes: BenchSizes, device: torch.device, 
     except Exception as e:
         return {"impl": "flex_attention", "skipped": f"{type(e).__name__}: {e}"[:300]}
     run = lambda: compiled(q, k, v, block_mask=block_mask, scale=args["scale"], enable_gqa=True)  # noqa: E731
-    return measure("flex_attention", run, bytes_moved, sizes, device, peak)
+    return measure("flex_attention", run, bytes_moved, sizes, device, peak, check=lambda: compare(run()))
 
 
 def spec_accept_inputs(sizes: BenchSizes, device: torch.device, greedy: bool) -> dict:
@@ -215,12 +225,19 @@ def spec_accept_inputs(sizes: BenchSizes, device: torch.device, greedy: bool) ->
 
 def bench_spec_accept(sizes: BenchSizes, device: torch.device, greedy: bool, peak: float | None) -> dict:
     args = spec_accept_inputs(sizes, device, greedy)
-    visited = int((spec_accept_reference(**args).num_accepted + 1).sum())
+    want = spec_accept_reference(**args)
+    visited = int((want.num_accepted + 1).sum())
+
+    def check() -> dict:
+        got = spec_accept_triton(**args)
+        same = all(torch.equal(getattr(got, f), getattr(want, f)) for f in ("num_accepted", "accepted_nodes", "next_token"))
+        return {"matches_reference": same}
+
     bytes_moved = visited * sizes.vocab * 4 * (1 if greedy else 2)
     kernel_ok = use_triton(args["target_probs"])
     results = [
         measure("triton", (lambda: spec_accept_triton(**args)) if kernel_ok else None, bytes_moved, sizes, device,
-                peak, "needs CUDA or TRITON_INTERPRET=1"),  # fmt: skip
+                peak, "needs CUDA or TRITON_INTERPRET=1", check),  # fmt: skip
         measure("reference", lambda: spec_accept_reference(**args), bytes_moved, sizes, device, peak),
     ]
     config = {"greedy": greedy, "num_seqs": sizes.num_seqs, "tree_nodes": sizes.tree_nodes, "vocab": sizes.vocab,
@@ -240,9 +257,16 @@ def bench_rope_shift(sizes: BenchSizes, device: torch.device, dtype: torch.dtype
     inv_freq = (1.0 / 500000.0 ** (torch.arange(0, sizes.head_dim, 2) / sizes.head_dim)).float().to(device)
     bytes_moved = 2 * sizes.num_layers * n * sizes.num_kv_heads * sizes.head_dim * elem
     kernel_ok = use_triton(k_cache)
+
+    def check() -> dict:
+        got, want = k_cache.clone(), k_cache.clone()
+        rope_shift_triton_(got, slots, delta, inv_freq)
+        rope_shift_reference_(want, slots, delta, inv_freq)
+        return max_abs_err(got, want)
+
     results = [
         measure("triton", (lambda: rope_shift_triton_(k_cache, slots, delta, inv_freq)) if kernel_ok else None,
-                bytes_moved, sizes, device, peak, "needs CUDA or TRITON_INTERPRET=1"),  # fmt: skip
+                bytes_moved, sizes, device, peak, "needs CUDA or TRITON_INTERPRET=1", check),  # fmt: skip
         measure("reference", lambda: rope_shift_reference_(k_cache, slots, delta, inv_freq), bytes_moved, sizes,
                 device, peak),  # fmt: skip
     ]
@@ -267,9 +291,16 @@ def bench_kv_compact(sizes: BenchSizes, device: torch.device, dtype: torch.dtype
     n = src_slots.numel()
     bytes_moved = 2 * 2 * sizes.num_layers * n * sizes.num_kv_heads * sizes.head_dim * elem
     kernel_ok = use_triton(k_cache)
+
+    def check() -> dict:
+        got, want = (k_cache.clone(), v_cache.clone()), (k_cache.clone(), v_cache.clone())
+        kv_compact_triton_(*got, src_slots, dst_slots)
+        kv_compact_reference_(*want, src_slots, dst_slots)
+        return {"matches_reference": torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])}
+
     results = [
         measure("triton", (lambda: kv_compact_triton_(k_cache, v_cache, src_slots, dst_slots)) if kernel_ok else None,
-                bytes_moved, sizes, device, peak, "needs CUDA or TRITON_INTERPRET=1"),  # fmt: skip
+                bytes_moved, sizes, device, peak, "needs CUDA or TRITON_INTERPRET=1", check),  # fmt: skip
         measure("reference", lambda: kv_compact_reference_(k_cache, v_cache, src_slots, dst_slots), bytes_moved,
                 sizes, device, peak),  # fmt: skip
     ]
@@ -330,7 +361,12 @@ def format_report(report: dict) -> str:
                 lines.append(f"{entry['name']:<22}{r['impl']:<16}  skipped: {r['skipped'][:60]}")
                 continue
             frac = f"{100 * r['peak_fraction']:.1f}" if r["peak_fraction"] is not None else "-"
-            lines.append(f"{entry['name']:<22}{r['impl']:<16}{r['ms']:>10.4f}{r['gbps']:>10.1f}{frac:>9}")
+            check = ""
+            if "matches_reference" in r:
+                check = "  same as reference" if r["matches_reference"] else "  DIFFERS FROM REFERENCE"
+            elif "max_abs_err_vs_reference" in r:
+                check = f"  max |err| {r['max_abs_err_vs_reference']:.3g}"
+            lines.append(f"{entry['name']:<22}{r['impl']:<16}{r['ms']:>10.4f}{r['gbps']:>10.1f}{frac:>9}{check}")
     model = report["verify_vs_decode"]
     for row in model.get("batches", []):
         lines.append(f"verify({model['tree_nodes']}) vs decode(1), {row['num_seqs']} request(s): "

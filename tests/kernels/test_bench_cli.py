@@ -32,8 +32,10 @@ def test_cpu_smoke_run_writes_the_report(tmp_path, capsys):
         assert {"triton", "reference"} <= set(timed), entry
         assert all(r["ms"] > 0 and r["gbps"] > 0 for r in timed.values())
         assert entry["triton_speedup_vs_best_torch"] is not None
+        verdict = timed["triton"]
+        assert verdict.get("matches_reference", True) and verdict.get("max_abs_err_vs_reference", 0.0) < 1e-4, entry
     attention = {r["impl"]: r for r in report["kernels"][0]["results"]}
-    assert "ms" in attention["sdpa_mask"] and "skipped" in attention["flex_attention"]
+    assert attention["sdpa_mask"]["max_abs_err_vs_reference"] < 1e-4 and "skipped" in attention["flex_attention"]
     model = report["verify_vs_decode"]
     assert [b["num_seqs"] for b in model["batches"]] == [1, 2] and model["attention"] == "triton"
     assert all(p["checked"] and p["greedy_token_agreement"] == 1.0 for p in model["parity"])
