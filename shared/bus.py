@@ -143,7 +143,8 @@ class Bus(ABC):
     @abstractmethod
     def consume(self, stream: str, group: str, consumer: str, type: type[T]) -> AsyncIterator[Delivery[T]]:
         """Messages of `stream` for `consumer` in `group` (created if missing, reading from the oldest retained
-        entry), forever or until `close()`."""
+        entry), forever or until `close()`. `consumer` names one live reader (e.g. host:pid:task): a restart may
+        reuse it, two readers at once must not."""
 
     @abstractmethod
     async def stream_length(self, stream: str) -> int:
@@ -231,7 +232,6 @@ class LocalBus(Bus):
         self._streams: dict[str, _Stream] = {}
         self._channels: dict[str, ReplyChannel] = {}
         self._closed = False
-        self._names = itertools.count()
 
     def _stream(self, name: str) -> _Stream:
         if name not in self._streams:
@@ -259,6 +259,8 @@ class LocalBus(Bus):
                 idle_s = cfg.min_idle_ms / 1000
                 batch = [seq for seq, p in g.pending.items()
                          if p.consumer != consumer and now - p.delivered_at >= idle_s][: cfg.batch_size]
+                for seq in batch:  # ours from now on, before we yield to anyone who might claim them too
+                    g.pending[seq].consumer, g.pending[seq].delivered_at = consumer, now
             if not batch:
                 g.cursor = max(g.cursor, s.first_seq())  # entries trimmed before this group read them are gone
                 for seq, published_ns, payload in itertools.islice(s.entries, g.cursor - s.first_seq(), None):

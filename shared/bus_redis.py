@@ -46,8 +46,9 @@ _TRIM_EVERY = 1_000  # reply entries read between two XTRIMs of what this proces
 class RedisBus(Bus):
     def __init__(self, url: str, config: BusConfig | None = None):
         self.config = config or BusConfig()
-        self._redis = aioredis.Redis.from_url(url)
         self.inbox = uuid.uuid4().hex[:16]  # this process's reply stream
+        # Named connections: CLIENT LIST shows which bus (and so which process) holds which connection.
+        self._redis = aioredis.Redis.from_url(url, client_name=f"specrelay-bus-{self.inbox}")
         self._channels: dict[str, ReplyChannel] = {}
         self._reader: asyncio.Task | None = None
         self._closed = False

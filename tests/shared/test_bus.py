@@ -290,3 +290,28 @@ async def test_close_ends_a_blocked_consumer(make):
     await bus.close()
     await asyncio.wait_for(task, 5)  # returns instead of raising or hanging
     assert got == []
+
+
+async def test_replies_survive_a_dropped_redis_connection_without_gaps(redis_url, redis_prefix):
+    """Why reply channels are streams, not pub/sub: a reconnect resumes from the last id read."""
+    import redis.asyncio as aioredis
+
+    gateway = make_bus(redis_url, BusConfig(prefix=redis_prefix, **FAST))
+    verifier = make_bus(redis_url, BusConfig(prefix=redis_prefix, **FAST))
+    admin = aioredis.Redis.from_url(redis_url)
+    channel = gateway.open_reply_channel(Token)
+    try:
+        for i in range(5):
+            await verifier.reply(channel.name, Token("r", i))
+        assert [(await channel.get(timeout_s=5)).token_id for _ in range(5)] == list(range(5))
+        ours = [c["id"] for c in await admin.client_list() if c["name"] == f"specrelay-bus-{gateway.inbox}"]
+        assert ours  # the reply reader's blocked XREAD at least
+        for client_id in ours:  # only this gateway's connections: the server may be shared
+            await admin.client_kill_filter(_id=client_id)
+        for i in range(5, 10):
+            await verifier.reply(channel.name, Token("r", i))
+        assert [(await channel.get(timeout_s=10)).token_id for _ in range(5)] == list(range(5, 10))
+    finally:
+        await gateway.close()
+        await verifier.close()
+        await admin.aclose()
