@@ -123,3 +123,11 @@ def test_to_device_views_then_copies_once():
     header, data = tensor_to_bytes(tensor)
     moved = tensor_from_bytes(header, bytes(data), device="cpu")
     assert _same_bits(moved, tensor)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_device_tensor_leaves_and_returns_to_the_device():
+    kv = torch.randn(2, 2, 16, 2, 8, device="cuda").to(torch.bfloat16)
+    back = decode_tensor_frame(encode_tensor_frame(kv, KV_BLOCK_LAYOUT), device="cuda")
+    assert back.is_cuda and torch.equal(back, kv)
