@@ -120,8 +120,7 @@ def tree_attention_triton(
     block_q = block_rows // group
     mask = tree_mask.view(torch.uint8) if tree_mask is not None else q  # q: a placeholder pointer, never read
     grid = (num_seqs, triton_cdiv(max_query_len, block_q), num_kv_heads)
-    kernel = _build(interpret_enabled())  # binds tl
-    kernel[grid](
+    _build(interpret_enabled())[grid](
         q, k_cache, v_cache, out, block_tables, context_lens, cu_query_lens, mask,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -132,8 +131,6 @@ def tree_attention_triton(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # triton 3.9's interpreter computes bf16 tl.dot wrongly; there the operands go up to fp32 first
         DOT_IN_FP32=interpret_enabled() and q.dtype == torch.bfloat16,
-        # 32-bit slot offsets where the cache allows: fewer registers for the gathered K/V addresses
-        OFFSET_TYPE=tl.int32 if max(k_cache.numel(), v_cache.numel()) < 2**31 else tl.int64,
     )  # fmt: skip
     return out
 
@@ -156,7 +153,7 @@ def _build(interpret: bool):
         stride_bt, stride_mt, block_size,
         GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_IN_FP32: tl.constexpr, OFFSET_TYPE: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr,
     ):  # fmt: skip
         seq = tl.program_id(0)
         q_start = tl.program_id(1) * BLOCK_Q
@@ -208,7 +205,7 @@ def _build(interpret: bool):
 
             # Key at logical position p lives in block block_tables[seq, p // block_size] at offset p % block_size.
             block = tl.load(bt_row_ptr + pos // block_size, mask=pos_ok, other=0)
-            k_row = block.to(OFFSET_TYPE) * stride_kb + pos % block_size * stride_ks
+            k_row = block.to(tl.int64) * stride_kb + pos % block_size * stride_ks
             kv_ok = pos_ok[:, None] & d_ok[None, :]
             k = tl.load(k_head_ptr + (k_row[:, None] + d[None, :]), mask=kv_ok, other=0.0)
             if DOT_IN_FP32:
@@ -220,7 +217,7 @@ def _build(interpret: bool):
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
-            v_row = block.to(OFFSET_TYPE) * stride_vb + pos % block_size * stride_vs
+            v_row = block.to(tl.int64) * stride_vb + pos % block_size * stride_vs
             v = tl.load(v_head_ptr + (v_row[:, None] + d[None, :]), mask=kv_ok, other=0.0)
             if DOT_IN_FP32:
                 v = v.to(tl.float32)

@@ -39,7 +39,7 @@ def main() -> int:
             types.update(block_tables_ptr="*i32", context_lens_ptr="*i32", cu_query_lens_ptr="*i32",
                          mask_ptr="*u8", scale_log2="fp32")  # fmt: skip
             consts = dict(GROUP=4, BLOCK_Q=16, BLOCK_R=64, BLOCK_N=64, HEAD_DIM=64, BLOCK_D=64, HAS_MASK=has_mask,
-                          DOT_PRECISION=precision, DOT_IN_FP32=False, OFFSET_TYPE=triton.language.int32)  # fmt: skip
+                          DOT_PRECISION=precision, DOT_IN_FP32=False)  # fmt: skip
             variants.append((f"tree_attention {dtype} mask={has_mask}", tree_attention._build(False), types, consts))
     for probs in ("fp32", "bf16"):
         for greedy in (True, False):
