@@ -1,8 +1,8 @@
 """Verify step of a 64-node tree against a 1-token decode step, on a 1B-class Llama with random weights.
 
 The model is the shape of Llama 3.2 1B (random bf16 weights, tied embeddings) written as plain torch matmuls
-around `tree_attention` and the paged KV cache, so the two steps differ only in how many tokens go through: the
-engine's own runner replaces this once it exists (call `run_model_bench` with its step instead). The same step
+around `tree_attention` and the paged KV cache, so the two steps differ only in how many tokens go through
+(`RandomLlama.step` is the hook: the engine's runner can stand in for it once it runs on CUDA). The same step
 with the kernels and with the torch references gives the GPU parity check: greedy tokens (argmax at every tree
 node) must agree.
 """

@@ -32,6 +32,8 @@ def main(args: argparse.Namespace) -> int:
         assert batches and all(b > 0 for b in batches)
     except (ValueError, AssertionError):
         raise SpecrelayError(f"--batches takes positive integers separated by commas, got {args.batches!r}") from None
+    if args.context_len < 1:
+        raise SpecrelayError(f"--context-len must be at least 1, got {args.context_len}")
     if torch.cuda.is_available():
         device = torch.device("cuda")
     elif args.allow_cpu:

@@ -138,3 +138,13 @@ def test_random_ragged_batches(seed):
     batch = make_batch(context_lens, query_lens, num_heads=group * 2, num_kv_heads=2, block_size=[1, 4, 16][seed % 3],
                        tree=seed % 2 == 0, seed=seed)  # fmt: skip
     torch.testing.assert_close(tree_attention_triton(**batch), tree_attention_reference(**batch), atol=2e-5, rtol=1e-4)
+
+
+def test_query_split_from_fused_qkv():
+    """q as the model produces it: a strided view into the fused qkv projection."""
+    batch = make_batch([5, 2], [3, 4], num_heads=8, num_kv_heads=2, seed=9)
+    qkv = torch.randn(7, 8 + 2 * 2, 16)
+    qkv[:, :8] = batch["q"]
+    batch["q"] = qkv[:, :8]
+    assert not batch["q"].is_contiguous()
+    torch.testing.assert_close(tree_attention_triton(**batch), tree_attention_reference(**batch), atol=2e-5, rtol=1e-4)
