@@ -77,7 +77,8 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
 
 
 def measure(name: str, fn: Callable[[], object] | None, bytes_moved: int, sizes: BenchSizes, device: torch.device,
-            peak_gbps: float | None, skip_reason: str = "", check: Callable[[], dict] | None = None) -> dict:  # fmt: skip
+            peak_gbps: float | None, skip_reason: str = "",
+            check: Callable[[], dict] | None = None) -> dict:  # fmt: skip
     """Time fn; `check` runs once first and says how its output compares with the reference's."""
     if fn is None:
         return {"impl": name, "skipped": skip_reason}
@@ -157,13 +158,15 @@ def bench_tree_attention(sizes: BenchSizes, device: torch.device, dtype: torch.d
     want = tree_attention_reference(**args)
     tokens_major = lambda out: out.transpose(1, 2).reshape(want.shape)  # noqa: E731  [s, H, t, D] -> [s·t, H, D]
     run_sdpa = lambda: sdpa(q, k, v, attn_mask=visible, scale=args["scale"], enable_gqa=True)  # noqa: E731
+    check_kernel = lambda: max_abs_err(tree_attention_triton(**args), want)  # noqa: E731
     results = [
         measure("triton", (lambda: tree_attention_triton(**args)) if kernel_ok else None, bytes_moved, sizes,
-                device, peak, "needs CUDA or TRITON_INTERPRET=1", lambda: max_abs_err(tree_attention_triton(**args), want)),  # fmt: skip
+                device, peak, "needs CUDA or TRITON_INTERPRET=1", check_kernel),  # fmt: skip
         measure("reference", lambda: tree_attention_reference(**args), bytes_moved, sizes, device, peak),
         measure("sdpa_mask", run_sdpa, bytes_moved, sizes, device, peak,
                 check=lambda: max_abs_err(tokens_major(run_sdpa()), want)),  # fmt: skip
-        _measure_flex(q, k, v, args, sizes, device, bytes_moved, peak, lambda out: max_abs_err(tokens_major(out), want)),
+        _measure_flex(q, k, v, args, sizes, device, bytes_moved, peak,
+                      lambda out: max_abs_err(tokens_major(out), want)),  # fmt: skip
     ]
     config = {"dtype": str(dtype).removeprefix("torch."), **{k: getattr(sizes, k) for k in (
         "num_seqs", "context_len", "tree_nodes", "num_heads", "num_kv_heads", "head_dim", "block_size")}}  # fmt: skip
@@ -230,7 +233,8 @@ def bench_spec_accept(sizes: BenchSizes, device: torch.device, greedy: bool, pea
 
     def check() -> dict:
         got = spec_accept_triton(**args)
-        same = all(torch.equal(getattr(got, f), getattr(want, f)) for f in ("num_accepted", "accepted_nodes", "next_token"))
+        fields = ("num_accepted", "accepted_nodes", "next_token")
+        same = all(torch.equal(getattr(got, f), getattr(want, f)) for f in fields)
         return {"matches_reference": same}
 
     bytes_moved = visited * sizes.vocab * 4 * (1 if greedy else 2)

@@ -45,7 +45,8 @@ def main() -> int:
         for greedy in (True, False):
             types = dict(tokens_ptr="*i64", parents_ptr="*i64", cu_nodes_ptr="*i64", p_ptr=f"*{probs}",
                          q_ptr=f"*{probs}", u_ptr="*fp32", final_u_ptr="*fp32", residual_ptr="*fp32",
-                         draft_ptr="*fp32", num_accepted_ptr="*i64", accepted_ptr="*i64", next_token_ptr="*i64")  # fmt: skip
+                         draft_ptr="*fp32", num_accepted_ptr="*i64", accepted_ptr="*i64",
+                         next_token_ptr="*i64")  # fmt: skip
             variants.append((f"spec_accept {probs} greedy={greedy}", spec_accept._build(False), types,
                              dict(GREEDY=greedy, BLOCK_V=1024)))  # fmt: skip
     variants.append(("rope_shift bf16", rope_shift._build(False),

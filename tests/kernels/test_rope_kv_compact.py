@@ -27,7 +27,14 @@ def rotate(x, positions):  # x [n, heads, head_dim] rotated to positions [n]
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
-@pytest.mark.parametrize("impl", [rope_shift_reference_, rope_shift_triton_, rope_shift_], ids=["ref", "kernel", "auto"])
+IMPLS = {"ids": ["ref", "kernel", "auto"]}
+
+
+def slot_view(cache):  # [num_layers, num_slots, num_kv_heads, head_dim]
+    return cache.view(cache.shape[0], -1, *cache.shape[3:])
+
+
+@pytest.mark.parametrize("impl", [rope_shift_reference_, rope_shift_triton_, rope_shift_], **IMPLS)
 def test_shifted_keys_equal_keys_rotated_at_new_positions(impl):
     gen = torch.Generator().manual_seed(0)
     raw = torch.randn(NUM_LAYERS, NUM_BLOCKS * BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, generator=gen)
@@ -38,7 +45,7 @@ def test_shifted_keys_equal_keys_rotated_at_new_positions(impl):
     slots = torch.tensor([0, 3, 4, 5, 11, 12, 30, 47])  # across block boundaries, first and last slot
     new_pos = torch.randint(0, 60, (slots.numel(),), generator=gen)
     impl(cache, slots, new_pos - old_pos[slots], inv_freq())
-    flat, flat_before = cache.view(NUM_LAYERS, -1, NUM_KV_HEADS, HEAD_DIM), before.view(NUM_LAYERS, -1, NUM_KV_HEADS, HEAD_DIM)
+    flat, flat_before = slot_view(cache), slot_view(before)
     for layer in range(NUM_LAYERS):
         torch.testing.assert_close(flat[layer, slots], rotate(raw[layer, slots], new_pos), atol=1e-5, rtol=0)
     untouched = torch.ones(flat.shape[1], dtype=torch.bool)
@@ -68,7 +75,7 @@ def accepted_path_slots(gen, n, tree_len, start):
 
 
 @pytest.mark.parametrize("n,tree_len,start", [(1, 1, 0), (4, 9, 3), (7, 20, 13), (100, 130, 5)])
-@pytest.mark.parametrize("impl", [kv_compact_reference_, kv_compact_triton_, kv_compact_], ids=["ref", "kernel", "auto"])
+@pytest.mark.parametrize("impl", [kv_compact_reference_, kv_compact_triton_, kv_compact_], **IMPLS)
 def test_compaction_moves_the_accepted_path(impl, n, tree_len, start):
     gen = torch.Generator().manual_seed(n)
     num_blocks = (start + tree_len) // BLOCK_SIZE + 2
@@ -78,7 +85,7 @@ def test_compaction_moves_the_accepted_path(impl, n, tree_len, start):
     src, dst = accepted_path_slots(gen, n, tree_len, start)
     impl(k, v, src, dst)
     for cache, orig in ((k, k0), (v, v0)):
-        flat, flat0 = cache.view(NUM_LAYERS, -1, NUM_KV_HEADS, HEAD_DIM), orig.view(NUM_LAYERS, -1, NUM_KV_HEADS, HEAD_DIM)
+        flat, flat0 = slot_view(cache), slot_view(orig)
         assert torch.equal(flat[:, dst], flat0[:, src])
         rest = torch.ones(flat.shape[1], dtype=torch.bool)
         rest[dst] = False
@@ -90,12 +97,12 @@ def test_compaction_any_overlap_within_a_chunk():
     gen = torch.Generator().manual_seed(3)
     shape = (2, 4, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     k, v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
-    k_ref, v_ref = k.clone(), v.clone()
+    k_orig, k_ref, v_ref = k.clone(), k.clone(), v.clone()
     src, dst = torch.tensor([2, 5, 9, 14]), torch.tensor([5, 9, 14, 2])
     kv_compact_reference_(k_ref, v_ref, src, dst)
     kv_compact_triton_(k, v, src, dst)
+    assert torch.equal(slot_view(k)[:, dst], slot_view(k_orig)[:, src])
     assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
-    assert torch.equal(k_ref.view(2, -1, NUM_KV_HEADS, HEAD_DIM)[:, 5], k.view(2, -1, NUM_KV_HEADS, HEAD_DIM)[:, 5])
 
 
 def test_compaction_bf16_bit_exact():

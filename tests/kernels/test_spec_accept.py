@@ -128,8 +128,8 @@ def test_sampling_is_lossless():
         final_uniforms=torch.rand(num_seqs, generator=gen), greedy=False,
     )  # fmt: skip
     first_node = result.accepted_nodes[:, 0]
-    first = torch.where(result.num_accepted > 0, tokens.view(num_seqs, 4).gather(1, first_node.clamp_min(0)[:, None])[:, 0],
-                        result.next_token)  # fmt: skip
+    first_token = tokens.view(num_seqs, 4).gather(1, first_node.clamp_min(0)[:, None])[:, 0]
+    first = torch.where(result.num_accepted > 0, first_token, result.next_token)
     freq = torch.bincount(first, minlength=vocab).float() / num_seqs
     # total variation: ~0.015 from sampling noise; keeping D[y] (not sampling without replacement) gives ~0.11
     assert (freq - p).abs().sum() / 2 < 0.04, freq
