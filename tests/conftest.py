@@ -54,3 +54,17 @@ def redis_url():
 def redis_prefix() -> str:
     """A key/stream prefix private to one test, so tests never touch each other's (or anyone's) keys."""
     return f"specrelay-test:{uuid.uuid4().hex[:12]}:"
+
+
+def save_tiny_llama(path, seed: int, vocab_size: int = 101, **overrides):
+    """A random-initialised tiny Llama saved by transformers into `path` (a local HF directory)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                    initializer_range=0.2, eos_token_id=None)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(LlamaConfig(**settings)).save_pretrained(path)
+    return path

@@ -23,6 +23,7 @@ class ForwardBatch:
     context_lens: torch.Tensor  # [num_seqs] int32, tokens cached before this forward
     cu_query_lens: torch.Tensor  # [num_seqs + 1] int32, prefix sums of new tokens per sequence
     tree_mask: torch.Tensor | None  # [num_tokens, max_query_len] bool, row i: new tokens of its sequence it sees
+    masks_context: bool  # some sequence masks cached tokens too (a drafter growing a tree over several forwards)
     logits_indices: torch.Tensor  # [num_logits] rows of the new tokens whose logits the caller wants
     # Derived once per forward for the torch attention path (shared by every layer):
     query_index: torch.Tensor  # [num_seqs, max_query_len] row in input_ids of each padded query (pads -> 0)
@@ -37,11 +38,12 @@ class ForwardBatch:
     @classmethod
     def build(cls, token_ids: list[list[int]], context_lens: list[int], slots: list[list[int]],
               block_tables: list[list[int]], positions: list[list[int]] | None = None,
-              tree_masks: list[torch.Tensor | None] | None = None, logits_rows: list[list[int]] | None = None,
-              device: str | torch.device = "cpu") -> ForwardBatch:
-        """token_ids[s]: new tokens of sequence s; slots[s]: their cache slots; tree_masks[s]: [n_s, n_s] bool or
-        None (causal); positions[s]: default context_len + arange; logits_rows[s]: sequence-local rows wanting
-        logits (default: the last new token)."""
+              tree_masks: list[torch.Tensor | None] | None = None, mask_starts: list[int | None] | None = None,
+              logits_rows: list[list[int]] | None = None, device: str | torch.device = "cpu") -> ForwardBatch:
+        """token_ids[s]: new tokens of sequence s; slots[s]: their cache slots; tree_masks[s]: None (causal) or
+        [n_s, context_len - mask_start + n_s] bool over the cached tokens from mask_starts[s] (default:
+        context_len, i.e. the mask covers only the new tokens) and the new tokens; positions[s]: default
+        context_len + arange; logits_rows[s]: sequence-local rows wanting logits (default: the last new token)."""
         num_seqs = len(token_ids)
         query_lens = [len(t) for t in token_ids]
         max_q = max(max(query_lens), 1)
@@ -62,18 +64,21 @@ class ForwardBatch:
         attn_mask = torch.zeros(num_seqs, 1, max_q, max_kv, dtype=torch.bool)
         any_tree = tree_masks is not None and any(m is not None for m in tree_masks)
         flat_tree = torch.zeros(cu[-1], max_q, dtype=torch.bool) if any_tree else None
+        masks_context = False
         for s in range(num_seqs):
             c, n = context_lens[s], query_lens[s]
             query_index[s, :n] = torch.arange(cu[s], cu[s] + n)
             query_valid[s, :n] = True
-            attn_mask[s, 0, :n, :c] = True
             mask = tree_masks[s] if tree_masks is not None else None
             if mask is None:
                 mask = torch.ones(n, n, dtype=torch.bool).tril()
-            attn_mask[s, 0, :n, c : c + n] = mask
+            start = c if mask_starts is None or mask_starts[s] is None else mask_starts[s]
+            masks_context |= start < c
+            attn_mask[s, 0, :n, :start] = True
+            attn_mask[s, 0, :n, start : c + n] = mask
             attn_mask[s, 0, n:, 0] = True  # padded query rows attend somewhere so softmax stays finite
             if flat_tree is not None:
-                flat_tree[cu[s] : cu[s] + n, :n] = mask
+                flat_tree[cu[s] : cu[s] + n, :n] = mask[:, mask.shape[1] - n :]
         rows = logits_rows if logits_rows is not None else [[n - 1] if n else [] for n in query_lens]
         logits_indices = [cu[s] + r for s in range(num_seqs) for r in rows[s]]
 
@@ -88,6 +93,7 @@ class ForwardBatch:
             context_lens=t(context_lens, torch.int32),
             cu_query_lens=t(cu, torch.int32),
             tree_mask=None if flat_tree is None else flat_tree.to(device),
+            masks_context=masks_context,
             logits_indices=t(logits_indices),
             query_index=query_index.to(device),
             query_valid=query_valid.to(device),

@@ -23,7 +23,8 @@ class StepInput:
     table: BlockTable  # advanced by len(token_ids) once the forward has written their K/V
     token_ids: list[int]
     positions: list[int] | None = None  # default: table.num_tokens + arange (a tree passes context_len + depth)
-    tree_mask: torch.Tensor | None = None  # [n, n] bool; None = causal
+    tree_mask: torch.Tensor | None = None  # [n, n] bool, or [n, num_tokens - mask_start + n]; None = causal
+    mask_start: int | None = None  # cached tokens from here on are masked too (default: none are)
     logits_rows: list[int] | None = None  # which of token_ids want logits; default: the last one
 
 
@@ -50,6 +51,7 @@ class ModelRunner:
                 s.positions if s.positions is not None else
                 list(range(s.table.num_tokens, s.table.num_tokens + len(s.token_ids))) for s in steps],
             tree_masks=[s.tree_mask for s in steps],
+            mask_starts=[s.mask_start for s in steps],
             logits_rows=[s.logits_rows if s.logits_rows is not None else [len(s.token_ids) - 1] for s in steps],
             device=self.model.device,
         )

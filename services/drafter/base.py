@@ -1,0 +1,49 @@
+"""What every proposer shares: the request it drafts for, and the feedback it gets after verification."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from specrelay.shared.draft_tree import DraftTree
+from specrelay.shared.sampling import SamplingParams
+
+
+@dataclass
+class DraftInput:
+    request_id: int
+    tokens: list[int]  # every committed token (prompt + output); the last one is the tree's root
+    params: SamplingParams
+    max_nodes: int  # the tree budget, root included
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class Verified:
+    """What the verifier tells the proposer after a step."""
+
+    request_id: int
+    tree: DraftTree
+    target_logits: torch.Tensor  # [num_nodes, vocab] the target's logits after every node, rejected ones too
+    accepted_nodes: list[int]  # tree nodes accepted, root excluded, root-down
+
+
+class Proposer(Protocol):
+    name: str
+
+    def propose(self, inputs: list[DraftInput]) -> list[DraftTree]: ...
+
+    def observe(self, verified: list[Verified]) -> None: ...
+
+    def release(self, request_id: int) -> None: ...
+
+
+def gumbel_order(probs: torch.Tensor, k: int, generator: torch.Generator | None) -> list[int]:
+    """k tokens drawn from `probs` without replacement, in draw order (Gumbel-top-k: sorting log p + Gumbel
+    noise is sequential sampling without replacement). Tokens of zero mass are never drawn."""
+    k = min(k, int((probs > 0).sum()))
+    gumbel = -torch.log(-torch.log(torch.rand(probs.shape, generator=generator).clamp_(1e-20, 1.0)))
+    keys = torch.log(probs) + gumbel
+    return keys.topk(k).indices.tolist()

@@ -1,0 +1,196 @@
+"""SpecEngine: continuous batching with speculative decoding over token trees, in process.
+
+Invariant per request: the target cache holds every committed token but the last one (the root of the next tree),
+so one forward over the tree yields the target distribution after the root and after every node.
+
+One step: choose the budget -> the drafter grows a tree per request -> one target forward over all trees (tree
+attention) -> accept losslessly (kernels/spec_accept) -> compact the accepted path's KV -> commit tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specrelay.kernels.spec_accept import spec_accept
+from specrelay.services.drafter.base import DraftInput, Proposer, Verified
+from specrelay.services.verifier.budget import AdaptiveBudget
+from specrelay.shared.draft_tree import DraftTree
+from specrelay.shared.modeling.kv_cache import BlockTable
+from specrelay.shared.modeling.runner import ModelRunner, StepInput
+from specrelay.shared.sampling import SamplingParams, make_generator, processed_probs, sample
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0
+    accepted_tokens: int = 0  # draft tokens the target accepted
+    drafted_tokens: int = 0  # tree nodes verified, roots excluded
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Accepted draft tokens per verify step (the bonus/recovered token not counted)."""
+        return self.accepted_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+
+@dataclass
+class Request:
+    request_id: int
+    prompt: list[int]
+    params: SamplingParams
+    table: BlockTable = field(default_factory=BlockTable)
+    output: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    stats: SpecStats = field(default_factory=SpecStats)
+    finish_reason: str | None = None  # "stop" | "length"
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+
+class SpecEngine:
+    def __init__(self, runner: ModelRunner, proposer: Proposer | None = None, max_nodes: int = 16,
+                 adaptive: bool = True):
+        self.runner = runner
+        self.proposer = proposer
+        self.max_nodes = max_nodes if proposer is not None else 1
+        self.budget = AdaptiveBudget(self.max_nodes) if adaptive else None
+        self.running: list[Request] = []
+        self._ids = itertools.count()
+
+    def add(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Request]:
+        """Prefill the prompts (short ones together in one forward) and commit each request's first token."""
+        if any(not p for p in prompts):
+            raise ValueError("empty prompt")
+        requests = [Request(next(self._ids), list(p), sp, generator=make_generator(sp))
+                    for p, sp in zip(prompts, params)]
+        short = [r for r in requests if len(r.prompt) <= self.runner.prefill_chunk]
+        for start in range(0, len(short), 64):
+            group = short[start : start + 64]
+            for r, logits in zip(group, self.runner.forward([StepInput(r.table, r.prompt) for r in group])):
+                self._commit(r, [self._draw(logits, r.params, r.generator)])
+        for r in requests:
+            if len(r.prompt) > self.runner.prefill_chunk:
+                self._commit(r, [self._draw(self.runner.prefill(r.table, r.prompt)[None], r.params, r.generator)])
+        for r in requests:
+            if r.finish_reason is None:
+                self.running.append(r)
+            else:
+                self.runner.release(r.table)
+        return requests
+
+    def step(self) -> list[Request]:
+        """One speculative step for every running request; returns the requests that finished."""
+        live = self.running
+        if not live:
+            return []
+        n = self.budget.choose(len(live)) if self.budget else self.max_nodes
+        t0 = time.perf_counter()
+        trees = self._draft(live, n)
+        t1 = time.perf_counter()
+        logits = self.runner.forward([
+            StepInput(r.table, t.tokens, positions=[r.table.num_tokens + d for d in t.depths()],
+                      tree_mask=t.ancestor_mask(), logits_rows=list(range(t.num_nodes)))
+            for r, t in zip(live, trees)])
+        paths, next_tokens = self._accept(live, trees, logits)
+        t2 = time.perf_counter()
+        if self.budget:
+            self.budget.observe_verify(sum(t.num_nodes for t in trees), t2 - t1)
+            if self.proposer is not None:
+                self.budget.observe_draft(t1 - t0)
+        verified = []
+        for r, t, lg, path, nxt in zip(live, trees, logits, paths, next_tokens):
+            self._compact(r, t, path)
+            r.stats.steps += 1
+            r.stats.accepted_tokens += len(path)
+            r.stats.drafted_tokens += t.num_nodes - 1
+            r.stats.draft_s += (t1 - t0) / len(live)
+            r.stats.verify_s += (t2 - t1) / len(live)
+            if self.budget:
+                self.budget.observe_acceptance(path, t.num_nodes)
+            verified.append(Verified(r.request_id, t, lg, path))
+            self._commit(r, [t.tokens[i] for i in path] + [nxt])
+        if self.proposer is not None:
+            self.proposer.observe(verified)
+        finished = [r for r in live if r.finish_reason is not None]
+        self.running = [r for r in live if r.finish_reason is None]
+        for r in finished:
+            self.runner.release(r.table)
+            if self.proposer is not None:
+                self.proposer.release(r.request_id)
+        return finished
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Request]:
+        requests = self.add(prompts, [params] * len(prompts))
+        while self.running:
+            self.step()
+        return requests
+
+    def _draft(self, live: list[Request], n: int) -> list[DraftTree]:
+        room = [min(n, self.runner.max_model_len - len(r.tokens) + 1) for r in live]
+        if self.proposer is None or max(room) <= 1:
+            return [DraftTree.root_only(r.output[-1]) for r in live]
+        inputs = [DraftInput(r.request_id, r.tokens, r.params, max(1, k), r.generator) for r, k in zip(live, room)]
+        return self.proposer.propose(inputs)
+
+    def _accept(self, live, trees, logits) -> tuple[list[list[int]], list[int]]:
+        """Greedy and sampling requests are accepted in two batched calls; returns accepted paths and next tokens."""
+        paths: list[list[int]] = [[] for _ in live]
+        next_tokens = [0] * len(live)
+        for greedy in (True, False):
+            idx = [i for i, r in enumerate(live) if r.params.greedy == greedy]
+            if not idx:
+                continue
+            sizes = [trees[i].num_nodes for i in idx]
+            cu = torch.tensor([0, *itertools.accumulate(sizes)])
+            probs = torch.cat([processed_probs(logits[i], live[i].params) for i in idx])
+            q = None if greedy else torch.cat([self._q(trees[i], probs.shape[-1]) for i in idx])
+            uniforms = torch.cat([torch.rand(s, generator=live[i].generator) for i, s in zip(idx, sizes)])
+            final = torch.cat([torch.rand(1, generator=live[i].generator) for i in idx])
+            result = spec_accept(torch.tensor([tok for i in idx for tok in trees[i].tokens]),
+                                 torch.tensor([p for i in idx for p in trees[i].parents]),
+                                 cu, probs, q, uniforms, final, greedy)
+            for j, i in enumerate(idx):
+                paths[i] = result.accepted_nodes[j, : int(result.num_accepted[j])].tolist()
+                next_tokens[i] = int(result.next_token[j])
+        return paths, next_tokens
+
+    @staticmethod
+    def _q(tree: DraftTree, vocab: int) -> torch.Tensor:
+        """[num_nodes, vocab]; a tree without distributions (root only) has nothing to verify against."""
+        return tree.q if tree.q is not None else torch.zeros(tree.num_nodes, vocab)
+
+    def _compact(self, r: Request, tree: DraftTree, path: list[int]) -> None:
+        """Node i of the tree was written at context + i; the accepted path must sit at context + 1, + 2, ..."""
+        ctx, bs = r.table.num_tokens - tree.num_nodes, self.runner.cache.block_size
+        moves = [(ctx + node, ctx + 1 + j) for j, node in enumerate(path) if node != 1 + j]
+        if moves:
+            slot = lambda p: r.table.blocks[p // bs] * bs + p % bs  # noqa: E731
+            self.runner.cache.move_slots([slot(s) for s, _ in moves], [slot(d) for _, d in moves])
+        self.runner.cache.truncate(r.table, ctx + 1 + len(path))
+
+    def _commit(self, r: Request, tokens: list[int]) -> None:
+        for tok in tokens:
+            r.output.append(tok)
+            if tok in r.params.stop_token_ids:
+                r.finish_reason = "stop"
+            elif len(r.output) >= r.params.max_tokens or len(r.tokens) >= self.runner.max_model_len:
+                r.finish_reason = "length"
+            if r.finish_reason:
+                return
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, params: SamplingParams, generator) -> int:
+        if params.greedy:
+            return int(logits.argmax(-1))
+        return int(sample(processed_probs(logits, params), generator))

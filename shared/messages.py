@@ -1,0 +1,59 @@
+"""The typed handoffs between services, as msgspec Structs (msgpack on the bus; never pickle).
+
+gateway --Generate--> verifier --TokenChunk (reply_to)--> gateway
+gateway --Cancel----> verifier                       (client went away: free its KV)
+verifier --DraftRequest--> drafter --DraftReply (reply_to)--> verifier
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+# Stream names on the bus (prefixed by the bus itself).
+GENERATE_STREAM = "verifier.generate"
+CANCEL_STREAM = "verifier.cancel"
+DRAFT_STREAM = "drafter.requests"
+
+
+class SamplingSpec(msgspec.Struct, frozen=True):
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 128
+    stop_token_ids: list[int] = []  # the model's end-of-turn tokens; stop *strings* are the gateway's job
+
+
+class Generate(msgspec.Struct, frozen=True, tag=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    reply_to: str  # the gateway's reply channel for this request
+    model: str = ""
+    slo_class: str = "interactive"  # "interactive" | "deadline" | "batch"
+    deadline_ms: float | None = None  # absolute, wall-clock epoch milliseconds
+    arrival_ms: float = 0.0
+
+
+class Cancel(msgspec.Struct, frozen=True, tag=True):
+    request_id: str
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not prefilled)
+    spec_steps: int = 0  # verify forwards
+    accepted_tokens: int = 0  # draft tokens the target accepted
+    drafted_tokens: int = 0
+
+
+class TokenChunk(msgspec.Struct, frozen=True, tag=True):
+    """Newly committed tokens of one request, in order. The last chunk has a finish_reason (and usage) or an
+    error."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    usage: Usage | None = None
+    error: str | None = None

@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from specrelay.services.drafter.draft_model import DraftModelProposer
+from specrelay.services.drafter.recycling import TokenRecyclingProposer
+from specrelay.shared.modeling.loader import load_model
+from specrelay.shared.modeling.runner import ModelRunner
+
+from ...conftest import save_tiny_llama
+
+PROPOSERS = ["chain", "tree", "recycle"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """A random target and a smaller random draft over the same 101-token vocabulary. The draft is the target
+    with noise on its weights, so it agrees often but not always (random weights would agree by chance only)."""
+    target_dir = save_tiny_llama(tmp_path_factory.mktemp("target"), seed=1)
+    target = load_model(target_dir)
+    draft = load_model(target_dir)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.08 * torch.randn(p.shape, generator=gen))
+    return target, draft
+
+
+def make_proposer(name: str, draft, vocab_size: int):
+    if name == "chain":
+        return DraftModelProposer.chain(ModelRunner(draft, num_blocks=512), length=4)
+    if name == "tree":
+        return DraftModelProposer(ModelRunner(draft, num_blocks=1024), max_depth=4, branch=3, width=3)
+    if name == "recycle":
+        return TokenRecyclingProposer(vocab_size, k=4)
+    raise ValueError(name)
