@@ -93,6 +93,7 @@ def tree_attention_triton(
     max_query_len: int | None = None,
     block_rows: int = 64,  # query rows (query tokens x heads of one group) per program
     block_keys: int = 64,
+    num_splits: int | None = None,  # key-range splits per query block; None: enough to fill the GPU
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, kv_dim = k_cache.shape
@@ -119,10 +120,20 @@ def tree_attention_triton(
     block_rows = max(16, next_power_of_2(group), min(block_rows, next_power_of_2(max_query_len * group)))
     block_q = block_rows // group
     mask = tree_mask.view(torch.uint8) if tree_mask is not None else q  # q: a placeholder pointer, never read
-    grid = (num_seqs, triton_cdiv(max_query_len, block_q), num_kv_heads)
-    _build(interpret_enabled())[grid](
-        q, k_cache, v_cache, out, block_tables, context_lens, cu_query_lens, mask,
-        scale * math.log2(math.e),
+    num_q_blocks = triton_cdiv(max_query_len, block_q)
+    if num_splits is None:
+        num_splits = default_num_splits(q.device, num_seqs * num_q_blocks * num_kv_heads,
+                                        block_tables.shape[1] * block_size, block_keys)  # fmt: skip
+    # Split-KV (flash-decoding): with few requests, each query block's keys are cut into num_splits ranges run
+    # by separate programs, which leave unnormalised partial results (acc, m, l) for a combine pass.
+    partial_acc = partial_ml = out  # placeholders, never touched when num_splits == 1
+    if num_splits > 1:
+        partial_acc = torch.empty(num_splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
+        partial_ml = torch.empty(2, num_splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
+    attention_kernel, combine_kernel = _build(interpret_enabled())
+    attention_kernel[(num_seqs, num_q_blocks, num_kv_heads * num_splits)](
+        q, k_cache, v_cache, out, block_tables, context_lens, cu_query_lens, mask, partial_acc, partial_ml,
+        scale * math.log2(math.e), num_tokens, num_heads, num_splits * num_tokens * num_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0), mask.stride(0) if tree_mask is not None else 0, block_size,
@@ -130,9 +141,30 @@ def tree_attention_triton(
         BLOCK_D=max(16, next_power_of_2(head_dim)), HAS_MASK=tree_mask is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # triton 3.9's interpreter computes bf16 tl.dot wrongly; there the operands go up to fp32 first
-        DOT_IN_FP32=interpret_enabled() and q.dtype == torch.bfloat16,
+        DOT_IN_FP32=interpret_enabled() and q.dtype == torch.bfloat16, NUM_SPLITS=num_splits,
     )  # fmt: skip
+    if num_splits > 1:
+        combine_kernel[(num_tokens, num_heads)](
+            partial_acc, partial_ml, out, num_tokens, num_heads, num_splits * num_tokens * num_heads,
+            out.stride(0), out.stride(1), NUM_SPLITS=num_splits, SPLITS_P2=next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)),
+        )  # fmt: skip
     return out
+
+
+def default_num_splits(device: torch.device, num_programs: int, max_keys: int, block_keys: int) -> int:
+    """Splits that bring the grid to ~2 programs per SM, each keeping at least 4 key blocks (no split off CUDA)."""
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if num_programs >= sms:
+        return 1
+    return max(1, min(triton_cdiv(2 * sms, num_programs), max_keys // (4 * block_keys), 32))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -148,16 +180,18 @@ def _build(interpret: bool):
     @triton.jit
     def tree_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, cu_query_lens_ptr, mask_ptr,
-        scale_log2,
+        partial_acc_ptr, partial_ml_ptr,
+        scale_log2, num_tokens, num_heads, ml_half,
         stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ot, stride_oh,
         stride_bt, stride_mt, block_size,
         GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_IN_FP32: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr, NUM_SPLITS: tl.constexpr,
     ):  # fmt: skip
         seq = tl.program_id(0)
         q_start = tl.program_id(1) * BLOCK_Q
-        kv_head = tl.program_id(2)
+        kv_head = tl.program_id(2) // NUM_SPLITS
+        split = tl.program_id(2) % NUM_SPLITS
         q_begin = tl.load(cu_query_lens_ptr + seq)
         query_len = tl.load(cu_query_lens_ptr + seq + 1) - q_begin
         if q_start >= query_len:
@@ -190,9 +224,12 @@ def _build(interpret: bool):
             num_keys = context_len + query_len
         else:
             num_keys = context_len + tl.minimum(query_len, q_start + BLOCK_Q)
-        for start in range(0, num_keys, BLOCK_N):
+        keys_per_split = tl.cdiv(tl.cdiv(num_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * keys_per_split
+        hi = tl.minimum(num_keys, lo + keys_per_split)
+        for start in range(lo, hi, BLOCK_N):
             pos = start + keys
-            pos_ok = pos < num_keys
+            pos_ok = pos < hi
             j = pos - context_len  # index among the new tokens; negative in the cached prefix
             is_new = (j >= 0)[None, :]
             if HAS_MASK:
@@ -225,8 +262,39 @@ def _build(interpret: bool):
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
 
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+        if NUM_SPLITS == 1:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+        else:
+            # partials [num_splits, num_tokens, num_heads, (head_dim)]; m and l are the two halves of partial_ml
+            row = (split.to(tl.int64) * num_tokens + token) * num_heads + head
+            tl.store(partial_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc,
+                     mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+            tl.store(partial_ml_ptr + row, m_i, mask=row_ok)
+            tl.store(partial_ml_ptr + ml_half + row, l_i, mask=row_ok)
 
-    return tree_attention_kernel
+    @triton.jit
+    def combine_splits_kernel(
+        partial_acc_ptr, partial_ml_ptr, out_ptr, num_tokens, num_heads, ml_half, stride_ot, stride_oh,
+        NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        # One softmax over all splits: m = max m_s, l = Σ l_s·2^(m_s − m), out = Σ acc_s·2^(m_s − m) / l.
+        token = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        parts = tl.arange(0, SPLITS_P2)
+        parts_ok = parts < NUM_SPLITS
+        row = (parts.to(tl.int64) * num_tokens + token) * num_heads + head
+        m = tl.load(partial_ml_ptr + row, mask=parts_ok, other=float("-inf"))
+        l = tl.load(partial_ml_ptr + ml_half + row, mask=parts_ok, other=0.0)
+        m_max = tl.max(m, 0)
+        weight = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # a split that saw nothing weighs 0
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        acc = tl.load(partial_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=parts_ok[:, None] & d_ok[None, :],
+                      other=0.0)  # fmt: skip
+        total = tl.sum(l * weight, 0)
+        out = tl.sum(acc * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(out_ptr + token * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+    return tree_attention_kernel, combine_splits_kernel

@@ -148,3 +148,24 @@ def test_query_split_from_fused_qkv():
     batch["q"] = qkv[:, :8]
     assert not batch["q"].is_contiguous()
     torch.testing.assert_close(tree_attention_triton(**batch), tree_attention_reference(**batch), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 5])
+@pytest.mark.parametrize("tree", [True, False], ids=["tree", "causal"])
+def test_split_kv_equals_one_pass(num_splits, tree):
+    """Flash-decoding splits (with splits that get no keys at all) combine into the same softmax."""
+    batch = make_batch([0, 3, 21, 9, 6], [3, 0, 5, 1, 4], num_heads=8, num_kv_heads=2, tree=tree, seed=num_splits)
+    want = tree_attention_reference(**batch)
+    got = tree_attention_triton(**batch, num_splits=num_splits, block_keys=16)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_default_splits_fill_the_gpu(monkeypatch):
+    import specrelay.kernels.tree_attention as module
+
+    monkeypatch.setattr(module, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert module.default_num_splits(cuda, 8, 1088, 64) == 4  # one decode request: capped by 4 key blocks a split
+    assert module.default_num_splits(cuda, 8, 65536, 64) == 32  # long context: capped at 32 splits
+    assert module.default_num_splits(cuda, 256, 65536, 64) == 1  # the grid already covers every SM
+    assert module.default_num_splits(torch.device("cpu"), 8, 65536, 64) == 1
