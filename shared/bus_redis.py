@@ -81,7 +81,7 @@ class RedisBus(Bus):
         decoder = msgspec.msgpack.Decoder(type)
         await self._ensure_group(key, group)
         own_pending_from = "0"  # XREADGROUP with an id (not >) re-reads this consumer's own pending entries
-        next_claim = 0.0
+        next_claim, claim_cursor = 0.0, b"0-0"
         while not self._closed:
             try:
                 if own_pending_from is not None:
@@ -90,8 +90,8 @@ class RedisBus(Bus):
                     own_pending_from = entries[-1][0] if entries else None
                     redelivered = True
                 elif time.monotonic() >= next_claim:
-                    entries = await self._claim_idle(key, group, consumer)
-                    if not entries:
+                    claim_cursor, entries = await self._claim_idle(key, group, consumer, claim_cursor)
+                    if claim_cursor == b"0-0" and not entries:  # a whole pass over the pending list found none
                         next_claim = time.monotonic() + cfg.claim_interval_ms / 1000
                     redelivered = True
                 else:
@@ -129,13 +129,16 @@ class RedisBus(Bus):
                 yield Delivery(msg, stream, message_id.decode(), int(fields.get(b"t", 0)), delivery_count,
                                self._acker(key, group, message_id), self._toucher(key, group, consumer, message_id))
 
-    async def _claim_idle(self, key: str, group: str, consumer: str) -> list[tuple[bytes, dict]]:
-        _next_start, claimed, *_deleted = await self._redis.xautoclaim(
-            key, group, consumer, min_idle_time=self.config.min_idle_ms, start_id="0-0",
+    async def _claim_idle(self, key: str, group: str, consumer: str,
+                          cursor: bytes) -> tuple[bytes, list[tuple[bytes, dict]]]:
+        """One XAUTOCLAIM step. It scans a bounded part of the pending list per call, so the cursor is carried
+        across calls: restarting at 0-0 each time would never reach idle entries behind many busy ones."""
+        next_cursor, claimed, *_deleted = await self._redis.xautoclaim(
+            key, group, consumer, min_idle_time=self.config.min_idle_ms, start_id=cursor,
             count=self.config.batch_size)
         if claimed:
             log.info("bus: %s took over %d idle message(s) on %s", consumer, len(claimed), key)
-        return claimed
+        return next_cursor, claimed
 
     async def _delivery_counts(self, key: str, group: str, consumer: str,
                                entries: list[tuple[bytes, dict]]) -> dict[bytes, int]:

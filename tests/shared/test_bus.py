@@ -315,3 +315,21 @@ async def test_replies_survive_a_dropped_redis_connection_without_gaps(redis_url
         await gateway.close()
         await verifier.close()
         await admin.aclose()
+
+
+async def test_idle_messages_behind_many_busy_ones_are_still_taken_over(make):
+    bus = make(min_idle_ms=300, batch_size=40)
+    for i in range(41):
+        await bus.publish("jobs", Job(i))
+    busy_stream = bus.consume("jobs", "workers", "busy", Job)
+    busy = [await busy_stream.__anext__() for _ in range(40)]  # a live consumer holding 40 messages
+    doomed = make(batch_size=1).consume("jobs", "workers", "doomed", Job)
+    assert (await doomed.__anext__()).msg.n == 40
+    await doomed.aclose()  # dies holding message 40, which sorts after the 40 busy ones
+    await asyncio.sleep(0.35)
+    for d in busy:
+        await d.touch()
+    # One message per XAUTOCLAIM call scans about ten pending entries on Redis: the cursor must move on.
+    survivor = make(batch_size=1, min_idle_ms=300).consume("jobs", "workers", "survivor", Job)
+    taken = await asyncio.wait_for(survivor.__anext__(), 5)
+    assert (taken.msg.n, taken.redelivered) == (40, True)
