@@ -144,7 +144,7 @@ class Bus(ABC):
     def consume(self, stream: str, group: str, consumer: str, type: type[T]) -> AsyncIterator[Delivery[T]]:
         """Messages of `stream` for `consumer` in `group` (created if missing, reading from the oldest retained
         entry), forever or until `close()`. `consumer` names one live reader (e.g. host:pid:task): a restart may
-        reuse it, two readers at once must not."""
+        reuse it, two readers at once must not. `type` may be a union of tagged Structs (`Generate | Cancel`)."""
 
     @abstractmethod
     async def stream_length(self, stream: str) -> int:

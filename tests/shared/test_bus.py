@@ -32,6 +32,14 @@ class Other(msgspec.Struct):
     name: str
 
 
+class Start(msgspec.Struct, tag=True):
+    request_id: str
+
+
+class Stop(msgspec.Struct, tag=True):
+    request_id: str
+
+
 class KVMessage(msgspec.Struct):
     request_id: str
     kv: WireTensor
@@ -333,3 +341,11 @@ async def test_idle_messages_behind_many_busy_ones_are_still_taken_over(make):
     survivor = make(batch_size=1, min_idle_ms=300).consume("jobs", "workers", "survivor", Job)
     taken = await asyncio.wait_for(survivor.__anext__(), 5)
     assert (taken.msg.n, taken.redelivered) == (40, True)
+
+
+async def test_one_stream_can_carry_a_tagged_union_of_message_types(make):
+    bus = make()
+    await bus.publish("control", Start("r1"))
+    await bus.publish("control", Stop("r1"))
+    got = await take(bus.consume("control", "g", "c", Start | Stop), 2)
+    assert [d.msg for d in got] == [Start("r1"), Stop("r1")]
