@@ -233,55 +233,64 @@ def _build(interpret: bool):
                     child = tl.where(hit & (child < 0), i, child)
                 next_token = best
             else:
-                d_src = q_ptr + (base + node) * stride_q
+                # R and D start as the rows p[node] and q[node] and are read from there until a reject first
+                # rewrites them into this request's scratch rows: an accepted first child costs two loads.
+                q_row = q_ptr + (base + node) * stride_q
+                r_fresh = tl.full([], 1, tl.int1)
+                d_fresh = tl.full([], 1, tl.int1)
                 draft_mass = tl.zeros([], tl.float32)
                 for start in range(0, vocab, BLOCK_V):
                     offs = start + cols
-                    ok = offs < vocab
-                    tl.store(r_row + offs, tl.load(p_row + offs, mask=ok, other=0.0).to(tl.float32), mask=ok)
-                    d = tl.load(d_src + offs, mask=ok, other=0.0).to(tl.float32)
-                    tl.store(d_row + offs, d, mask=ok)
-                    draft_mass += tl.sum(d, 0)
-                tl.debug_barrier()
+                    draft_mass += tl.sum(tl.load(q_row + offs, mask=offs < vocab, other=0.0).to(tl.float32), 0)
                 trying = draft_mass > 0
                 for i in range(node + 1, num_nodes):
                     if trying & (tl.load(parents_ptr + base + i) == node):
                         token = tl.load(tokens_ptr + base + i)
-                        r = tl.load(r_row + token)
-                        d = tl.load(d_row + token)
+                        r = (tl.load(r_row + token, mask=~r_fresh, other=0.0)
+                             + tl.load(p_row + token, mask=r_fresh, other=0.0).to(tl.float32))  # fmt: skip
+                        d = (tl.load(d_row + token, mask=~d_fresh, other=0.0)
+                             + tl.load(q_row + token, mask=d_fresh, other=0.0).to(tl.float32))  # fmt: skip
                         if (r > 0) & (tl.load(u_ptr + base + i).to(tl.float32) * d <= r):
                             child = i
-                            trying = draft_mass < 0  # false, as a tensor: stop trying siblings
+                            trying = tl.full([], 0, tl.int1)
                         else:
                             # R <- norm(max(R - D, 0)), kept as is when that has no mass
                             mass = tl.zeros([], tl.float32)
                             for start in range(0, vocab, BLOCK_V):
                                 offs = start + cols
                                 ok = offs < vocab
-                                rr = tl.load(r_row + offs, mask=ok, other=0.0)
-                                dd = tl.load(d_row + offs, mask=ok, other=0.0)
+                                rr = (tl.load(r_row + offs, mask=ok & ~r_fresh, other=0.0)
+                                      + tl.load(p_row + offs, mask=ok & r_fresh, other=0.0).to(tl.float32))  # fmt: skip
+                                dd = (tl.load(d_row + offs, mask=ok & ~d_fresh, other=0.0)
+                                      + tl.load(q_row + offs, mask=ok & d_fresh, other=0.0).to(tl.float32))  # fmt: skip
                                 mass += tl.sum(tl.maximum(rr - dd, 0.0), 0)
                             if mass > 0:
                                 for start in range(0, vocab, BLOCK_V):
                                     offs = start + cols
                                     ok = offs < vocab
-                                    rr = tl.load(r_row + offs, mask=ok, other=0.0)
-                                    dd = tl.load(d_row + offs, mask=ok, other=0.0)
+                                    rr = (tl.load(r_row + offs, mask=ok & ~r_fresh, other=0.0)
+                                          + tl.load(p_row + offs, mask=ok & r_fresh, other=0.0).to(tl.float32))  # fmt: skip
+                                    dd = (tl.load(d_row + offs, mask=ok & ~d_fresh, other=0.0)
+                                          + tl.load(q_row + offs, mask=ok & d_fresh, other=0.0).to(tl.float32))  # fmt: skip
                                     tl.store(r_row + offs, tl.maximum(rr - dd, 0.0) / mass, mask=ok)
+                                r_fresh = tl.full([], 0, tl.int1)
                             tl.debug_barrier()
                             # D[y] <- 0, D <- norm(D): the next sibling was drawn without replacement
-                            tl.store(d_row + token, 0.0)
-                            tl.debug_barrier()
                             draft_mass = tl.zeros([], tl.float32)
                             for start in range(0, vocab, BLOCK_V):
                                 offs = start + cols
-                                draft_mass += tl.sum(tl.load(d_row + offs, mask=offs < vocab, other=0.0), 0)
+                                ok = offs < vocab
+                                dd = (tl.load(d_row + offs, mask=ok & ~d_fresh, other=0.0)
+                                      + tl.load(q_row + offs, mask=ok & d_fresh, other=0.0).to(tl.float32))  # fmt: skip
+                                draft_mass += tl.sum(tl.where(offs == token, 0.0, dd), 0)
                             if draft_mass > 0:
                                 for start in range(0, vocab, BLOCK_V):
                                     offs = start + cols
                                     ok = offs < vocab
-                                    dd = tl.load(d_row + offs, mask=ok, other=0.0)
-                                    tl.store(d_row + offs, dd / draft_mass, mask=ok)
+                                    dd = (tl.load(d_row + offs, mask=ok & ~d_fresh, other=0.0)
+                                          + tl.load(q_row + offs, mask=ok & d_fresh, other=0.0).to(tl.float32))  # fmt: skip
+                                    tl.store(d_row + offs, tl.where(offs == token, 0.0, dd) / draft_mass, mask=ok)
+                                d_fresh = tl.full([], 0, tl.int1)
                             tl.debug_barrier()
                             trying = draft_mass > 0
                 if child < 0:
@@ -289,14 +298,17 @@ def _build(interpret: bool):
                     total = tl.zeros([], tl.float32)
                     for start in range(0, vocab, BLOCK_V):
                         offs = start + cols
-                        total += tl.sum(tl.load(r_row + offs, mask=offs < vocab, other=0.0), 0)
+                        ok = offs < vocab
+                        total += tl.sum(tl.load(r_row + offs, mask=ok & ~r_fresh, other=0.0)
+                                        + tl.load(p_row + offs, mask=ok & r_fresh, other=0.0).to(tl.float32), 0)  # fmt: skip
                     threshold = tl.load(final_u_ptr + seq).to(tl.float32) * total
                     below = tl.zeros([], tl.int64)
                     running = tl.zeros([], tl.float32)
                     for start in range(0, vocab, BLOCK_V):
                         offs = start + cols
                         ok = offs < vocab
-                        rr = tl.load(r_row + offs, mask=ok, other=0.0)
+                        rr = (tl.load(r_row + offs, mask=ok & ~r_fresh, other=0.0)
+                              + tl.load(p_row + offs, mask=ok & r_fresh, other=0.0).to(tl.float32))  # fmt: skip
                         cdf = running + tl.cumsum(rr, 0)
                         below += tl.sum(((cdf <= threshold) & ok).to(tl.int64), 0)
                         running += tl.sum(rr, 0)

@@ -150,3 +150,22 @@ def test_bf16_probabilities(greedy):
     if not greedy:
         trees["draft_probs"] = trees["draft_probs"].bfloat16()
     assert_same(spec_accept_triton(**trees, block_vocab=64), spec_accept_reference(**trees))
+
+
+def test_sampling_residual_without_mass_keeps_r():
+    # p = q/2 (not normalised): the one child (token 3, u·D = .36 > R = .2) is rejected and max(R - D, 0) = 0,
+    # so R stays p and the recovered token comes from p itself: the CDF [.05, .15, .3, .5] first passes
+    # u_final·Σp = .25 at token 2. Siblings instead: D[3] <- 0 would leave residual mass on token 3.
+    q = torch.tensor([[0.1, 0.2, 0.3, 0.4]] * 2)
+    trees = dict(tokens=torch.tensor([0, 3]), parents=torch.tensor([-1, 0]), cu_nodes=torch.tensor([0, 2]),
+                 target_probs=q / 2, draft_probs=q, uniforms=torch.tensor([0.0, 0.9]),
+                 final_uniforms=torch.tensor([0.5]), greedy=False)  # fmt: skip
+    for impl in (spec_accept_reference, spec_accept_triton):
+        result = impl(**trees)
+        assert result.num_accepted.tolist() == [0] and result.next_token.tolist() == [2]
+    trees.update(tokens=torch.tensor([0, 3, 1]), parents=torch.tensor([-1, 0, 0]), cu_nodes=torch.tensor([0, 3]),
+                 target_probs=torch.cat([q, q[:1]]) / 2, draft_probs=torch.cat([q, q[:1]]),
+                 uniforms=torch.tensor([0.0, 0.9, 0.9]))  # fmt: skip
+    for impl in (spec_accept_reference, spec_accept_triton):
+        result = impl(**trees)
+        assert result.num_accepted.tolist() == [0] and result.next_token.tolist() == [3]
