@@ -269,9 +269,9 @@ def _build(interpret: bool):
                                     offs = start + cols
                                     ok = offs < vocab
                                     rr = (tl.load(r_row + offs, mask=ok & ~r_fresh, other=0.0)
-                                          + tl.load(p_row + offs, mask=ok & r_fresh, other=0.0).to(tl.float32))  # fmt: skip
+                                          + tl.load(p_row + offs, mask=ok & r_fresh, other=0.0).to(tl.float32))
                                     dd = (tl.load(d_row + offs, mask=ok & ~d_fresh, other=0.0)
-                                          + tl.load(q_row + offs, mask=ok & d_fresh, other=0.0).to(tl.float32))  # fmt: skip
+                                          + tl.load(q_row + offs, mask=ok & d_fresh, other=0.0).to(tl.float32))
                                     tl.store(r_row + offs, tl.maximum(rr - dd, 0.0) / mass, mask=ok)
                                 r_fresh = tl.full([], 0, tl.int1)
                             tl.debug_barrier()
@@ -288,7 +288,7 @@ def _build(interpret: bool):
                                     offs = start + cols
                                     ok = offs < vocab
                                     dd = (tl.load(d_row + offs, mask=ok & ~d_fresh, other=0.0)
-                                          + tl.load(q_row + offs, mask=ok & d_fresh, other=0.0).to(tl.float32))  # fmt: skip
+                                          + tl.load(q_row + offs, mask=ok & d_fresh, other=0.0).to(tl.float32))
                                     tl.store(d_row + offs, tl.where(offs == token, 0.0, dd) / draft_mass, mask=ok)
                                 d_fresh = tl.full([], 0, tl.int1)
                             tl.debug_barrier()
@@ -300,7 +300,7 @@ def _build(interpret: bool):
                         offs = start + cols
                         ok = offs < vocab
                         total += tl.sum(tl.load(r_row + offs, mask=ok & ~r_fresh, other=0.0)
-                                        + tl.load(p_row + offs, mask=ok & r_fresh, other=0.0).to(tl.float32), 0)  # fmt: skip
+                                        + tl.load(p_row + offs, mask=ok & r_fresh, other=0.0).to(tl.float32), 0)
                     threshold = tl.load(final_u_ptr + seq).to(tl.float32) * total
                     below = tl.zeros([], tl.int64)
                     running = tl.zeros([], tl.float32)
