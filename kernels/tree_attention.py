@@ -10,7 +10,8 @@ The kernel is FlashAttention's online softmax (Dao et al., arXiv 2205.14135) ove
 block table (vLLM's PagedAttention, arXiv 2309.06180): for each key block, m' = max(m, rowmax(S)),
 l' = l·2^(m−m') + Σ 2^(S−m'), acc' = acc·2^(m−m') + 2^(S−m')·V, with S in log2 units (scale·log2 e folded in).
 One program owns one kv head and a block of queries of one request, with all GROUP query heads that share that kv
-head stacked as rows, so each K/V tile is read once per group (GQA, arXiv 2305.13245).
+head stacked as rows, so each K/V tile is read once per group (GQA, arXiv 2305.13245). With few requests the
+keys are also split across programs and the partial softmaxes merged after (split-KV, as in flash-decoding).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from specrelay.kernels.dispatch import interpret_enabled, load_triton, next_power_of_2, use_triton
 
-tl = None  # triton.language, bound by _build() on first use: importing this module must not import triton
+tl = None  # triton.language, bound by _build() on first use: importing this module leaves triton alone
 
 
 def tree_attention(
