@@ -1,0 +1,142 @@
+"""One request's round trip with the verifier: publish `Generate`, read `TokenChunk`s, turn them into text.
+
+The verifier knows tokens; the gateway owns everything about text: incremental detokenization, stop strings, and
+ending the request early. Whenever the gateway stops listening before the verifier has finished — a stop string,
+a client that went away, a timeout, a handler cancelled — it publishes `Cancel`, so the verifier stops decoding and
+frees the request's KV blocks instead of generating into the void.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import msgspec
+
+from specrelay.services.gateway.detok import Decoder, TextStream
+from specrelay.services.gateway.sse import ClientGone
+from specrelay.shared.bus import Bus
+from specrelay.shared.messages import CANCEL_STREAM, GENERATE_STREAM, Cancel, Generate, TokenChunk, Usage
+
+POLL_S = 0.25  # how often a wait for tokens looks at the client's connection
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    chunk_s: float = 300.0  # longest silence from the verifier before the request fails (queueing included)
+    cancel_grace_s: float = 1.0  # after a stop string: how long to wait for the verifier's final usage
+
+
+@dataclass
+class Finish:
+    reason: str  # "stop" | "length" | "error" | "cancelled" | "timeout"
+    num_tokens: int  # tokens behind the visible text (to the end of a stop string)
+    usage: Usage | None = None  # the verifier's, when it arrived
+    error: str | None = None
+    stop_string: bool = False
+
+
+@dataclass
+class Timing:
+    arrival_s: float = field(default_factory=time.monotonic)
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+
+
+class Generation:
+    def __init__(self, bus: Bus, tokenizer: Decoder, generate: Generate, stops: list[str],
+                 client_gone: Callable[[], bool], timeouts: Timeouts = Timeouts(), timing: Timing | None = None):
+        self.bus = bus
+        self.generate = generate
+        self.text = TextStream(tokenizer, stops)
+        self.client_gone = client_gone
+        self.timeouts = timeouts
+        self.timing = timing or Timing()
+        self.finish: Finish | None = None
+        self._verifier_done = False  # a chunk with finish_reason or error arrived: nothing left to cancel
+        self._cancelled = False
+
+    async def events(self) -> AsyncIterator[str]:
+        """Visible text deltas; when it ends, `self.finish` says why. Raises `ClientGone` if the client left
+        while we waited for tokens (the request is cancelled first)."""
+        channel = self.bus.open_reply_channel(TokenChunk)
+        try:
+            await self.bus.publish(GENERATE_STREAM, _with_reply_to(self.generate, channel.name))
+            idle_s = 0.0
+            while self.finish is None:
+                try:
+                    chunk = await channel.get(timeout_s=POLL_S)
+                except TimeoutError:
+                    if self.client_gone():
+                        raise ClientGone() from None
+                    idle_s += POLL_S
+                    if idle_s >= self.timeouts.chunk_s:
+                        self.finish = Finish("timeout", self.text.num_tokens,
+                                             error=f"the verifier sent nothing for {self.timeouts.chunk_s:g} s")
+                    continue
+                if chunk is None:  # the bus closed under us (shutdown)
+                    self.finish = Finish("error", self.text.num_tokens, error="the gateway is shutting down")
+                    break
+                idle_s = 0.0
+                async for text in self._on_chunk(chunk, channel):
+                    yield text
+        finally:
+            if not self._verifier_done:
+                await self._cancel()
+            channel.close()
+
+    async def _cancel(self) -> None:
+        if not self._cancelled:
+            self._cancelled = True
+            # Shielded: a handler being cancelled (client gone) must still tell the verifier to free the KV.
+            await asyncio.shield(self.bus.publish(CANCEL_STREAM, Cancel(self.generate.request_id)))
+
+    async def _on_chunk(self, chunk: TokenChunk, channel) -> AsyncIterator[str]:
+        if chunk.token_ids:
+            now = time.monotonic()
+            if self.timing.first_token_s is None:
+                self.timing.first_token_s = now
+            self.timing.last_token_s = now
+        if chunk.error is not None or chunk.finish_reason is not None:
+            self._verifier_done = True
+        if chunk.error is not None:
+            self.finish = Finish("error", self.text.num_tokens, chunk.usage, error=chunk.error)
+            return
+        result = self.text.push(chunk.token_ids)
+        if result.text:
+            yield result.text
+        if result.stopped:
+            self.finish = Finish("stop", self.text.num_tokens, chunk.usage, stop_string=True)
+            if chunk.finish_reason is None:
+                await self._cancel()
+                self.finish.usage = await _final_usage(channel, self.timeouts.cancel_grace_s)
+                self._verifier_done = True  # cancelled; whatever it still sends is dropped with the channel
+            return
+        if chunk.finish_reason is not None:
+            tail = self.text.finish()
+            if tail.text:
+                yield tail.text
+            reason = "stop" if tail.stopped else chunk.finish_reason
+            self.finish = Finish(reason, self.text.num_tokens, chunk.usage, stop_string=tail.stopped)
+
+
+def _with_reply_to(generate: Generate, reply_to: str) -> Generate:
+    return msgspec.structs.replace(generate, reply_to=reply_to)
+
+
+async def _final_usage(channel, grace_s: float) -> Usage | None:
+    """After a Cancel the verifier answers with a last chunk (finish_reason "cancelled") carrying usage: wait for
+    it briefly; the response does not depend on it."""
+    deadline = time.monotonic() + grace_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            chunk = await channel.get(timeout_s=left)
+        except TimeoutError:
+            return None
+        if chunk is None:
+            return None
+        if chunk.finish_reason is not None or chunk.error is not None:
+            return chunk.usage
+    return None

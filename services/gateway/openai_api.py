@@ -1,0 +1,340 @@
+"""The OpenAI-compatible handlers: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+
+Every handler reads top to bottom: validate -> tokenize -> admit -> generate -> shape the response. Refusals are
+`ApiError`s rendered by the error middleware; a generation that fails after a stream has started ends the stream
+with an error event instead (the status line is already sent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from specrelay.services.gateway import responses as R
+from specrelay.services.gateway.admission import AdmissionFull, Ticket
+from specrelay.services.gateway.errors import ApiError, bad_request
+from specrelay.services.gateway.generation import Finish, Generation, Timeouts, Timing
+from specrelay.services.gateway.metrics import CONTENT_TYPE
+from specrelay.services.gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    NamedToolChoice,
+    Sampling,
+    check_chat,
+    check_completion,
+    decode,
+    header_extensions,
+    messages_for_template,
+    stop_strings,
+    tools_for_template,
+)
+from specrelay.services.gateway.sse import ClientGone, SseWriter, client_gone
+from specrelay.services.gateway.state import GATEWAY, Gateway
+from specrelay.services.toolcoord.parser import StreamingToolParser
+from specrelay.services.toolcoord.toolcalls import StreamDelta
+from specrelay.shared.messages import Generate, SamplingSpec
+from specrelay.shared.tokenizer import TemplateError
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": only ever seen in logs and metrics
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready to admit and send to the verifier."""
+
+    request_id: str
+    created: int
+    generate: Generate
+    stops: list[str]
+    ticket: Ticket
+    timing: Timing
+    include_usage: bool
+
+
+def _prepare(gw: Gateway, request: web.Request, req: Sampling, prompt_ids: list[int], max_tokens: int | None,
+             id_prefix: str, timing: Timing) -> Prepared:
+    cfg = gw.config
+    if not prompt_ids:
+        raise bad_request("the prompt is empty after tokenization", param="messages", code="invalid_value")
+    room = cfg.max_model_len - len(prompt_ids)
+    if room < 1 or (max_tokens is not None and max_tokens > room):
+        asked = f" and {max_tokens} output tokens were asked for" if max_tokens is not None else ""
+        raise bad_request(f"this model's maximum context length is {cfg.max_model_len} tokens; the prompt has "
+                          f"{len(prompt_ids)} tokens{asked}", param="messages" if id_prefix == "chatcmpl" else
+                          "prompt", code="context_length_exceeded")
+    slo_class, deadline_ms = header_extensions(request.headers, req)
+    arrival_ms = time.time() * 1000.0
+    request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    limit = max_tokens if max_tokens is not None else room
+    sampling = SamplingSpec(
+        temperature=cfg.default_temperature if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed, max_tokens=limit,
+        stop_token_ids=list(gw.stop_token_ids))
+    generate = Generate(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling, reply_to="",
+                        model=cfg.model_name, slo_class=slo_class or "interactive",
+                        deadline_ms=None if deadline_ms is None else arrival_ms + deadline_ms, arrival_ms=arrival_ms)
+    ticket = Ticket(request_id, generate.slo_class, timing.arrival_s,
+                    None if deadline_ms is None else timing.arrival_s + deadline_ms / 1000, len(prompt_ids), limit)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return Prepared(request_id, R.now_s(), generate, stop_strings(req), ticket, timing, include_usage)
+
+
+def _check_model(gw: Gateway, model: str) -> None:
+    if model != gw.config.model_name:
+        raise ApiError(400, f"the model {model!r} does not exist; this server serves {gw.config.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+@contextlib.asynccontextmanager
+async def _admitted(gw: Gateway, ticket: Ticket):
+    gw.metrics.queued.set(gw.admission.num_waiting + 1)
+    try:
+        await gw.admission.admit(ticket)
+    except AdmissionFull as e:
+        gw.metrics.rejected.inc()
+        raise ApiError(503, f"the server is at capacity ({e}); retry later", code="server_overloaded",
+                       headers={"Retry-After": "1"}) from None
+    finally:
+        gw.metrics.queued.set(gw.admission.num_waiting)
+    gw.metrics.running.set(gw.admission.num_running)
+    try:
+        yield
+    finally:
+        gw.admission.release()
+        gw.metrics.running.set(gw.admission.num_running)
+        gw.metrics.queued.set(gw.admission.num_waiting)
+
+
+def _generation(gw: Gateway, request: web.Request, prep: Prepared) -> Generation:
+    timeouts = Timeouts(gw.config.chunk_timeout_s, gw.config.cancel_grace_s)
+    return Generation(gw.bus, gw.tokenizer, prep.generate, prep.stops, lambda: client_gone(request), timeouts,
+                      prep.timing)
+
+
+def _observe(gw: Gateway, gen: Generation, reason: str, usage: dict[str, Any]) -> None:
+    m, t = gw.metrics, gen.timing
+    m.finished.inc(reason=reason)
+    if t.first_token_s is not None:
+        m.ttft.observe(t.first_token_s - t.arrival_s)
+        m.e2e.observe(t.last_token_s - t.arrival_s)
+        if usage["completion_tokens"] > 1:
+            m.tpot.observe((t.last_token_s - t.first_token_s) / (usage["completion_tokens"] - 1))
+    m.prompt_tokens.inc(usage["prompt_tokens"])
+    m.completion_tokens.inc(usage["completion_tokens"])
+    m.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
+    for counter, key in ((m.spec_steps, "spec_steps"), (m.drafted, "drafted_tokens"), (m.accepted, "accepted_tokens")):
+        if isinstance(usage.get(key), (int, float)):
+            counter.inc(usage[key])
+
+
+def _observe_failure(gw: Gateway, finish: Finish | None, reason: str) -> None:
+    gw.metrics.finished.inc(reason=finish.reason if finish is not None else reason)
+
+
+# --- chat --------------------------------------------------------------------------------------------------------
+
+def _forced_prefix(fmt: str, choice: Any) -> str:
+    """Text appended after the generation prompt so the model must call a tool: the opening of a call in the
+    model's own format (the verifier continues from it; the parser reads it as the start of the reply)."""
+    if isinstance(choice, NamedToolChoice):
+        name = choice.function.name
+        return (f'{{"name": "{name}", "parameters": ' if fmt == "llama3" else
+                f'<tool_call>\n{{"name": "{name}", "arguments": ')
+    if choice == "required":
+        return '{"name": "' if fmt == "llama3" else '<tool_call>\n{"name": "'
+    return ""
+
+
+def _stream_delta(sd: StreamDelta) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if sd.content:
+        delta["content"] = sd.content
+    if sd.tool_calls:
+        delta["tool_calls"] = [d.to_openai() for d in sd.tool_calls]
+    if sd.errors:
+        delta["tool_call_errors"] = [e.to_dict() for e in sd.errors]
+    return delta
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    timing = Timing()
+    req = decode(await request.read(), ChatCompletionRequest)
+    max_tokens = check_chat(req)
+    _check_model(gw, req.model)
+    tools = tools_for_template(req)
+    fmt = gw.config.tool_call_format
+    forced = _forced_prefix(fmt, req.tool_choice) if tools else ""
+    try:
+        prompt_text = gw.tokenizer.render_chat(messages_for_template(req), tools) + forced
+    except TemplateError as e:
+        raise bad_request(str(e), param="messages", code="invalid_value") from None
+    prep = _prepare(gw, request, req, gw.tokenizer.encode(prompt_text), max_tokens, "chatcmpl", timing)
+    parser = StreamingToolParser(fmt, [t["function"]["name"] for t in tools]) if tools else None
+    async with _admitted(gw, prep.ticket):
+        gen = _generation(gw, request, prep)
+        if req.stream:
+            return await _stream_chat(gw, request, req.model, prep, gen, parser, forced)
+        return await _complete_chat(gw, req.model, prep, gen, parser, forced)
+
+
+async def _complete_chat(gw: Gateway, model: str, prep: Prepared, gen: Generation,
+                         parser: StreamingToolParser | None, forced: str) -> web.StreamResponse:
+    try:
+        async with contextlib.aclosing(gen.events()) as events:
+            text = "".join([piece async for piece in events])
+    except ClientGone:
+        _observe_failure(gw, gen.finish, "client_gone")
+        return web.Response(status=CLIENT_CLOSED)
+    try:
+        if parser is not None:
+            parser.feed(forced + text)
+            parser.finish()
+            message = parser.result.to_openai_message()
+            if parser.result.errors:
+                message["tool_call_errors"] = [e.to_dict() for e in parser.result.errors]
+        else:
+            message = {"role": "assistant", "content": text}
+        reason = R.finish_reason(gen.finish, parser is not None and bool(parser.result.tool_calls))
+    except ApiError:
+        _observe_failure(gw, gen.finish, "error")
+        raise
+    usage = R.usage_to_openai(gen.finish.usage, len(prep.generate.prompt_token_ids), gen.finish)
+    _observe(gw, gen, reason, usage)
+    return web.json_response(R.chat_completion(prep.request_id, model, prep.created, message, reason, usage))
+
+
+async def _stream_chat(gw: Gateway, request: web.Request, model: str, prep: Prepared, gen: Generation,
+                       parser: StreamingToolParser | None, forced: str) -> web.StreamResponse:
+    sse = SseWriter(request)
+
+    def chunk(delta: dict[str, Any] | None, finish: str | None = None, usage: dict | None = None) -> dict:
+        return R.chat_chunk(prep.request_id, model, prep.created, delta, finish, usage, prep.include_usage)
+
+    try:
+        await sse.send(chunk({"role": "assistant", "content": ""}))
+        if parser is not None and forced and (delta := _stream_delta(parser.feed(forced))):
+            await sse.send(chunk(delta))
+        async with contextlib.aclosing(gen.events()) as events:
+            async for text in events:
+                delta = _stream_delta(parser.feed(text)) if parser is not None else {"content": text}
+                if delta:
+                    await sse.send(chunk(delta))
+        if parser is not None and (delta := _stream_delta(parser.finish())):
+            await sse.send(chunk(delta))
+        try:
+            reason = R.finish_reason(gen.finish, parser is not None and bool(parser.result.tool_calls))
+        except ApiError as e:
+            _observe_failure(gw, gen.finish, "error")
+            await sse.send(e.body())
+            return await sse.done()
+        usage = R.usage_to_openai(gen.finish.usage, len(prep.generate.prompt_token_ids), gen.finish)
+        _observe(gw, gen, reason, usage)
+        await sse.send(chunk({}, reason))
+        if prep.include_usage:
+            await sse.send(chunk(None, usage=usage))
+        return await sse.done()
+    except ClientGone:
+        _observe_failure(gw, gen.finish, "client_gone")
+        return sse.response
+
+
+# --- completions -------------------------------------------------------------------------------------------------
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    timing = Timing()
+    req = decode(await request.read(), CompletionRequest)
+    max_tokens = check_completion(req)
+    _check_model(gw, req.model)
+    if isinstance(req.prompt, str) or isinstance(req.prompt[0], str):
+        text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        prompt_ids = gw.tokenizer.encode(text, add_special_tokens=True)
+    else:
+        prompt_ids = list(req.prompt)
+        vocab = gw.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise bad_request(f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
+    prep = _prepare(gw, request, req, prompt_ids, max_tokens, "cmpl", timing)
+    async with _admitted(gw, prep.ticket):
+        gen = _generation(gw, request, prep)
+        if req.stream:
+            return await _stream_completion(gw, request, req.model, prep, gen)
+        try:
+            async with contextlib.aclosing(gen.events()) as events:
+                text = "".join([piece async for piece in events])
+        except ClientGone:
+            _observe_failure(gw, gen.finish, "client_gone")
+            return web.Response(status=CLIENT_CLOSED)
+        try:
+            reason = R.finish_reason(gen.finish, False)
+        except ApiError:
+            _observe_failure(gw, gen.finish, "error")
+            raise
+        usage = R.usage_to_openai(gen.finish.usage, len(prompt_ids), gen.finish)
+        _observe(gw, gen, reason, usage)
+        return web.json_response(R.text_completion(prep.request_id, req.model, prep.created, text, reason, usage))
+
+
+async def _stream_completion(gw: Gateway, request: web.Request, model: str, prep: Prepared,
+                             gen: Generation) -> web.StreamResponse:
+    sse = SseWriter(request)
+
+    def chunk(text: str | None, finish: str | None = None, usage: dict | None = None) -> dict:
+        return R.text_completion(prep.request_id, model, prep.created, text, finish, usage, prep.include_usage,
+                                 chunk=True)
+
+    try:
+        await sse.start()
+        async with contextlib.aclosing(gen.events()) as events:
+            async for text in events:
+                await sse.send(chunk(text))
+        try:
+            reason = R.finish_reason(gen.finish, False)
+        except ApiError as e:
+            _observe_failure(gw, gen.finish, "error")
+            await sse.send(e.body())
+            return await sse.done()
+        usage = R.usage_to_openai(gen.finish.usage, len(prep.generate.prompt_token_ids), gen.finish)
+        _observe(gw, gen, reason, usage)
+        await sse.send(chunk("", reason))
+        if prep.include_usage:
+            await sse.send(chunk(None, usage=usage))
+        return await sse.done()
+    except ClientGone:
+        _observe_failure(gw, gen.finish, "client_gone")
+        return sse.response
+
+
+# --- models, health, metrics -------------------------------------------------------------------------------------
+
+def _model_card(gw: Gateway) -> dict[str, Any]:
+    return {"id": gw.config.model_name, "object": "model", "created": gw.started_s, "owned_by": "specrelay",
+            "max_model_len": gw.config.max_model_len}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_card(request.app[GATEWAY])]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    if request.match_info["model"] != gw.config.model_name:
+        raise ApiError(404, f"the model {request.match_info['model']!r} does not exist", param="model",
+                       code="model_not_found")
+    return web.json_response(_model_card(gw))
+
+
+async def health(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    return web.json_response({"status": "ok", "model": gw.config.model_name,
+                              "running": gw.admission.num_running, "queued": gw.admission.num_waiting})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[GATEWAY].metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})

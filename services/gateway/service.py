@@ -1,0 +1,121 @@
+"""`specrelay gateway`: the gateway as its own process, talking to verifiers over Redis (or the local bus when
+another component in this process serves it).
+
+`add_arguments` / `main` follow the CLI's command contract; `run(config)` is the entrypoint other launchers
+(`specrelay serve`) can call with a config they built themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from specrelay.shared.errors import ConfigError
+
+API_KEY_ENV = "SPECRELAY_API_KEY"  # one key, or several separated by commas
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "target"
+FALLBACK_MAX_MODEL_LEN = 4096
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    gateway: "GatewayConfig"  # noqa: F821 - imported lazily (aiohttp) below
+    model_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="model directory (tokenizer, config.json)")
+    parser.add_argument("--served-model-name", default=None, help="the `model` clients send (default: the "
+                        "model directory's name)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--redis", default=None, metavar="URL", help="the bus (default: in-process)")
+    parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                        help=f"require 'Authorization: Bearer KEY' on /v1 (repeatable; or ${API_KEY_ENV})")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: config.json)")
+    parser.add_argument("--tool-call-format", default="hermes", choices=("hermes", "llama3", "auto"))
+    parser.add_argument("--policy", default="fcfs", help="admission order (fcfs)")
+    parser.add_argument("--max-running", type=int, default=256, help="requests in flight to the verifier")
+    parser.add_argument("--max-queued", type=int, default=1024, help="waiting requests before 503s")
+
+
+def model_max_len(model_dir: Path) -> int:
+    """The context length a model directory declares (config.json, else tokenizer_config.json)."""
+    for name, key in (("config.json", "max_position_embeddings"), ("tokenizer_config.json", "model_max_length")):
+        path = model_dir / name
+        if path.is_file():
+            try:
+                value = json.loads(path.read_text()).get(key)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+            if isinstance(value, int) and 1 < value < 10**8:
+                return value
+    return FALLBACK_MAX_MODEL_LEN
+
+
+def api_keys(flag_keys: list[str] | None) -> tuple[str, ...]:
+    keys = list(flag_keys or [])
+    keys += [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    if any(not k.strip() for k in keys):
+        raise ConfigError("--api-key must not be empty")
+    return tuple(dict.fromkeys(keys))
+
+
+def build_config(args: argparse.Namespace) -> ServiceConfig:
+    from specrelay.services.gateway.state import GatewayConfig
+
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model {model_dir}: not a directory")
+    gateway = GatewayConfig(
+        model_name=args.served_model_name or model_dir.resolve().name,
+        max_model_len=args.max_model_len or model_max_len(model_dir), api_keys=api_keys(args.api_key),
+        tool_call_format=args.tool_call_format, policy=args.policy, max_running=args.max_running,
+        max_queued=args.max_queued)
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port}: not a TCP port")
+    return ServiceConfig(gateway, model_dir, args.host, args.port, args.redis)
+
+
+async def serve(config: ServiceConfig) -> None:
+    """Serve until cancelled: the bus, the tokenizer and the HTTP site, closed in reverse order."""
+    import asyncio
+
+    from aiohttp import web
+
+    from specrelay.services.gateway.app import create_app
+    from specrelay.shared.bus import make_bus
+    from specrelay.shared.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(config.model_dir)
+    async with make_bus(config.redis_url) as bus:
+        runner = web.AppRunner(create_app(config.gateway, bus, tokenizer))
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, config.host, config.port)
+            try:
+                await site.start()
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {config.host}:{config.port}: {e.strerror}") from None
+            print(f"specrelay gateway: serving {config.gateway.model_name!r} on "
+                  f"http://{config.host}:{config.port}/v1", flush=True)
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+
+def run(config: ServiceConfig) -> int:
+    import asyncio
+
+    asyncio.run(serve(config))
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    return run(build_config(args))

@@ -1,0 +1,127 @@
+"""A scripted stand-in for the verifier: consumes `Generate` and `Cancel` from the bus and answers with
+`TokenChunk`s, so the gateway is tested on its own.
+
+The "model" reads the decoded prompt and answers by rule (deterministic, like greedy decoding):
+  * tools offered, a question about the weather and no tool response yet -> a hermes `get_weather` call;
+  * a tool response in the last turn -> "The weather in Paris: <response>.";
+  * a prompt that ends inside a forced call (`"arguments": `) -> the call's arguments;
+  * "FAIL" in the prompt -> two tokens, then an error chunk;
+  * otherwise `STORY` (non-ASCII on purpose), repeated.
+KV blocks are counted like a paged cache (a block per `block_size` tokens of prompt + output, freed at the end or
+on Cancel), so tests can check that a cancelled request gives its blocks back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+
+from specrelay.shared.bus import Bus
+from specrelay.shared.messages import (
+    CANCEL_STREAM,
+    GENERATE_STREAM,
+    Cancel,
+    Generate,
+    TokenChunk,
+    Usage,
+)
+
+STORY = "Once upon a time, a café in Zürich served naïve crêpes to 12 robots 🤖 — each one said thanks. "
+TOOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@dataclass
+class FakeVerifier:
+    bus: Bus
+    tokenizer: object
+    tokens_per_chunk: int = 3
+    delay_s: float = 0.0  # between chunks
+    block_size: int = 16
+    blocks_total: int = 4096
+    cached_tokens: int = 8  # reported as reused prompt tokens (usage pass-through)
+    generates: list[Generate] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)
+    finished: dict[str, str] = field(default_factory=dict)  # request id -> finish reason sent
+    blocks: dict[str, int] = field(default_factory=dict)  # request id -> blocks held
+    _cancelled: set[str] = field(default_factory=set)
+    _tasks: set[asyncio.Task] = field(default_factory=set)
+
+    @property
+    def blocks_used(self) -> int:
+        return sum(self.blocks.values())
+
+    async def run(self) -> None:
+        await asyncio.gather(self._consume_generates(), self._consume_cancels())
+
+    async def _consume_generates(self) -> None:
+        async for delivery in self.bus.consume(GENERATE_STREAM, "verifier", "fake-0", Generate):
+            self.generates.append(delivery.msg)
+            task = asyncio.create_task(self._generate(delivery.msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            await delivery.ack()
+
+    async def _consume_cancels(self) -> None:
+        async for delivery in self.bus.consume(CANCEL_STREAM, "verifier", "fake-0", Cancel):
+            self.cancels.append(delivery.msg.request_id)
+            self._cancelled.add(delivery.msg.request_id)
+            await delivery.ack()
+
+    def reply_text(self, prompt: str) -> str:
+        last_turn = prompt.rsplit("<|im_start|>", 2)[-2] if prompt.count("<|im_start|>") >= 2 else prompt
+        if prompt.endswith('"arguments": '):
+            return '{"city": "Paris"}}\n</tool_call>'
+        if prompt.endswith('{"name": "'):
+            return 'get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+        if "FAIL" in last_turn:
+            return "about to fail"
+        if "<tool_response>" in last_turn:
+            answer = last_turn.split("<tool_response>\n", 1)[1].split("\n</tool_response>", 1)[0]
+            return f"The weather in Paris: {answer}."
+        if "<tools>" in prompt and "weather" in last_turn.lower():
+            return TOOL_CALL
+        return STORY * 20
+
+    async def _generate(self, g: Generate) -> None:
+        prompt = self.tokenizer.decode(g.prompt_token_ids)
+        script = self.tokenizer.encode(self.reply_text(prompt))
+        eos = g.sampling.stop_token_ids[0] if g.sampling.stop_token_ids else None
+        if eos is not None:
+            script.append(eos)
+        fail = "FAIL" in prompt.rsplit("<|im_start|>", 2)[-2] if prompt.count("<|im_start|>") >= 2 else False
+        self.blocks[g.request_id] = math.ceil(len(g.prompt_token_ids) / self.block_size)
+        out: list[int] = []
+        try:
+            while True:
+                if g.request_id in self._cancelled:
+                    await self._finish(g, out, "cancelled")
+                    return
+                if fail and len(out) >= 2:
+                    await self.bus.reply(g.reply_to, TokenChunk(g.request_id, [], "error", error="CUDA fell over"))
+                    self.finished[g.request_id] = "error"
+                    return
+                room = g.sampling.max_tokens - len(out)
+                piece = script[len(out):len(out) + min(self.tokens_per_chunk, room)]
+                out += piece
+                self.blocks[g.request_id] = math.ceil((len(g.prompt_token_ids) + len(out)) / self.block_size)
+                reason = None
+                if piece and piece[-1] == eos:
+                    reason = "stop"
+                elif len(out) >= g.sampling.max_tokens or len(out) >= len(script):
+                    reason = "length"
+                if reason is not None:
+                    await self._finish(g, out, reason, piece)
+                    return
+                await self.bus.reply(g.reply_to, TokenChunk(g.request_id, piece))
+                await asyncio.sleep(self.delay_s)
+        finally:
+            self.blocks.pop(g.request_id, None)
+
+    async def _finish(self, g: Generate, out: list[int], reason: str, piece: list[int] | None = None) -> None:
+        usage = Usage(prompt_tokens=len(g.prompt_token_ids), completion_tokens=len(out),
+                      cached_tokens=min(self.cached_tokens, len(g.prompt_token_ids)), spec_steps=len(out),
+                      accepted_tokens=len(out) // 2, drafted_tokens=len(out))
+        self.blocks.pop(g.request_id, None)
+        self.finished[g.request_id] = reason
+        await self.bus.reply(g.reply_to, TokenChunk(g.request_id, piece or [], reason, usage))
