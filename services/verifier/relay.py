@@ -1,0 +1,307 @@
+"""Relay-aware prefill: a downstream agent's prompt quotes what an upstream agent generated, and the K/V the upstream
+agent computed while *decoding* that text is reused instead of recomputed (RelayCaching, arXiv 2603.13289).
+
+A relayed span is stored at relative positions (keys rotated as if the span began at position 0, `capture_span`)
+and re-rotated in place to where it lands in the new prompt (kernels/rope_shift: R(p + δ) = R(δ)·R(p), exact up to
+rounding, llama3 scaling included because it only changes inv_freq).
+
+The prefill runs layer by layer over the model's own modules. Rows of the prompt are *active* (their hidden state
+is carried through the layer and their fresh K/V written) or *reused* (their slots keep the relayed K/V):
+
+    layers  0 .. c-1      every row active (fresh K/V); the relayed K/V is only compared at the check layers
+    layer   c             (the last check layer) fresh K/V for every row; then the selection rule picks the span
+                          rows to keep recomputing; the others stop here
+    layers  c+1 .. L-1    active = rows outside spans ∪ selected span rows ∪ rows that want logits
+
+so the savings are the hidden states of unselected span rows past the check layer (CacheBlend, arXiv 2405.16444,
+§4: recompute everything at an early check layer, then only the high-deviation tokens). `naive` reuses every span
+row in every layer; when the rule selects every span row no relayed value survives and the result is exactly a full
+prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from specrelay.kernels.rope_shift import rope_shift_
+from specrelay.services.verifier import relay_select
+from specrelay.shared.errors import ConfigError
+from specrelay.shared.modeling.batch import ForwardBatch
+from specrelay.shared.modeling.kv_cache import BlockTable, PagedKVCache
+from specrelay.shared.modeling.llama import LlamaForCausalLM, paged_attention
+from specrelay.shared.modeling.rope import apply_rope, rope_cos_sin, rope_shift
+
+RelayMethod = Literal["relaycaching", "cacheblend", "naive"]
+RELAY_METHODS: tuple[str, ...] = ("relaycaching", "cacheblend", "naive")
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    enabled: bool = True
+    method: RelayMethod = "relaycaching"
+    recompute_ratio: float = 0.15  # cacheblend: the top-r share of span tokens recomputed
+    deviation_factor: float = 1.5  # relaycaching: recompute when deviation ≥ factor · mean
+    influence_factor: float = 1.45  # relaycaching: ... or attention received ≥ factor · mean
+    influence_window: int = 10  # relaycaching: how many of the span's last tokens measure influence
+    check_layers: tuple[int, ...] = (1,)  # layers where every span row is run afresh and compared
+    min_span_tokens: int = 16  # shorter matches are prefilled as usual
+
+    def __post_init__(self):
+        if self.method not in RELAY_METHODS:
+            raise ConfigError(f"relay method must be one of {', '.join(RELAY_METHODS)}, got {self.method!r}")
+        if not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ConfigError(f"relay recompute ratio must be within [0, 1], got {self.recompute_ratio}")
+        if self.deviation_factor < 0 or self.influence_factor < 0:
+            raise ConfigError("relay deviation and influence factors must be non-negative")
+        if self.influence_window < 1 or self.min_span_tokens < 1:
+            raise ConfigError("relay influence window and minimum span length must be positive")
+        if self.method != "naive" and (not self.check_layers or min(self.check_layers) < 0):
+            raise ConfigError(f"relay check layers must be non-negative layer indices, got {self.check_layers}")
+
+
+@dataclass(frozen=True)
+class SpanKV:
+    """A relayed span's K/V as produced upstream, keys rotated to relative positions 0 .. n-1."""
+
+    token_ids: tuple[int, ...]
+    k: torch.Tensor  # [num_layers, n, num_kv_heads, head_dim]
+    v: torch.Tensor  # [num_layers, n, num_kv_heads, head_dim]
+
+    def __post_init__(self):
+        assert self.k.shape == self.v.shape and self.k.shape[1] == len(self.token_ids), (
+            f"span of {len(self.token_ids)} tokens with K {tuple(self.k.shape)}, V {tuple(self.v.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def slice(self, begin: int, end: int, inv_freq: torch.Tensor) -> SpanKV:
+        """A sub-span, re-based so that its first key again sits at relative position 0."""
+        k = self.k[:, begin:end]
+        return SpanKV(self.token_ids[begin:end], _shift_keys(k, -begin, inv_freq) if begin else k,
+                      self.v[:, begin:end])
+
+
+@dataclass(frozen=True)
+class PlacedSpan:
+    start: int  # row of the prompt (0 = its first new token) where the span's first token lands
+    kv: SpanKV
+
+
+@dataclass
+class RelayPrefill:
+    logits: torch.Tensor  # [num_logits_rows, vocab] float32
+    num_prompt_tokens: int
+    num_span_tokens: int  # prompt tokens covered by relayed spans
+    num_recomputed_tokens: int  # span tokens selected for recompute past the check layer
+    num_reused_kv: int  # (layer, token) K/V entries served from the relay
+    selected_rows: list[int] = field(default_factory=list)  # the recomputed span rows, for inspection
+
+    @property
+    def num_reused_tokens(self) -> int:
+        return self.num_span_tokens - self.num_recomputed_tokens
+
+    @property
+    def reuse_rate(self) -> float:
+        """Share of the relayed tokens whose K/V is kept rather than recomputed (the papers' reuse rate)."""
+        return self.num_reused_tokens / self.num_span_tokens if self.num_span_tokens else 0.0
+
+
+def capture_span(cache: PagedKVCache, table: BlockTable, begin: int, end: int, token_ids: list[int],
+                 inv_freq: torch.Tensor) -> SpanKV:
+    """The decode-phase K/V of tokens [begin, end) of a sequence (logical index = RoPE position), keys rotated
+    back to relative positions so that any later prompt can place the span anywhere."""
+    assert 0 <= begin <= end <= table.num_tokens and len(token_ids) == end - begin
+    bs = cache.block_size
+    slots = torch.tensor([table.blocks[p // bs] * bs + p % bs for p in range(begin, end)], device=cache.k.device)
+    k = _flat(cache.k)[:, slots].clone()  # [num_layers, n, H_kv, D]
+    v = _flat(cache.v)[:, slots].clone()
+    return SpanKV(tuple(token_ids), _shift_keys(k, -begin, inv_freq), v)
+
+
+def relay_prefill(model: LlamaForCausalLM, cache: PagedKVCache, table: BlockTable, token_ids: list[int],
+                  spans: list[PlacedSpan], config: RelayConfig = RelayConfig(),
+                  logits_rows: list[int] | None = None) -> RelayPrefill:
+    """Prefill `token_ids` after the `table.num_tokens` cached ones, reusing the relayed `spans`. Returns logits
+    for `logits_rows` (default: the last token) and what was reused."""
+    n = len(token_ids)
+    if n == 0:
+        raise ValueError("empty prompt")
+    rows_wanted = logits_rows if logits_rows is not None else [n - 1]
+    spans = sorted(spans, key=lambda s: s.start) if config.enabled else []
+    _check_spans(spans, token_ids)
+    with torch.inference_mode():
+        return _RelayForward(model, cache, table, token_ids, spans, config, rows_wanted).run()
+
+
+class _RelayForward:
+    def __init__(self, model, cache, table, token_ids, spans, config, rows_wanted):
+        self.model, self.cache, self.table, self.config = model, cache, table, config
+        self.spans, self.rows_wanted = spans, rows_wanted
+        self.device = model.device
+        self.n = len(token_ids)
+        self.context_len = table.num_tokens
+        self.slots = torch.tensor(cache.reserve(table, self.n), device=self.device)  # [n]
+        self.positions = torch.arange(self.context_len, self.context_len + self.n, device=self.device)
+        self.input_ids = torch.tensor(token_ids, device=self.device)
+        self.span_rows = torch.zeros(self.n, dtype=torch.bool, device=self.device)  # [n]
+        for s in spans:
+            self.span_rows[s.start : s.start + len(s.kv)] = True
+        self.num_span_tokens = int(self.span_rows.sum())
+        self.block_table = torch.tensor([table.blocks], dtype=torch.int32, device=self.device)
+        self.num_layers = model.config.num_layers
+        check = () if config.method == "naive" else tuple(c for c in config.check_layers if c < self.num_layers)
+        self.check_layers = set(check)
+        self.last_check = max(check, default=-1)
+        self.deviation = torch.zeros(self.num_span_tokens, device=self.device)  # summed over check layers
+        self.influence = torch.zeros(self.num_span_tokens, device=self.device)
+
+    def run(self) -> RelayPrefill:
+        self._load_spans()
+        must = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+        must[self.rows_wanted] = True
+        keep = ~self.span_rows | must  # rows active past the check layers whatever the rule says
+        active = torch.ones(self.n, dtype=torch.bool, device=self.device) if self.last_check >= 0 else keep
+        selected = torch.zeros(self.num_span_tokens, dtype=torch.bool, device=self.device)
+        x = self.model.model.embed_tokens(self.input_ids[active] if not active.all() else self.input_ids)
+        cos, sin = rope_cos_sin(self.model.inv_freq, self.positions, x.dtype)  # [n, head_dim]
+        num_reused_kv = 0
+        for i, layer in enumerate(self.model.model.layers):
+            rows = active.nonzero().squeeze(1)
+            all_rows = rows.numel() == self.n
+            attn = layer.self_attn
+            q, k, v = attn.qkv_proj(layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], -1)
+            q = q.view(-1, attn.num_heads, attn.head_dim)  # [num_active, H, D]
+            k = k.view(-1, attn.num_kv_heads, attn.head_dim)  # [num_active, H_kv, D]
+            v = v.view(-1, attn.num_kv_heads, attn.head_dim)
+            if attn.q_norm is not None:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            row_cos, row_sin = (cos, sin) if all_rows else (cos[rows], sin[rows])
+            q, k = apply_rope(q, row_cos, row_sin), apply_rope(k, row_cos, row_sin)
+            k_cache, v_cache = self.cache.k[i], self.cache.v[i]  # [num_blocks, block_size, H_kv, D]
+            if i in self.check_layers:
+                self._measure(i, v, v_cache)
+            slots = self.slots if all_rows else self.slots[rows]
+            k_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, slots, k)
+            v_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, slots, v)
+            num_reused_kv += self.num_span_tokens - int(self.span_rows[rows].sum())
+            if i in self.check_layers:
+                self._measure_influence(i, q, rows, k_cache, attn.scale)
+            if i == self.last_check:
+                selected = self._select()
+                after = keep.clone()
+                after[self.span_rows] |= selected
+                keep_in_active = after[rows]  # which of this layer's rows go on
+                if not keep_in_active.all():
+                    x, q = x[keep_in_active], q[keep_in_active]
+                    rows = rows[keep_in_active]
+                active = after
+            out = paged_attention(q, k_cache, v_cache, self._batch(rows), attn.scale)
+            x = x + attn.o_proj(out.reshape(-1, attn.q_size))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        # rows_wanted are active throughout, so they sit in x in row order among the active rows
+        final_rows = active.nonzero().squeeze(1)
+        pick = torch.searchsorted(final_rows, torch.tensor(self.rows_wanted, device=self.device))
+        logits = self.model.lm_head(self.model.model.norm(x[pick])).float()
+        self.table.num_tokens += self.n
+        span_rows = self.span_rows.nonzero().squeeze(1)
+        return RelayPrefill(logits=logits, num_prompt_tokens=self.n, num_span_tokens=self.num_span_tokens,
+                            num_recomputed_tokens=int(selected.sum()), num_reused_kv=num_reused_kv,
+                            selected_rows=span_rows[selected].tolist())
+
+    def _load_spans(self) -> None:
+        """Relayed K/V into the span rows' slots (every layer), keys re-rotated from relative to new positions."""
+        if not self.spans:
+            return
+        flat_k, flat_v = _flat(self.cache.k), _flat(self.cache.v)  # [num_layers, num_slots, H_kv, D]
+        deltas = []
+        for s in self.spans:
+            slots = self.slots[s.start : s.start + len(s.kv)]
+            flat_k[:, slots] = s.kv.k.to(device=self.device, dtype=flat_k.dtype)
+            flat_v[:, slots] = s.kv.v.to(device=self.device, dtype=flat_v.dtype)
+            deltas.append(torch.full((len(s.kv),), self.context_len + s.start, dtype=torch.int64))
+        span_slots = self.slots[self.span_rows]
+        rope_shift_(self.cache.k, span_slots, torch.cat(deltas).to(self.device), self.model.inv_freq)
+
+    def _measure(self, layer: int, v_fresh: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """Deviation of the fresh values from the relayed ones still in the slots (before they are overwritten).
+        At a check layer every row is active, so v_fresh rows are prompt rows."""
+        if not self.num_span_tokens:
+            return
+        v_relayed = v_cache.view(-1, *v_cache.shape[2:])[self.slots[self.span_rows]]
+        v_span = v_fresh[self.span_rows]
+        if self.config.method == "cacheblend":
+            self.deviation += relay_select.l2_deviation(v_span, v_relayed)
+        else:
+            self.deviation += relay_select.cosine_deviation(v_span, v_relayed)
+
+    def _measure_influence(self, layer: int, q: torch.Tensor, rows: torch.Tensor, k_cache: torch.Tensor,
+                           scale: float) -> None:
+        """Attention each span token receives from its span's last `influence_window` tokens, at this layer."""
+        if self.config.method != "relaycaching" or not self.num_span_tokens:
+            return
+        kv_len = self.context_len + self.n
+        keys = k_cache[self.block_table[0].long()].flatten(0, 1)[:kv_len]  # [kv_len, H_kv, D]
+        key_positions = torch.arange(kv_len, device=self.device)
+        offset = 0
+        for s in self.spans:
+            m = len(s.kv)
+            w_rows = torch.arange(s.start + max(0, m - self.config.influence_window), s.start + m,
+                                  device=self.device)
+            score = relay_select.influence(q[w_rows], keys, self.positions[w_rows], key_positions, scale)
+            begin = self.context_len + s.start
+            self.influence[offset : offset + m] += score[begin : begin + m]
+            offset += m
+
+    def _select(self) -> torch.Tensor:
+        """[num_span_tokens] bool: span rows recomputed past the last check layer."""
+        cfg = self.config
+        if cfg.method == "cacheblend":
+            return relay_select.top_ratio(self.deviation, cfg.recompute_ratio)
+        chosen, offset = [], 0
+        for s in self.spans:  # each span against its own mean: prefix effects differ from span to span
+            m = len(s.kv)
+            chosen.append(relay_select.relaycaching_select(
+                self.deviation[offset : offset + m], self.influence[offset : offset + m],
+                cfg.deviation_factor, cfg.influence_factor))
+            offset += m
+        return torch.cat(chosen) if chosen else self.deviation.bool()
+
+    def _batch(self, rows: torch.Tensor) -> ForwardBatch:
+        """One sequence; queries `rows` of the prompt see every cached key at or before their position."""
+        kv_len = self.context_len + self.n
+        num_q = rows.numel()
+        mask = torch.arange(kv_len, device=self.device)[None, :] <= self.positions[rows][:, None]
+        empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+        return ForwardBatch(
+            input_ids=empty, positions=self.positions[rows], slot_mapping=self.slots[rows],
+            block_tables=self.block_table, context_lens=torch.tensor([self.context_len], dtype=torch.int32),
+            cu_query_lens=torch.tensor([0, num_q], dtype=torch.int32), tree_mask=None, masks_context=False,
+            logits_indices=empty, query_index=torch.arange(num_q, device=self.device)[None, :],
+            query_valid=torch.ones(1, num_q, dtype=torch.bool, device=self.device),
+            attn_mask=mask[None, None], max_kv_len=kv_len,
+        )
+
+
+def _flat(cache: torch.Tensor) -> torch.Tensor:
+    """[num_layers, num_blocks, block_size, H_kv, D] -> [num_layers, num_slots, H_kv, D] (a view)."""
+    return cache.view(cache.shape[0], -1, *cache.shape[3:])
+
+
+def _shift_keys(k: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Keys [num_layers, n, H_kv, D] re-rotated by `delta` positions (a copy)."""
+    num_layers, n = k.shape[:2]
+    d = torch.full((num_layers * n,), delta, dtype=torch.int64, device=k.device)
+    return rope_shift(k.reshape(num_layers * n, *k.shape[2:]), d, inv_freq).view_as(k)
+
+
+def _check_spans(spans: list[PlacedSpan], token_ids: list[int]) -> None:
+    end = 0
+    for s in spans:
+        if s.start < end or s.start + len(s.kv) > len(token_ids):
+            raise ValueError(f"relayed spans overlap or run past the prompt (span at {s.start}, {len(s.kv)} tokens)")
+        if list(s.kv.token_ids) != token_ids[s.start : s.start + len(s.kv)]:
+            raise ValueError(f"relayed span at {s.start} does not match the prompt's tokens")
+        end = s.start + len(s.kv)
