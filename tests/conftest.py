@@ -10,6 +10,10 @@ import time
 import uuid
 
 import pytest
+import torch
+
+# Tiny models on a small shared CPU: one intra-op thread is several times faster than two fighting for cores.
+torch.set_num_threads(1)
 
 
 def _free_port() -> int:

@@ -63,8 +63,8 @@ def select_tree(pool: list[PoolNode], max_nodes: int, with_q: bool,
 
     index = {p: i for i, p in enumerate(chosen)}
     q = None
-    if with_q:
-        vocab = next((n.q.shape[-1] for n in pool if n.q is not None), 1)
+    vocab = next((pool[p].q.shape[-1] for p in chosen if pool[p].q is not None), None)
+    if with_q and vocab is not None:
         q = torch.zeros(len(chosen), vocab)
         for i, p in enumerate(chosen):
             if pool[p].q is not None:
