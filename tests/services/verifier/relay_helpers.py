@@ -15,7 +15,8 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
 def upstream_decode(runner: ModelRunner, prompt: list[int], num_tokens: int, seed: int,
                     max_token: int | None = None) -> tuple[list[int], SpanKV]:
     """Agent A: prefill `prompt`, then sample `num_tokens` one decode step at a time (ids below `max_token`).
-    Returns the output and the decode-phase K/V of all but its last token (the last is never fed back)."""
+    Returns the output and the decode-phase K/V of all of it (each sampled token is fed back once, the last too,
+    as a verifier publishing on finish may do with one more step)."""
     gen = torch.Generator().manual_seed(seed)
     table = BlockTable()
     logits = runner.prefill(table, prompt)
