@@ -57,6 +57,7 @@ class Generation:
         self.finish: Finish | None = None
         self._verifier_done = False  # a chunk with finish_reason or error arrived: nothing left to cancel
         self._cancelled = False
+        self._num_received = 0  # output tokens received so far (TokenChunk.offset counts in the same units)
 
     async def events(self) -> AsyncIterator[str]:
         """Visible text deltas; when it ends, `self.finish` says why. Raises `ClientGone` if the client left
@@ -94,7 +95,11 @@ class Generation:
             await asyncio.shield(self.bus.publish(CANCEL_STREAM, Cancel(self.generate.request_id)))
 
     async def _on_chunk(self, chunk: TokenChunk, channel) -> AsyncIterator[str]:
-        if chunk.token_ids:
+        # A request redelivered to another verifier replica is generated again from offset 0: keep only tokens
+        # beyond those already received (the replica's earlier tokens are the same under greedy or a seed).
+        token_ids = chunk.token_ids[max(self._num_received - chunk.offset, 0):]
+        self._num_received = max(self._num_received, chunk.offset + len(chunk.token_ids))
+        if token_ids:
             now = time.monotonic()
             if self.timing.first_token_s is None:
                 self.timing.first_token_s = now
@@ -104,7 +109,7 @@ class Generation:
         if chunk.error is not None:
             self.finish = Finish("error", self.text.num_tokens, chunk.usage, error=chunk.error)
             return
-        result = self.text.push(chunk.token_ids)
+        result = self.text.push(token_ids)
         if result.text:
             yield result.text
         if result.stopped:

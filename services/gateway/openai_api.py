@@ -7,6 +7,7 @@ with an error event instead (the status line is already sent).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -132,6 +133,19 @@ def _observe(gw: Gateway, gen: Generation, reason: str, usage: dict[str, Any]) -
             counter.inc(usage[key])
 
 
+async def _collect(gw: Gateway, gen: Generation) -> str | None:
+    """The whole text of a non-streamed generation; None when the client went away (already cancelled)."""
+    try:
+        async with contextlib.aclosing(gen.events()) as events:
+            return "".join([piece async for piece in events])
+    except ClientGone:
+        _observe_failure(gw, gen.finish, "client_gone")
+        return None
+    except asyncio.CancelledError:  # aiohttp cancels the handler of a client that went away
+        _observe_failure(gw, gen.finish, "client_gone")
+        raise
+
+
 def _observe_failure(gw: Gateway, finish: Finish | None, reason: str) -> None:
     gw.metrics.finished.inc(reason=finish.reason if finish is not None else reason)
 
@@ -185,11 +199,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _complete_chat(gw: Gateway, model: str, prep: Prepared, gen: Generation,
                          parser: StreamingToolParser | None, forced: str) -> web.StreamResponse:
-    try:
-        async with contextlib.aclosing(gen.events()) as events:
-            text = "".join([piece async for piece in events])
-    except ClientGone:
-        _observe_failure(gw, gen.finish, "client_gone")
+    text = await _collect(gw, gen)
+    if text is None:
         return web.Response(status=CLIENT_CLOSED)
     try:
         if parser is not None:
@@ -242,6 +253,9 @@ async def _stream_chat(gw: Gateway, request: web.Request, model: str, prep: Prep
     except ClientGone:
         _observe_failure(gw, gen.finish, "client_gone")
         return sse.response
+    except asyncio.CancelledError:  # aiohttp cancels the handler of a client that went away
+        _observe_failure(gw, gen.finish, "client_gone")
+        raise
 
 
 # --- completions -------------------------------------------------------------------------------------------------
@@ -265,11 +279,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         gen = _generation(gw, request, prep)
         if req.stream:
             return await _stream_completion(gw, request, req.model, prep, gen)
-        try:
-            async with contextlib.aclosing(gen.events()) as events:
-                text = "".join([piece async for piece in events])
-        except ClientGone:
-            _observe_failure(gw, gen.finish, "client_gone")
+        text = await _collect(gw, gen)
+        if text is None:
             return web.Response(status=CLIENT_CLOSED)
         try:
             reason = R.finish_reason(gen.finish, False)
@@ -309,6 +320,9 @@ async def _stream_completion(gw: Gateway, request: web.Request, model: str, prep
     except ClientGone:
         _observe_failure(gw, gen.finish, "client_gone")
         return sse.response
+    except asyncio.CancelledError:  # aiohttp cancels the handler of a client that went away
+        _observe_failure(gw, gen.finish, "client_gone")
+        raise
 
 
 # --- models, health, metrics -------------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ class ChatCompletionRequest(Sampling, kw_only=True):
 
 
 class CompletionRequest(Sampling, kw_only=True):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str | int]  # text, [text], or token ids (msgspec allows one array type in a union)
     echo: bool = False
     suffix: str | None = None
 
@@ -218,8 +218,11 @@ def check_completion(req: CompletionRequest) -> int | None:
         raise bad_request("echo is not supported", param="echo", code="unsupported_value")
     if req.suffix:
         raise bad_request("suffix is not supported", param="suffix", code="unsupported_value")
-    if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str):
-        if len(req.prompt) != 1:
+    if isinstance(req.prompt, list):
+        if not (all(isinstance(p, str) for p in req.prompt) or all(isinstance(p, int) for p in req.prompt)):
+            raise bad_request("prompt must be a string, a list of strings or a list of token ids", param="prompt",
+                              code="invalid_value")
+        if len(req.prompt) > 1 and isinstance(req.prompt[0], str):
             raise bad_request("one prompt per request (a list of several prompts is not supported)",
                               param="prompt", code="unsupported_value")
     if not req.prompt or req.prompt == [""]:

@@ -5,7 +5,8 @@ The "model" reads the decoded prompt and answers by rule (deterministic, like gr
   * tools offered, a question about the weather and no tool response yet -> a hermes `get_weather` call;
   * a tool response in the last turn -> "The weather in Paris: <response>.";
   * a prompt that ends inside a forced call (`"arguments": `) -> the call's arguments;
-  * "FAIL" in the prompt -> two tokens, then an error chunk;
+  * "FAIL" in the last turn -> two tokens, then an error chunk; "SILENT" -> no answer at all;
+  * "BROKEN" with tools offered -> a call that is not valid JSON;
   * otherwise `STORY` (non-ASCII on purpose), repeated.
 KV blocks are counted like a paged cache (a block per `block_size` tokens of prompt + output, freed at the end or
 on Cancel), so tests can check that a cancelled request gives its blocks back.
@@ -40,6 +41,7 @@ class FakeVerifier:
     block_size: int = 16
     blocks_total: int = 4096
     cached_tokens: int = 8  # reported as reused prompt tokens (usage pass-through)
+    replay_at: int | None = None  # after this many tokens, send them all again from offset 0 (a redelivery)
     generates: list[Generate] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     finished: dict[str, str] = field(default_factory=dict)  # request id -> finish reason sent
@@ -76,6 +78,8 @@ class FakeVerifier:
             return 'get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
         if "FAIL" in last_turn:
             return "about to fail"
+        if "BROKEN" in last_turn and "<tools>" in prompt:
+            return 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": }}\n</tool_call>'
         if "<tool_response>" in last_turn:
             answer = last_turn.split("<tool_response>\n", 1)[1].split("\n</tool_response>", 1)[0]
             return f"The weather in Paris: {answer}."
@@ -91,14 +95,20 @@ class FakeVerifier:
             script.append(eos)
         fail = "FAIL" in prompt.rsplit("<|im_start|>", 2)[-2] if prompt.count("<|im_start|>") >= 2 else False
         self.blocks[g.request_id] = math.ceil(len(g.prompt_token_ids) / self.block_size)
+        if "SILENT" in prompt:
+            self.blocks.pop(g.request_id)
+            return
         out: list[int] = []
+        replayed = False
         try:
             while True:
                 if g.request_id in self._cancelled:
                     await self._finish(g, out, "cancelled")
                     return
                 if fail and len(out) >= 2:
-                    await self.bus.reply(g.reply_to, TokenChunk(g.request_id, [], "error", error="CUDA fell over"))
+                    failed = TokenChunk(g.request_id, [], offset=len(out), finish_reason="error",
+                                        error="CUDA fell over")
+                    await self.bus.reply(g.reply_to, failed)
                     self.finished[g.request_id] = "error"
                     return
                 room = g.sampling.max_tokens - len(out)
@@ -113,7 +123,11 @@ class FakeVerifier:
                 if reason is not None:
                     await self._finish(g, out, reason, piece)
                     return
-                await self.bus.reply(g.reply_to, TokenChunk(g.request_id, piece))
+                await self.bus.reply(g.reply_to, TokenChunk(g.request_id, piece, offset=len(out) - len(piece)))
+                if self.replay_at is not None and len(out) >= self.replay_at and not replayed:
+                    # as if redelivered to a new replica: everything again from offset 0
+                    replayed = True
+                    await self.bus.reply(g.reply_to, TokenChunk(g.request_id, list(out), offset=0))
                 await asyncio.sleep(self.delay_s)
         finally:
             self.blocks.pop(g.request_id, None)
@@ -124,4 +138,6 @@ class FakeVerifier:
                       accepted_tokens=len(out) // 2, drafted_tokens=len(out))
         self.blocks.pop(g.request_id, None)
         self.finished[g.request_id] = reason
-        await self.bus.reply(g.reply_to, TokenChunk(g.request_id, piece or [], reason, usage))
+        piece = piece or []
+        await self.bus.reply(g.reply_to, TokenChunk(g.request_id, piece, offset=len(out) - len(piece),
+                                                    finish_reason=reason, usage=usage))
