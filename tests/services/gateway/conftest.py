@@ -125,5 +125,6 @@ async def live_server_url(tokenizer, base_config):
     if url:
         yield url.rstrip("/")
         return
-    async with serve_gateway(tokenizer, base_config) as harness:
+    # A little time per chunk, as a real model takes, so a client can leave mid-stream.
+    async with serve_gateway(tokenizer, base_config, delay_s=0.01) as harness:
         yield harness.url
