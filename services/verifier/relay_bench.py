@@ -1,0 +1,143 @@
+"""`specrelay bench relay`: relayed decode-phase KV in planner -> worker -> reviewer pipelines, side by side.
+
+For each span length, each pipeline's worker and reviewer prefills are run four ways on the same prompt: a full
+prefill (the runtime's one-pass prefill), naive reuse (every relayed K/V kept), CacheBlend (top-r% by value
+deviation at the check layer) and RelayCaching (deviation ≥ α·mean ∪ influence ≥ β·mean). TTFT is the downstream
+prefill's wall time in this process: for the reuse methods it includes finding the quotes in the kvstore, loading
+and re-rotating their K/V, and the selective recompute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "target"
+SPANS = (256, 512, 1024, 2048)
+QUICK_SPANS = (256, 512)
+
+
+def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF model directory (default: the "
+                        "embedded target, models/target)")
+    parser.add_argument("--quick", action="store_true", help=f"spans {QUICK_SPANS}, one pipeline, one timing run")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results here")
+    parser.add_argument("--spans", type=str, default=None, help="planner output lengths in tokens, comma-separated "
+                        f"(default {','.join(map(str, SPANS))}); the worker writes half as many")
+    parser.add_argument("--pipelines", type=int, default=None, help="pipelines per span length (default 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per prefill, median kept (default 3)")
+    parser.add_argument("--recompute-ratio", type=float, default=0.15, help="CacheBlend's r (default 0.15)")
+    parser.add_argument("--deviation-factor", type=float, default=1.5, help="RelayCaching's α (default 1.5)")
+    parser.add_argument("--influence-factor", type=float, default=1.45, help="RelayCaching's β (default 1.45)")
+    parser.add_argument("--check-layers", type=str, default="1", help="check layers, comma-separated (default 1)")
+    parser.add_argument("--greedy-tokens", type=int, default=64, help="greedy tokens compared (default 64)")
+    parser.add_argument("--kl-positions", type=int, default=16, help="last prompt positions for KL (default 16)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main_relay(args: argparse.Namespace) -> int:
+    import torch
+
+    from specrelay.services.kvstore import make_store
+    from specrelay.services.verifier.relay import RelayConfig
+    from specrelay.services.verifier.relay_pipeline import Texts, run_pipeline
+    from specrelay.shared.errors import ConfigError
+    from specrelay.shared.modeling.loader import load_model
+    from specrelay.shared.modeling.runner import ModelRunner
+
+    spans = _ints(args.spans, "--spans") if args.spans else (QUICK_SPANS if args.quick else SPANS)
+    pipelines = args.pipelines if args.pipelines is not None else (1 if args.quick else 3)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    if pipelines < 1 or repeats < 1 or args.greedy_tokens < 1 or args.kl_positions < 1:
+        raise ConfigError("--pipelines, --repeats, --greedy-tokens and --kl-positions must be positive")
+    if not (args.model / "config.json").is_file():
+        raise ConfigError(f"{args.model}: no model there (train the embedded pair with `specrelay models train`, "
+                          "or pass --model DIR)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    check = tuple(_ints(args.check_layers, "--check-layers"))
+    common = dict(check_layers=check)
+    configs = {
+        "naive_reuse": RelayConfig(method="naive"),
+        "cacheblend": RelayConfig(method="cacheblend", recompute_ratio=args.recompute_ratio, **common),
+        "relaycaching": RelayConfig(method="relaycaching", deviation_factor=args.deviation_factor,
+                                    influence_factor=args.influence_factor, **common),
+    }
+    model = load_model(args.model, device=args.device)
+    cfg = model.config
+    longest = max(spans) + max(spans) // 2 + 256
+    if longest > cfg.max_model_len:
+        raise ConfigError(f"--spans up to {max(spans)} make reviewer prompts of ~{longest} tokens, past the model's "
+                          f"{cfg.max_model_len}")
+    block_size = 16
+    runner = ModelRunner(model, num_blocks=4 * (-(-(longest + args.greedy_tokens) // block_size)) + 8,
+                         block_size=block_size, prefill_chunk=cfg.max_model_len)
+    banned = sorted(set(cfg.eos_token_ids) | ({cfg.bos_token_id} if cfg.bos_token_id is not None else set()))
+    texts = Texts(args.model, cfg.vocab_size, set(banned))
+    if texts.tokenizer is not None:
+        banned = sorted(set(banned) | set(texts.tokenizer.special_ids))
+    report = {"model": str(args.model), "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+              "num_layers": cfg.num_layers, "pipelines": pipelines, "repeats": repeats,
+              "settings": {"recompute_ratio": args.recompute_ratio, "deviation_factor": args.deviation_factor,
+                           "influence_factor": args.influence_factor, "check_layers": list(check),
+                           "greedy_tokens": args.greedy_tokens, "kl_positions": args.kl_positions},
+              "spans": {}}
+    for span_len in spans:
+        store = make_store(None, 4 << 30)
+        rows = []
+        for p in range(pipelines):
+            rows += asyncio.run(run_pipeline(runner, store, f"{args.model.name}:{report['dtype']}", texts, span_len,
+                                             args.seed * 1000 + p, configs, args.greedy_tokens, args.kl_positions,
+                                             repeats, banned))
+        report["spans"][str(span_len)] = {"num_prompts": len(rows), "methods": _aggregate(rows)}
+        print(_table(span_len, report["spans"][str(span_len)]["methods"]), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _aggregate(rows: list[dict]) -> dict[str, dict[str, float]]:
+    from specrelay.services.verifier.relay_pipeline import METHODS
+
+    out = {}
+    full_ms = sum(r["full_prefill"].ttft_ms for r in rows) / len(rows)
+    for method in METHODS:
+        ms = [r[method] for r in rows]
+        ttft = sum(m.ttft_ms for m in ms) / len(ms)
+        out[method] = {
+            "reuse_rate": round(sum(m.reuse_rate for m in ms) / len(ms), 4),
+            "ttft_ms": round(ttft, 2),
+            "ttft_speedup": round(full_ms / ttft, 2),
+            "greedy_agreement": round(sum(m.greedy_agreement for m in ms) / len(ms), 4),
+            "greedy_exact": round(sum(m.greedy_exact for m in ms) / len(ms), 4),
+            "mean_kl": round(sum(m.mean_kl for m in ms) / len(ms), 6),
+        }
+    return out
+
+
+def _table(span_len: int, methods: dict[str, dict[str, float]]) -> str:
+    lines = [f"relay span {span_len} tokens", f"  {'method':<14}{'reuse':>7}{'TTFT ms':>10}{'speedup':>9}"
+             f"{'greedy':>8}{'exact':>7}{'mean KL':>10}"]
+    for name, m in methods.items():
+        lines.append(f"  {name:<14}{m['reuse_rate']:>7.2f}{m['ttft_ms']:>10.1f}{m['ttft_speedup']:>8.2f}x"
+                     f"{m['greedy_agreement']:>8.3f}{m['greedy_exact']:>7.2f}{m['mean_kl']:>10.4f}")
+    return "\n".join(lines)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    from specrelay.shared.errors import ConfigError
+
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise ConfigError(f"{flag}: expected non-negative integers, got {text!r}")
+    return values
