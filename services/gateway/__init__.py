@@ -1,11 +1,25 @@
 """The OpenAI-compatible gateway: validates and tokenizes requests, admits them, streams the verifier's tokens
 back as text (SSE or whole), with tool calls, stop strings, usage and Prometheus metrics.
 
-Entry points: `create_app(config, bus, tokenizer)` for an in-process app, `service.run(config)` for a process.
+Entry points: `create_app(config, bus, tokenizer, kv_stats=None)` for an in-process app; `service.run(config)` /
+`service.main(args)` for a process. Names resolve lazily so that `specrelay --help` never imports aiohttp.
 """
 
-from specrelay.services.gateway.app import create_app
-from specrelay.services.gateway.metrics import KvStats
-from specrelay.services.gateway.state import GatewayConfig
+from __future__ import annotations
 
-__all__ = ["GatewayConfig", "KvStats", "create_app"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "create_app": "specrelay.services.gateway.app",
+    "GatewayConfig": "specrelay.services.gateway.state",
+    "KvStats": "specrelay.services.gateway.metrics",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

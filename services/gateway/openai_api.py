@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from specrelay.services.toolcoord.parser import StreamingToolParser
 from specrelay.services.toolcoord.toolcalls import StreamDelta
 from specrelay.shared.messages import Generate, SamplingSpec
 from specrelay.shared.tokenizer import TemplateError
+
+log = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": only ever seen in logs and metrics
 
@@ -144,6 +147,19 @@ async def _collect(gw: Gateway, gen: Generation) -> str | None:
     except asyncio.CancelledError:  # aiohttp cancels the handler of a client that went away
         _observe_failure(gw, gen.finish, "client_gone")
         raise
+
+
+async def _stream_failed(gw: Gateway, sse: SseWriter, gen: Generation) -> web.StreamResponse:
+    """An unexpected error after the stream began: the status line is gone, so end the stream with an error
+    event (before it began, the error middleware answers 500)."""
+    if not sse.started:
+        raise
+    log.exception("gateway: stream %s failed", gen.generate.request_id)
+    _observe_failure(gw, gen.finish, "error")
+    with contextlib.suppress(ClientGone):
+        await sse.send(ApiError(500, "internal server error", code="internal_error").body())
+        return await sse.done()
+    return sse.response
 
 
 def _observe_failure(gw: Gateway, finish: Finish | None, reason: str) -> None:
@@ -256,6 +272,8 @@ async def _stream_chat(gw: Gateway, request: web.Request, model: str, prep: Prep
     except asyncio.CancelledError:  # aiohttp cancels the handler of a client that went away
         _observe_failure(gw, gen.finish, "client_gone")
         raise
+    except Exception:
+        return await _stream_failed(gw, sse, gen)
 
 
 # --- completions -------------------------------------------------------------------------------------------------
@@ -323,6 +341,8 @@ async def _stream_completion(gw: Gateway, request: web.Request, model: str, prep
     except asyncio.CancelledError:  # aiohttp cancels the handler of a client that went away
         _observe_failure(gw, gen.finish, "client_gone")
         raise
+    except Exception:
+        return await _stream_failed(gw, sse, gen)
 
 
 # --- models, health, metrics -------------------------------------------------------------------------------------

@@ -234,8 +234,10 @@ def messages_for_template(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     """Messages as plain dicts for the chat template (the role tag included, None fields left out)."""
     out = []
     for m in req.messages:
-        d = msgspec.to_builtins(m)
-        out.append({k: v for k, v in d.items() if v is not None})
+        d = {k: v for k, v in msgspec.to_builtins(m).items() if v is not None}
+        if d["role"] == "developer":  # OpenAI's newer name for system instructions; templates know "system"
+            d["role"] = "system"
+        out.append(d)
     return out
 
 

@@ -12,8 +12,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from specrelay.shared.errors import ConfigError
+
+if TYPE_CHECKING:  # aiohttp stays out of `specrelay --help`
+    from specrelay.services.gateway.state import GatewayConfig
 
 API_KEY_ENV = "SPECRELAY_API_KEY"  # one key, or several separated by commas
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "target"
@@ -22,7 +26,7 @@ FALLBACK_MAX_MODEL_LEN = 4096
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    gateway: "GatewayConfig"  # noqa: F821 - imported lazily (aiohttp) below
+    gateway: GatewayConfig
     model_dir: Path
     host: str = "127.0.0.1"
     port: int = 8000

@@ -152,3 +152,23 @@ async def test_a_full_queue_answers_503(make_gateway):
         assert refused.headers["Retry-After"] == "1"
         assert await asyncio.gather(first, second) == [200, 200]
         assert "specrelay_admission_rejected_total 1\n" in await (await h.client.get("/metrics")).text()
+
+
+async def test_an_internal_failure_shows_no_trace_and_the_server_goes_on(gateway, monkeypatch):
+    from specrelay.services.gateway import responses
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internals at 0xdeadbeef")
+
+    monkeypatch.setattr(responses, "usage_to_openai", broken)
+    error = await assert_error(await gateway.client.post("/v1/chat/completions", json=body()), 500,
+                               code="internal_error")
+    assert "0xdeadbeef" not in error["message"]
+    streamed = await gateway.client.post("/v1/chat/completions", json=body(stream=True))
+    assert streamed.status == 200
+    text = await streamed.text()
+    assert "0xdeadbeef" not in text and "Traceback" not in text
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[-2])["error"]["code"] == "internal_error" and events[-1] == "[DONE]"
+    monkeypatch.undo()
+    assert (await gateway.client.post("/v1/chat/completions", json=body())).status == 200
