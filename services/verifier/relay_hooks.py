@@ -1,0 +1,103 @@
+"""What a verifier calls to take part in relays: settings, admit (find quotes, relay-prefill), publish on finish,
+and the counters behind usage and /metrics.
+
+    config = relay_config(args)                     # from --relay-* options (add_relay_options)
+    prefill = await relay_admit(runner, store, model_id, table, prompt, config)
+    if prefill is None: ... prefill as usual ...    # nothing quoted, or relay off
+    ...
+    await publish_output(runner, store, model_id, table, prompt_len=len(prompt), output=output)
+
+`model_id` must name everything that changes the K/V of the same tokens (weights revision, KV dtype), as for the
+prefix cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from specrelay.services.kvstore import KVStore
+from specrelay.services.verifier.relay import RELAY_METHODS, RelayConfig, RelayPrefill, capture_span, relay_prefill
+from specrelay.services.verifier.relay_index import lookup_relay, publish_span
+from specrelay.shared.errors import ConfigError
+from specrelay.shared.modeling.kv_cache import BlockTable
+from specrelay.shared.modeling.runner import ModelRunner
+
+
+@dataclass
+class RelayCounters:
+    """Cumulative, for /metrics (Prometheus counters); per request the same numbers go into usage."""
+
+    requests_relayed: int = 0  # prefills that reused at least one span
+    span_tokens: int = 0  # prompt tokens covered by relayed spans
+    reused_tokens: int = 0  # ... whose K/V was kept
+    recomputed_tokens: int = 0  # ... recomputed by the selection rule
+    spans_published: int = 0
+    tokens_published: int = 0
+
+    def add(self, prefill: RelayPrefill) -> None:
+        self.requests_relayed += 1
+        self.span_tokens += prefill.num_span_tokens
+        self.reused_tokens += prefill.num_reused_tokens
+        self.recomputed_tokens += prefill.num_recomputed_tokens
+
+    def prometheus(self, prefix: str = "specrelay_relay_") -> str:
+        return "".join(f"# TYPE {prefix}{name}_total counter\n{prefix}{name}_total {value}\n"
+                       for name, value in vars(self).items())
+
+
+async def relay_admit(runner: ModelRunner, store: KVStore, model_id: str, table: BlockTable, prompt: list[int],
+                      config: RelayConfig, counters: RelayCounters | None = None,
+                      logits_rows: list[int] | None = None) -> RelayPrefill | None:
+    """Prefill the part of `prompt` after `table.num_tokens` (a prefix hit may have filled the start) reusing the
+    spans the store knows; None, with nothing written, when relay is off or nothing is quoted."""
+    if not config.enabled:
+        return None
+    new_tokens = prompt[table.num_tokens:]
+    placed = await lookup_relay(store, model_id, new_tokens, runner.model.inv_freq, config.min_span_tokens,
+                                device=runner.model.device)
+    if not placed:
+        return None
+    prefill = relay_prefill(runner.model, runner.cache, table, new_tokens, placed, config, logits_rows)
+    if counters is not None:
+        counters.add(prefill)
+    return prefill
+
+
+async def publish_output(runner: ModelRunner, store: KVStore, model_id: str, table: BlockTable, prompt_len: int,
+                         output: list[int], counters: RelayCounters | None = None, min_tokens: int = 16) -> int:
+    """Publish the decode-phase K/V of a finished request's output: the output tokens whose K/V the table holds
+    (the last sampled token usually has none yet). Returns the number of tokens published."""
+    num_tokens = min(len(output), table.num_tokens - prompt_len)
+    if num_tokens < min_tokens:
+        return 0
+    span = capture_span(runner.cache, table, prompt_len, prompt_len + num_tokens, output[:num_tokens],
+                        runner.model.inv_freq)
+    if not await publish_span(store, model_id, span):
+        return 0
+    if counters is not None:
+        counters.spans_published += 1
+        counters.tokens_published += num_tokens
+    return num_tokens
+
+
+def add_relay_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("relay (reuse of upstream agents' decode-phase KV)")
+    group.add_argument("--relay", action=argparse.BooleanOptionalAction, default=True, help="on by default")
+    group.add_argument("--relay-method", choices=RELAY_METHODS, default="relaycaching")
+    group.add_argument("--relay-recompute-ratio", type=float, default=0.15, help="cacheblend: share recomputed")
+    group.add_argument("--relay-deviation-factor", type=float, default=1.5, help="relaycaching: deviation ≥ α·mean")
+    group.add_argument("--relay-influence-factor", type=float, default=1.45, help="relaycaching: influence ≥ β·mean")
+    group.add_argument("--relay-check-layers", default="1", help="comma-separated layer indices (default 1)")
+    group.add_argument("--relay-min-tokens", type=int, default=16, help="shortest quote reused (default 16)")
+
+
+def relay_config(args: argparse.Namespace) -> RelayConfig:
+    try:
+        check = tuple(int(x) for x in args.relay_check_layers.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--relay-check-layers: expected comma-separated integers, got "
+                          f"{args.relay_check_layers!r}") from None
+    return RelayConfig(enabled=args.relay, method=args.relay_method, recompute_ratio=args.relay_recompute_ratio,
+                       deviation_factor=args.relay_deviation_factor, influence_factor=args.relay_influence_factor,
+                       check_layers=check, min_span_tokens=args.relay_min_tokens)
