@@ -96,6 +96,9 @@ def main_relay(args: argparse.Namespace) -> int:
                                              repeats, banned))
         report["spans"][str(span_len)] = {"num_prompts": len(rows), "methods": _aggregate(rows)}
         print(_table(span_len, report["spans"][str(span_len)]["methods"]), flush=True)
+    report["goals"] = _goals(report["spans"])
+    for name, met in report["goals"].items():
+        print(f"goal {name}: {'met' if met else 'NOT met'}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -120,6 +123,19 @@ def _aggregate(rows: list[dict]) -> dict[str, dict[str, float]]:
             "mean_kl": round(sum(m.mean_kl for m in ms) / len(ms), 6),
         }
     return out
+
+
+def _goals(spans: dict[str, dict]) -> dict[str, bool]:
+    """The issue's targets for RelayCaching, judged on the longest span length measured."""
+    longest = spans[max(spans, key=int)]["methods"]["relaycaching"]
+    return {
+        "reuse_rate >= 0.8": all(s["methods"]["relaycaching"]["reuse_rate"] >= 0.8 for s in spans.values()),
+        "ttft_speedup >= 3 (longest span)": longest["ttft_speedup"] >= 3.0,
+        "greedy_agreement >= 0.95 and above naive reuse": all(
+            s["methods"]["relaycaching"]["greedy_agreement"] >= 0.95
+            and s["methods"]["relaycaching"]["greedy_agreement"] > s["methods"]["naive_reuse"]["greedy_agreement"]
+            for s in spans.values()),
+    }
 
 
 def _table(span_len: int, methods: dict[str, dict[str, float]]) -> str:

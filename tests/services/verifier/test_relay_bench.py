@@ -41,7 +41,9 @@ def test_quick_bench_writes_every_method_per_span_length(model_dir, tmp_path, ca
         assert methods["naive_reuse"]["reuse_rate"] == 1.0 and methods["naive_reuse"]["mean_kl"] > 0
         assert 0.5 < methods["cacheblend"]["reuse_rate"] < 1.0 and 0.0 < methods["relaycaching"]["reuse_rate"] < 1.0
     printed = capsys.readouterr().out
-    assert "relay span 96 tokens" in printed and "relaycaching" in printed
+    assert "relay span 96 tokens" in printed and "relaycaching" in printed and "goal reuse_rate >= 0.8" in printed
+    assert set(report["goals"]) == {"reuse_rate >= 0.8", "ttft_speedup >= 3 (longest span)",
+                                    "greedy_agreement >= 0.95 and above naive reuse"}
 
 
 @pytest.mark.parametrize("argv, message", [
