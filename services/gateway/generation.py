@@ -68,7 +68,7 @@ class Generation:
             idle_s = 0.0
             while self.finish is None:
                 try:
-                    chunk = await channel.get(timeout_s=POLL_S)
+                    chunk = await _get(channel, POLL_S)
                 except TimeoutError:
                     if self.client_gone():
                         raise ClientGone() from None
@@ -125,6 +125,14 @@ class Generation:
                 yield tail.text
             reason = "stop" if tail.stopped else chunk.finish_reason
             self.finish = Finish(reason, self.text.num_tokens, chunk.usage, stop_string=tail.stopped)
+
+
+async def _get(channel, timeout_s: float) -> TokenChunk | None:
+    # asyncio.timeout (3.11+) costs a timer; wait_for on 3.11 also wraps the read in a new task, per token.
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(timeout_s):
+            return await channel.get()
+    return await channel.get(timeout_s=timeout_s)
 
 
 def _with_reply_to(generate: Generate, reply_to: str) -> Generate:

@@ -45,6 +45,7 @@ from specrelay.shared.tokenizer import TemplateError
 log = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": only ever seen in logs and metrics
+LONG_PROMPT_CHARS = 16_384
 
 
 @dataclass
@@ -86,6 +87,14 @@ def _prepare(gw: Gateway, request: web.Request, req: Sampling, prompt_ids: list[
                     None if deadline_ms is None else timing.arrival_s + deadline_ms / 1000, len(prompt_ids), limit)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Prepared(request_id, R.now_s(), generate, stop_strings(req), ticket, timing, include_usage)
+
+
+async def _encode(gw: Gateway, text: str, add_special_tokens: bool = False) -> list[int]:
+    # A long prompt takes milliseconds to tokenize; off the event loop it does not stall every other stream
+    # (the tokenizers library releases the GIL).
+    if len(text) < LONG_PROMPT_CHARS:
+        return gw.tokenizer.encode(text, add_special_tokens)
+    return await asyncio.to_thread(gw.tokenizer.encode, text, add_special_tokens)
 
 
 def _check_model(gw: Gateway, model: str) -> None:
@@ -204,7 +213,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         prompt_text = gw.tokenizer.render_chat(messages_for_template(req), tools) + forced
     except TemplateError as e:
         raise bad_request(str(e), param="messages", code="invalid_value") from None
-    prep = _prepare(gw, request, req, gw.tokenizer.encode(prompt_text), max_tokens, "chatcmpl", timing)
+    prep = _prepare(gw, request, req, await _encode(gw, prompt_text), max_tokens, "chatcmpl", timing)
     parser = StreamingToolParser(fmt, [t["function"]["name"] for t in tools]) if tools else None
     async with _admitted(gw, prep.ticket):
         gen = _generation(gw, request, prep)
@@ -286,7 +295,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     _check_model(gw, req.model)
     if isinstance(req.prompt, str) or isinstance(req.prompt[0], str):
         text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        prompt_ids = gw.tokenizer.encode(text, add_special_tokens=True)
+        prompt_ids = await _encode(gw, text, add_special_tokens=True)
     else:
         prompt_ids = list(req.prompt)
         vocab = gw.tokenizer.vocab_size

@@ -110,6 +110,7 @@ class Sampling(msgspec.Struct, kw_only=True):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None
     # specrelay extensions (also as headers X-SLO-Class / X-Deadline-Ms)
     slo_class: str | None = None
     deadline_ms: float | None = None  # relative to arrival
@@ -156,6 +157,9 @@ def check_sampling(req: Sampling, max_tokens: int | None, max_tokens_param: str)
                           param="n", code="unsupported_value")
     if req.logprobs:
         raise bad_request("logprobs are not supported", param="logprobs", code="unsupported_value")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise bad_request(f"response_format {req.response_format.get('type')!r} is not supported (only 'text')",
+                          param="response_format", code="unsupported_value")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise bad_request(f"{name} is not supported (only 0)", param=name, code="unsupported_value")

@@ -47,6 +47,8 @@ BAD_CHAT = [
     ("temperature out of range", body(temperature=3.5), "temperature", "invalid_value"),
     ("top_p zero", body(top_p=0), "top_p", "invalid_value"),
     ("n=2", body(n=2), "n", "unsupported_value"),
+    ("json mode", body(response_format={"type": "json_object"}), "response_format", "unsupported_value"),
+    ("logprobs", body(logprobs=True), "logprobs", "unsupported_value"),
     ("five stop strings", body(stop=["a", "b", "c", "d", "e"]), "stop", "invalid_value"),
     ("tool without function", body(tools=[{"type": "function"}]), "tools[0]", "invalid_value"),
     ("tool name with spaces", body(tools=[{"type": "function", "function": {"name": "get weather"}}]),
