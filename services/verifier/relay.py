@@ -152,7 +152,8 @@ class _RelayForward:
         self.num_span_tokens = int(self.span_rows.sum())
         self.block_table = torch.tensor([table.blocks], dtype=torch.int32, device=self.device)
         self.num_layers = model.config.num_layers
-        check = () if config.method == "naive" else tuple(c for c in config.check_layers if c < self.num_layers)
+        # a check layer past the model's depth means its last layer: the rule still runs, never silently naive
+        check = () if config.method == "naive" else tuple(min(c, self.num_layers - 1) for c in config.check_layers)
         self.check_layers = set(check)
         self.last_check = max(check, default=-1)
         self.deviation = torch.zeros(self.num_span_tokens, device=self.device)  # summed over check layers

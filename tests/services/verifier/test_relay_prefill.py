@@ -174,3 +174,15 @@ def test_spans_must_match_the_prompt(runner, pipeline):
         RelayConfig(recompute_ratio=1.5)
     with pytest.raises(ConfigError, match="method"):
         RelayConfig(method="epic")
+
+
+def test_a_check_layer_past_the_last_layer_still_selects(runner, pipeline):
+    _, _, span, prompt_b, start = pipeline
+    table = BlockTable()
+    try:
+        got = relay_prefill(runner.model, runner.cache, table, prompt_b, [PlacedSpan(start, span)],
+                            RelayConfig(method="cacheblend", recompute_ratio=0.2, check_layers=(9,)))
+    finally:
+        runner.release(table)
+    assert got.num_recomputed_tokens == math.ceil(0.2 * len(span))
+    assert got.num_reused_kv == 0  # every layer up to and including the last ran afresh for every token
