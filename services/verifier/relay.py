@@ -165,7 +165,7 @@ class _RelayForward:
         must[self.rows_wanted] = True
         keep = ~self.span_rows | must  # rows active past the check layers whatever the rule says
         active = torch.ones(self.n, dtype=torch.bool, device=self.device) if self.last_check >= 0 else keep
-        selected = torch.zeros(self.num_span_tokens, dtype=torch.bool, device=self.device)
+        selected = must[self.span_rows]  # a span row that wants logits is always recomputed
         x = self.model.model.embed_tokens(self.input_ids[active] if not active.all() else self.input_ids)
         cos, sin = rope_cos_sin(self.model.inv_freq, self.positions, x.dtype)  # [n, head_dim]
         num_reused_kv = 0
@@ -191,7 +191,7 @@ class _RelayForward:
             if i in self.check_layers:
                 self._measure_influence(i, q, rows, k_cache, attn.scale)
             if i == self.last_check:
-                selected = self._select()
+                selected = self._select() | must[self.span_rows]
                 after = keep.clone()
                 after[self.span_rows] |= selected
                 keep_in_active = after[rows]  # which of this layer's rows go on

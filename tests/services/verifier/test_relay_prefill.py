@@ -186,3 +186,16 @@ def test_a_check_layer_past_the_last_layer_still_selects(runner, pipeline):
         runner.release(table)
     assert got.num_recomputed_tokens == math.ceil(0.2 * len(span))
     assert got.num_reused_kv == 0  # every layer up to and including the last ran afresh for every token
+
+
+def test_a_prompt_ending_inside_a_span_recomputes_its_last_token(runner, pipeline):
+    _, out, span, prompt_b, start = pipeline
+    prompt = prompt_b[: start + len(span)]  # the quote is the end of the prompt
+    table = BlockTable()
+    try:
+        got = relay_prefill(runner.model, runner.cache, table, prompt, [PlacedSpan(start, span)],
+                            RelayConfig(method="naive"))
+    finally:
+        runner.release(table)
+    assert got.num_recomputed_tokens == 1 and got.selected_rows == [len(prompt) - 1]
+    assert got.num_reused_kv == (len(span) - 1) * NUM_LAYERS
