@@ -110,12 +110,13 @@ class Generation:
             self.finish = Finish("error", self.text.num_tokens, chunk.usage, error=chunk.error)
             return
         result = self.text.push(token_ids)
+        if result.stopped and chunk.finish_reason is None:
+            await self._cancel()  # before showing the text: every step the verifier takes now is wasted
         if result.text:
             yield result.text
         if result.stopped:
             self.finish = Finish("stop", self.text.num_tokens, chunk.usage, stop_string=True)
             if chunk.finish_reason is None:
-                await self._cancel()
                 self.finish.usage = await _final_usage(channel, self.timeouts.cancel_grace_s)
                 self._verifier_done = True  # cancelled; whatever it still sends is dropped with the channel
             return
