@@ -15,7 +15,7 @@ from aiohttp import web
 
 from specrelay.services.gateway import openai_api
 from specrelay.services.gateway.admission import POLICIES, Admission
-from specrelay.services.gateway.errors import ApiError, error_middleware, error_response
+from specrelay.services.gateway.errors import ApiError, error_middleware
 from specrelay.services.gateway.metrics import GatewayMetrics, KvStatsSource
 from specrelay.services.gateway.state import GATEWAY, Gateway, GatewayConfig, end_of_turn_ids
 from specrelay.shared.bus import Bus
@@ -65,10 +65,7 @@ async def _auth_middleware(request: web.Request, handler) -> web.StreamResponse:
 
 @web.middleware
 async def _metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
-    try:
-        response = await handler(request)
-    except ApiError as e:  # raised by a middleware outside the error one cannot happen; kept for safety
-        response = error_response(e)
+    response = await handler(request)  # the error middleware inside turns every failure into a response
     route = request.match_info.route.resource
     endpoint = route.canonical if route is not None else "unmatched"
     request.app[GATEWAY].metrics.requests.inc(endpoint=endpoint, status=str(response.status))
