@@ -2,12 +2,15 @@
 
 gateway --Generate--> verifier --TokenChunk (reply_to)--> gateway
 gateway --Cancel----> verifier                       (client went away: free its KV)
-verifier --DraftRequest--> drafter --DraftReply (reply_to)--> verifier
+verifier --DraftBatch--> drafter --DraftReply (reply_to)--> verifier
+verifier --DraftFeedback--> drafter                 (what was accepted; the target's top-k for Token Recycling)
 """
 
 from __future__ import annotations
 
 import msgspec
+
+from specrelay.shared.wire import WireTensor
 
 # Stream names on the bus (prefixed by the bus itself).
 GENERATE_STREAM = "verifier.generate"
@@ -50,10 +53,50 @@ class Usage(msgspec.Struct):
 
 class TokenChunk(msgspec.Struct, frozen=True, tag=True):
     """Newly committed tokens of one request, in order. The last chunk has a finish_reason (and usage) or an
-    error."""
+    error. `offset` is the index of token_ids[0] in the output: a request redelivered to another verifier replica
+    starts again from 0, and the gateway drops what it already has."""
 
     request_id: str
     token_ids: list[int]
+    offset: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     usage: Usage | None = None
     error: str | None = None
+
+
+class DraftItem(msgspec.Struct, frozen=True):
+    request_id: str
+    tokens: list[int]  # every committed token; the last is the root
+    sampling: SamplingSpec
+    max_nodes: int
+
+
+class DraftBatch(msgspec.Struct, frozen=True, tag=True):
+    step_id: int
+    reply_to: str
+    items: list[DraftItem]
+
+
+class TreeMsg(msgspec.Struct, frozen=True):
+    request_id: str
+    tokens: list[int]
+    parents: list[int]
+    draft_probs: list[float]
+    q: WireTensor | None = None  # [num_nodes, vocab] float32, sampling only
+
+
+class DraftReply(msgspec.Struct, frozen=True, tag=True):
+    step_id: int
+    trees: list[TreeMsg]
+
+
+class FeedbackItem(msgspec.Struct, frozen=True):
+    request_id: str
+    tree_tokens: list[int]
+    accepted_nodes: list[int]
+    target_topk: WireTensor  # [num_nodes, k] int64: the target's top-k after every tree node
+
+
+class DraftFeedback(msgspec.Struct, frozen=True, tag=True):
+    items: list[FeedbackItem]
+    released: list[str] = []  # finished or cancelled requests: free their draft KV

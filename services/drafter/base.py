@@ -11,6 +11,9 @@ from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.sampling import SamplingParams
 
 
+TOPK = 8  # candidates per node the verifier reports back (Token Recycling's k is at most this)
+
+
 @dataclass
 class DraftInput:
     request_id: int
@@ -26,7 +29,7 @@ class Verified:
 
     request_id: int
     tree: DraftTree
-    target_logits: torch.Tensor  # [num_nodes, vocab] the target's logits after every node, rejected ones too
+    target_topk: torch.Tensor  # [num_nodes, TOPK] int64: the target's best tokens after every node, rejected too
     accepted_nodes: list[int]  # tree nodes accepted, root excluded, root-down
 
 

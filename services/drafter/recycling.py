@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from specrelay.services.drafter.base import DraftInput, Verified, gumbel_order
+from specrelay.services.drafter.base import TOPK, DraftInput, Verified, gumbel_order
 from specrelay.services.drafter.tree_select import PoolNode, select_tree
 from specrelay.shared.draft_tree import DraftTree
 
@@ -20,7 +20,7 @@ from specrelay.shared.draft_tree import DraftTree
 class TokenRecyclingProposer:
     name = "recycle"
 
-    def __init__(self, vocab_size: int, k: int = 8, max_nodes: int = 64):
+    def __init__(self, vocab_size: int, k: int = TOPK, max_nodes: int = 64):
         self.k, self.max_nodes = k, max_nodes
         self.adjacency = torch.full((vocab_size, k), -1, dtype=torch.int64)  # [vocab, k] successors by rank
         # Laplace-smoothed hit counts per rank; the start favours rank 0 as the paper's template does
@@ -62,7 +62,7 @@ class TokenRecyclingProposer:
     def observe(self, verified: list[Verified]) -> None:
         for v in verified:
             tokens = torch.tensor(v.tree.tokens)
-            top = v.target_logits.topk(self.k, dim=-1).indices.cpu()  # [num_nodes, k]
+            top = v.target_topk[:, : self.k].cpu()  # [num_nodes, k]
             # score the rows the tree was drawn from, then refresh them (rejected nodes too, as the paper does)
             rows = self.adjacency[tokens]
             hit = rows == top[:, :1]  # [num_nodes, k]: which rank held the target's first choice

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specrelay.kernels.spec_accept import spec_accept
-from specrelay.services.drafter.base import DraftInput, Proposer, Verified
+from specrelay.services.drafter.base import TOPK, DraftInput, Proposer, Verified
 from specrelay.services.verifier.budget import AdaptiveBudget
 from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.modeling.kv_cache import BlockTable
@@ -58,12 +58,22 @@ class Request:
         return self.prompt + self.output
 
 
+@dataclass
+class StepOutput:
+    new_tokens: dict[int, list[int]] = field(default_factory=dict)  # request id -> tokens committed this step
+    finished: list[Request] = field(default_factory=list)
+    verified: list[Verified] = field(default_factory=list)  # feedback for the drafter
+
+
 class SpecEngine:
     def __init__(self, runner: ModelRunner, proposer: Proposer | None = None, max_nodes: int = 16,
-                 adaptive: bool = True):
+                 adaptive: bool = True, speculate: bool | None = None):
+        """speculate: plan draft trees (default: when an in-process proposer is given; a service that drafts over
+        the bus passes True and calls plan / verify itself)."""
         self.runner = runner
         self.proposer = proposer
-        self.max_nodes = max_nodes if proposer is not None else 1
+        speculate = proposer is not None if speculate is None else speculate
+        self.max_nodes = max_nodes if speculate else 1
         self.budget = AdaptiveBudget(self.max_nodes) if adaptive else None
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -89,59 +99,81 @@ class SpecEngine:
                 self.runner.release(r.table)
         return requests
 
-    def step(self) -> list[Request]:
-        """One speculative step for every running request; returns the requests that finished."""
+    def plan(self) -> list[DraftInput] | None:
+        """What to ask the drafter for this step (one input per running request), or None: nothing to draft."""
+        n = self.budget.choose(len(self.running)) if self.budget else self.max_nodes
+        room = [min(n, self.runner.max_model_len - len(r.tokens) + 1) for r in self.running]
+        if self.max_nodes <= 1 or not self.running or max(room) <= 1:
+            return None
+        return [DraftInput(r.request_id, r.tokens, r.params, max(1, k), r.generator)
+                for r, k in zip(self.running, room)]
+
+    def verify(self, trees: list[DraftTree] | None, draft_s: float = 0.0) -> StepOutput:
+        """One target forward over the trees of every running request (None: plain decoding), then acceptance,
+        KV compaction and commit."""
         live = self.running
-        if not live:
-            return []
-        n = self.budget.choose(len(live)) if self.budget else self.max_nodes
+        trees = trees or [DraftTree.root_only(r.output[-1]) for r in live]
         t0 = time.perf_counter()
-        trees = self._draft(live, n)
-        t1 = time.perf_counter()
         logits = self.runner.forward([
             StepInput(r.table, t.tokens, positions=[r.table.num_tokens + d for d in t.depths()],
                       tree_mask=t.ancestor_mask(), logits_rows=list(range(t.num_nodes)))
             for r, t in zip(live, trees)])
         paths, next_tokens = self._accept(live, trees, logits)
-        t2 = time.perf_counter()
+        verify_s = time.perf_counter() - t0
         if self.budget:
-            self.budget.observe_verify(sum(t.num_nodes for t in trees), t2 - t1)
-            if self.proposer is not None:
-                self.budget.observe_draft(t1 - t0)
-        verified = []
+            self.budget.observe_verify(sum(t.num_nodes for t in trees), verify_s)
+            if draft_s:
+                self.budget.observe_draft(draft_s)
+        out = StepOutput()
         for r, t, lg, path, nxt in zip(live, trees, logits, paths, next_tokens):
             self._compact(r, t, path)
             r.stats.steps += 1
             r.stats.accepted_tokens += len(path)
             r.stats.drafted_tokens += t.num_nodes - 1
-            r.stats.draft_s += (t1 - t0) / len(live)
-            r.stats.verify_s += (t2 - t1) / len(live)
+            r.stats.draft_s += draft_s / len(live)
+            r.stats.verify_s += verify_s / len(live)
             if self.budget:
                 self.budget.observe_acceptance(path, t.num_nodes)
-            verified.append(Verified(r.request_id, t, lg, path))
+            out.verified.append(Verified(r.request_id, t, lg.topk(min(TOPK, lg.shape[-1])).indices, path))
+            before = len(r.output)
             self._commit(r, [t.tokens[i] for i in path] + [nxt])
-        if self.proposer is not None:
-            self.proposer.observe(verified)
-        finished = [r for r in live if r.finish_reason is not None]
+            out.new_tokens[r.request_id] = r.output[before:]
+        out.finished = [r for r in live if r.finish_reason is not None]
         self.running = [r for r in live if r.finish_reason is None]
-        for r in finished:
+        for r in out.finished:
             self.runner.release(r.table)
-            if self.proposer is not None:
+        return out
+
+    def step(self) -> StepOutput:
+        """plan -> draft -> verify, with the in-process proposer."""
+        if not self.running:
+            return StepOutput()
+        inputs = self.plan()
+        t0 = time.perf_counter()
+        trees = self.proposer.propose(inputs) if inputs is not None else None
+        out = self.verify(trees, time.perf_counter() - t0 if inputs is not None else 0.0)
+        if self.proposer is not None:
+            self.proposer.observe(out.verified)
+            for r in out.finished:
                 self.proposer.release(r.request_id)
-        return finished
+        return out
+
+    def cancel(self, request_id: int) -> Request | None:
+        """Stop a request now and free its KV (the client went away, or a stop string matched)."""
+        req = next((r for r in self.running if r.request_id == request_id), None)
+        if req is not None:
+            self.running.remove(req)
+            req.finish_reason = "cancelled"
+            self.runner.release(req.table)
+            if self.proposer is not None:
+                self.proposer.release(request_id)
+        return req
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Request]:
         requests = self.add(prompts, [params] * len(prompts))
         while self.running:
             self.step()
         return requests
-
-    def _draft(self, live: list[Request], n: int) -> list[DraftTree]:
-        room = [min(n, self.runner.max_model_len - len(r.tokens) + 1) for r in live]
-        if self.proposer is None or max(room) <= 1:
-            return [DraftTree.root_only(r.output[-1]) for r in live]
-        inputs = [DraftInput(r.request_id, r.tokens, r.params, max(1, k), r.generator) for r, k in zip(live, room)]
-        return self.proposer.propose(inputs)
 
     def _accept(self, live, trees, logits) -> tuple[list[list[int]], list[int]]:
         """Greedy and sampling requests are accepted in two batched calls; returns accepted paths and next tokens."""

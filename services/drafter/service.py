@@ -1,0 +1,130 @@
+"""The drafter service: proposers behind the bus.
+
+Loop: receive a DraftBatch -> grow one tree per request (one batched proposer call) -> reply DraftReply;
+DraftFeedback messages roll the draft KV back to what the target accepted and feed Token Recycling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+from specrelay.services.drafter.base import DraftInput, Proposer, Verified
+from specrelay.shared.bus import Bus, make_bus
+from specrelay.shared.draft_tree import DraftTree
+from specrelay.shared.messages import DRAFT_STREAM, DraftBatch, DraftFeedback, DraftReply, TreeMsg
+from specrelay.shared.sampling import SamplingParams, make_generator
+from specrelay.shared.wire import WireTensor
+
+log = logging.getLogger(__name__)
+PROPOSERS = ("tree", "chain", "recycle")
+
+
+@dataclass
+class DrafterConfig:
+    model_dir: str  # the target: Token Recycling needs its vocabulary size only
+    draft_dir: str
+    proposer: str = "tree"
+    redis: str | None = None
+    consumer: str = f"drafter-{os.getpid()}"
+    num_blocks: int = 2048
+    device: str = "cpu"
+
+
+def build_proposer(cfg: DrafterConfig) -> Proposer:
+    from specrelay.services.drafter.draft_model import DraftModelProposer
+    from specrelay.services.drafter.recycling import TokenRecyclingProposer
+    from specrelay.shared.modeling.config import ModelConfig
+    from specrelay.shared.modeling.loader import load_model
+    from specrelay.shared.modeling.runner import ModelRunner
+
+    if cfg.proposer == "recycle":
+        return TokenRecyclingProposer(ModelConfig.from_dir(cfg.model_dir).vocab_size)
+    runner = ModelRunner(load_model(cfg.draft_dir, device=cfg.device), num_blocks=cfg.num_blocks)
+    if cfg.proposer == "chain":
+        return DraftModelProposer.chain(runner)
+    return DraftModelProposer(runner)
+
+
+class Drafter:
+    """Maps the bus's string request ids onto a proposer's integer ones and keeps per-request generators."""
+
+    def __init__(self, proposer: Proposer):
+        self.proposer = proposer
+        self.ids: dict[str, int] = {}
+        self.generators: dict[str, torch.Generator | None] = {}
+
+    def draft(self, batch: DraftBatch) -> DraftReply:
+        inputs = []
+        for item in batch.items:
+            rid = self.ids.setdefault(item.request_id, len(self.ids))
+            params = SamplingParams(**{f: getattr(item.sampling, f) for f in item.sampling.__struct_fields__})
+            if item.request_id not in self.generators:  # a stream of its own, independent of the verifier's
+                seeded = None if params.seed is None else replace(params, seed=(params.seed * 1_000_003 + 7) % 2**63)
+                self.generators[item.request_id] = make_generator(seeded or params)
+            gen = self.generators[item.request_id]
+            inputs.append(DraftInput(rid, item.tokens, params, item.max_nodes, gen))
+        trees = self.proposer.propose(inputs)
+        return DraftReply(batch.step_id, [
+            TreeMsg(item.request_id, t.tokens, t.parents, t.draft_probs,
+                    None if t.q is None else WireTensor.from_torch(t.q.float().contiguous()))
+            for item, t in zip(batch.items, trees)])
+
+    def feedback(self, msg: DraftFeedback) -> None:
+        verified = []
+        for item in msg.items:
+            if item.request_id not in self.ids:
+                continue
+            tree = DraftTree(item.tree_tokens, [-1] * len(item.tree_tokens), [1.0] * len(item.tree_tokens))
+            verified.append(Verified(self.ids[item.request_id], tree, item.target_topk.to_torch(copy=True),
+                                     item.accepted_nodes))
+        self.proposer.observe(verified)
+        for rid in msg.released:
+            if rid in self.ids:
+                self.proposer.release(self.ids.pop(rid))
+                self.generators.pop(rid, None)
+
+
+async def serve_drafter(bus: Bus, drafter: Drafter, consumer: str) -> None:
+    async for delivery in bus.consume(DRAFT_STREAM, "drafter", consumer, DraftBatch | DraftFeedback):
+        msg = delivery.msg
+        try:
+            if isinstance(msg, DraftBatch):
+                reply = await asyncio.to_thread(drafter.draft, msg)
+                await bus.reply(msg.reply_to, reply)
+            else:
+                await asyncio.to_thread(drafter.feedback, msg)
+        except Exception:  # a bad batch must not stop drafting for everyone: the verifier times out and decodes
+            log.exception("draft failed")
+        await delivery.ack()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from specrelay.services.serve import MODELS_DIR
+
+    parser.add_argument("--model", default=str(MODELS_DIR / "target"))
+    parser.add_argument("--draft", default=str(MODELS_DIR / "draft"))
+    parser.add_argument("--proposer", choices=PROPOSERS, default="tree")
+    parser.add_argument("--redis", default=os.environ.get("SPECRELAY_REDIS"), required=False, metavar="URL")
+    parser.add_argument("--device", default="cpu")
+
+
+def main(args: argparse.Namespace) -> int:
+    from specrelay.shared.errors import ConfigError
+
+    if not args.redis:
+        raise ConfigError("a stand-alone drafter needs --redis URL (or SPECRELAY_REDIS)")
+    cfg = DrafterConfig(args.model, args.draft, args.proposer, args.redis, device=args.device)
+    logging.basicConfig(level=logging.INFO)
+
+    async def go():
+        async with make_bus(cfg.redis) as bus:
+            await serve_drafter(bus, Drafter(build_proposer(cfg)), cfg.consumer)
+
+    asyncio.run(go())
+    return 0

@@ -1,0 +1,68 @@
+"""The verifier's side of the drafter service: one DraftBatch per step, the reply awaited with a deadline.
+
+A reply that misses the deadline is dropped (its step id is stale by then) and the step verifies root-only trees,
+i.e. plain decoding: a slow or dead drafter costs speed, never correctness.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specrelay.services.drafter.base import DraftInput, Verified
+from specrelay.shared.bus import Bus
+from specrelay.shared.draft_tree import DraftTree
+from specrelay.shared.messages import (
+    DRAFT_STREAM,
+    DraftBatch,
+    DraftFeedback,
+    DraftItem,
+    DraftReply,
+    FeedbackItem,
+    SamplingSpec,
+)
+from specrelay.shared.wire import WireTensor
+
+
+class RemoteDrafter:
+    def __init__(self, bus: Bus, timeout_s: float = 0.5):
+        self.bus = bus
+        self.timeout_s = timeout_s
+        self.channel = bus.open_reply_channel(DraftReply)
+        self.step_id = 0
+        self.timeouts = 0
+
+    async def propose(self, inputs: list[DraftInput], names: dict[int, str]) -> list[DraftTree] | None:
+        self.step_id += 1
+        items = [DraftItem(names[i.request_id], i.tokens, _spec(i), i.max_nodes) for i in inputs]
+        await self.bus.publish(DRAFT_STREAM, DraftBatch(self.step_id, self.channel.name, items))
+        while True:
+            reply = await self.channel.get(timeout_s=self.timeout_s)
+            if reply is None:
+                self.timeouts += 1
+                return None
+            if reply.step_id == self.step_id:
+                break
+        by_name = {t.request_id: t for t in reply.trees}
+        trees = []
+        for item in items:
+            t = by_name.get(item.request_id)
+            if t is None:
+                return None
+            q = None if t.q is None else t.q.to_torch(copy=True)
+            trees.append(DraftTree(t.tokens, t.parents, t.draft_probs, q))
+        return trees
+
+    async def feedback(self, verified: list[Verified], names: dict[int, str], released: list[str]) -> None:
+        items = [FeedbackItem(names[v.request_id], v.tree.tokens, v.accepted_nodes,
+                              WireTensor.from_torch(v.target_topk.to(torch.int64).contiguous()))
+                 for v in verified if v.request_id in names]
+        if items or released:
+            await self.bus.publish(DRAFT_STREAM, DraftFeedback(items, released))
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _spec(i: DraftInput) -> SamplingSpec:
+    p = i.params
+    return SamplingSpec(p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens, list(p.stop_token_ids))

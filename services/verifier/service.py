@@ -1,0 +1,192 @@
+"""The verifier service: continuous batching of Generate requests from the bus, speculative steps with the drafter
+service, tokens streamed back as TokenChunks.
+
+Loop: receive (Generate / Cancel) -> admit while KV blocks last -> plan, draft (remote, with a deadline), verify ->
+publish new tokens; a request's Generate is acknowledged only once its last chunk is out (at-least-once: a replica
+that dies mid-request leaves it to another, which starts over; the gateway drops tokens it already has).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+
+from specrelay.shared.bus import Bus, Delivery, make_bus
+from specrelay.shared.messages import CANCEL_STREAM, GENERATE_STREAM, Cancel, Generate, TokenChunk, Usage
+from specrelay.shared.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VerifierConfig:
+    model_dir: str
+    redis: str | None = None
+    consumer: str = f"verifier-{os.getpid()}"
+    speculate: bool = True  # ask the drafter service for trees
+    max_nodes: int = 16
+    num_blocks: int = 2048
+    block_size: int = 16
+    max_batch: int = 32
+    draft_timeout_s: float = 0.5
+    device: str = "cpu"
+
+
+@dataclass
+class Live:
+    delivery: Delivery
+    msg: Generate
+    request_id: int  # the engine's id
+    sent: int = 0  # output tokens already published
+
+
+class VerifierService:
+    def __init__(self, cfg: VerifierConfig, bus: Bus, engine=None):
+        from specrelay.services.verifier.engine import SpecEngine
+        from specrelay.services.verifier.remote import RemoteDrafter
+        from specrelay.shared.modeling.loader import load_model
+        from specrelay.shared.modeling.runner import ModelRunner
+
+        self.cfg, self.bus = cfg, bus
+        if engine is None:
+            runner = ModelRunner(load_model(cfg.model_dir, device=cfg.device), cfg.num_blocks, cfg.block_size)
+            # drafts come from the drafter service over the bus, not from an in-process proposer
+            engine = SpecEngine(runner, proposer=None, max_nodes=cfg.max_nodes, speculate=cfg.speculate)
+        self.engine = engine
+        self.drafter = RemoteDrafter(bus, cfg.draft_timeout_s) if cfg.speculate else None
+        self.inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        self.waiting: list[Delivery] = []
+        self.live: dict[str, Live] = {}
+        self.cancelled: set[str] = set()
+
+    async def run(self) -> None:
+        feeders = [asyncio.create_task(self._feed(GENERATE_STREAM, "verifier", Generate)),
+                   asyncio.create_task(self._feed(CANCEL_STREAM, f"cancel-{self.cfg.consumer}", Cancel))]
+        try:
+            while True:
+                await self.receive(block=not self.live)
+                await self.admit()
+                if self.live:
+                    await self.step()
+        finally:
+            for task in feeders:
+                task.cancel()
+
+    async def _feed(self, stream: str, group: str, type) -> None:
+        async for delivery in self.bus.consume(stream, group, self.cfg.consumer, type):
+            await self.inbox.put(delivery)
+
+    async def receive(self, block: bool) -> None:
+        if block:
+            self._take(await self.inbox.get())
+        while not self.inbox.empty():
+            self._take(self.inbox.get_nowait())
+
+    def _take(self, delivery: Delivery) -> None:
+        if isinstance(delivery.msg, Cancel):
+            self.cancelled.add(delivery.msg.request_id)
+            asyncio.ensure_future(delivery.ack())
+        else:
+            self.waiting.append(delivery)
+
+    async def admit(self) -> None:
+        for rid in list(self.cancelled):
+            if rid in self.live:
+                live = self.live.pop(rid)
+                await self._finish(live, "cancelled", self.engine.cancel(live.request_id))
+            self.waiting = [d for d in self.waiting if d.msg.request_id != rid]
+        self.cancelled.clear()
+        cache = self.engine.runner.cache
+        while self.waiting and len(self.live) < self.cfg.max_batch:
+            msg: Generate = self.waiting[0].msg
+            error = self._check(msg)
+            if error:
+                await self.bus.reply(msg.reply_to, TokenChunk(msg.request_id, [], finish_reason="error", error=error))
+                await self.waiting.pop(0).ack()
+                continue
+            need = -(-(len(msg.prompt_token_ids) + self.cfg.max_nodes + 1) // cache.block_size)
+            if need > cache.num_free_blocks - len(self.live) * 2:
+                break  # wait for running requests to free blocks
+            delivery = self.waiting.pop(0)
+            s = msg.sampling
+            params = SamplingParams(s.temperature, s.top_k, s.top_p, s.seed, s.max_tokens, tuple(s.stop_token_ids))
+            [req] = await asyncio.to_thread(self.engine.add, [msg.prompt_token_ids], [params])
+            live = Live(delivery, msg, req.request_id)
+            self.live[msg.request_id] = live
+            await self._publish(live, req)
+
+    def _check(self, msg: Generate) -> str | None:
+        limit = self.engine.runner.max_model_len
+        cache = self.engine.runner.cache
+        if not msg.prompt_token_ids:
+            return "the prompt is empty"
+        if len(msg.prompt_token_ids) >= limit:
+            return f"the prompt has {len(msg.prompt_token_ids)} tokens; this model's context is {limit}"
+        if -(-(len(msg.prompt_token_ids) + self.cfg.max_nodes + 1) // cache.block_size) > cache.allocator.num_blocks:
+            return f"the prompt has {len(msg.prompt_token_ids)} tokens, more than this verifier's KV cache holds"
+        return None
+
+    async def step(self) -> None:
+        engine, names = self.engine, {lv.request_id: rid for rid, lv in self.live.items()}
+        inputs = engine.plan() if self.drafter else None
+        trees, draft_s = None, 0.0
+        if inputs is not None:
+            t0 = asyncio.get_running_loop().time()
+            trees = await self.drafter.propose(inputs, names)
+            draft_s = asyncio.get_running_loop().time() - t0
+        out = await asyncio.to_thread(engine.verify, trees, draft_s)
+        by_id = {r.request_id: r for r in engine.running + out.finished}
+        for rid, live in list(self.live.items()):
+            await self._publish(live, by_id[live.request_id])
+        if self.drafter:
+            released = [names[r.request_id] for r in out.finished]
+            await self.drafter.feedback(out.verified if trees is not None else [], names, released)
+
+    async def _publish(self, live: Live, req) -> None:
+        if req.finish_reason is not None:
+            self.live.pop(live.msg.request_id, None)
+            await self._finish(live, req.finish_reason, req)
+            return
+        new = req.output[live.sent :]
+        if new:
+            await self.bus.reply(live.msg.reply_to, TokenChunk(live.msg.request_id, new, offset=live.sent))
+            live.sent += len(new)
+
+    async def _finish(self, live: Live, reason: str, req) -> None:
+        new = req.output[live.sent :]
+        usage = Usage(prompt_tokens=len(req.prompt), completion_tokens=len(req.output), spec_steps=req.stats.steps,
+                      accepted_tokens=req.stats.accepted_tokens, drafted_tokens=req.stats.drafted_tokens)
+        await self.bus.reply(live.msg.reply_to, TokenChunk(live.msg.request_id, new, offset=live.sent,
+                                                           finish_reason=reason, usage=usage))
+        await live.delivery.ack()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from specrelay.services.serve import MODELS_DIR
+
+    parser.add_argument("--model", default=str(MODELS_DIR / "target"))
+    parser.add_argument("--redis", default=os.environ.get("SPECRELAY_REDIS"), metavar="URL")
+    parser.add_argument("--no-speculate", action="store_true", help="plain decoding, no drafter service")
+    parser.add_argument("--max-nodes", type=int, default=16, help="largest draft tree verified per request")
+    parser.add_argument("--num-blocks", type=int, default=2048)
+    parser.add_argument("--device", default="cpu")
+
+
+def main(args: argparse.Namespace) -> int:
+    from specrelay.shared.errors import ConfigError
+
+    if not args.redis:
+        raise ConfigError("a stand-alone verifier needs --redis URL (or SPECRELAY_REDIS)")
+    cfg = VerifierConfig(args.model, args.redis, speculate=not args.no_speculate, max_nodes=args.max_nodes,
+                         num_blocks=args.num_blocks, device=args.device)
+    logging.basicConfig(level=logging.INFO)
+
+    async def go():
+        async with make_bus(cfg.redis) as bus:
+            await VerifierService(cfg, bus).run()
+
+    asyncio.run(go())
+    return 0
