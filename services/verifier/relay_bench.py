@@ -18,6 +18,7 @@ from pathlib import Path
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "target"
 SPANS = (256, 512, 1024, 2048)
 QUICK_SPANS = (256, 512)
+NEAR_TIE = 0.01  # full prefill's top-2 probability margin under which either greedy choice is a coin flip
 
 
 def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +34,8 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deviation-factor", type=float, default=1.5, help="RelayCaching's α (default 1.5)")
     parser.add_argument("--influence-factor", type=float, default=1.45, help="RelayCaching's β (default 1.45)")
     parser.add_argument("--check-layers", type=str, default="1", help="check layers, comma-separated (default 1)")
-    parser.add_argument("--greedy-tokens", type=int, default=64, help="greedy tokens compared (default 64)")
-    parser.add_argument("--kl-positions", type=int, default=16, help="last prompt positions for KL (default 16)")
+    parser.add_argument("--greedy-tokens", type=int, default=64, help="answer tokens compared, greedy and by KL "
+                        "(default 64)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -53,8 +54,8 @@ def main_relay(args: argparse.Namespace) -> int:
     spans = _ints(args.spans, "--spans") if args.spans else (QUICK_SPANS if args.quick else SPANS)
     pipelines = args.pipelines if args.pipelines is not None else (1 if args.quick else 3)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
-    if pipelines < 1 or repeats < 1 or args.greedy_tokens < 1 or args.kl_positions < 1:
-        raise ConfigError("--pipelines, --repeats, --greedy-tokens and --kl-positions must be positive")
+    if pipelines < 1 or repeats < 1 or args.greedy_tokens < 1:
+        raise ConfigError("--pipelines, --repeats and --greedy-tokens must be positive")
     if not (args.model / "config.json").is_file():
         raise ConfigError(f"{args.model}: no model there (train the embedded pair with `specrelay models train`, "
                           "or pass --model DIR)")
@@ -85,15 +86,14 @@ def main_relay(args: argparse.Namespace) -> int:
               "num_layers": cfg.num_layers, "pipelines": pipelines, "repeats": repeats,
               "settings": {"recompute_ratio": args.recompute_ratio, "deviation_factor": args.deviation_factor,
                            "influence_factor": args.influence_factor, "check_layers": list(check),
-                           "greedy_tokens": args.greedy_tokens, "kl_positions": args.kl_positions},
+                           "greedy_tokens": args.greedy_tokens},
               "spans": {}}
     for span_len in spans:
         store = make_store(None, 4 << 30)
         rows = []
         for p in range(pipelines):
             rows += asyncio.run(run_pipeline(runner, store, f"{args.model.name}:{report['dtype']}", texts, span_len,
-                                             args.seed * 1000 + p, configs, args.greedy_tokens, args.kl_positions,
-                                             repeats, banned))
+                                             args.seed * 1000 + p, configs, args.greedy_tokens, repeats, banned))
         report["spans"][str(span_len)] = {"num_prompts": len(rows), "methods": _aggregate(rows)}
         print(_table(span_len, report["spans"][str(span_len)]["methods"]), flush=True)
     report["goals"] = _goals(report["spans"])
@@ -120,7 +120,10 @@ def _aggregate(rows: list[dict]) -> dict[str, dict[str, float]]:
             "ttft_speedup": round(full_ms / ttft, 2),
             "greedy_agreement": round(sum(m.greedy_agreement for m in ms) / len(ms), 4),
             "greedy_exact": round(sum(m.greedy_exact for m in ms) / len(ms), 4),
-            "mean_kl": round(sum(m.mean_kl for m in ms) / len(ms), 6),
+            "mean_kl": round(sum(m.mean_kl for m in ms) / len(ms), 8),
+            "diverged": sum(m.divergence_margin is not None for m in ms),
+            "diverged_at_near_tie": sum(m.divergence_margin is not None and m.divergence_margin < NEAR_TIE
+                                        for m in ms),
         }
     return out
 
@@ -140,10 +143,11 @@ def _goals(spans: dict[str, dict]) -> dict[str, bool]:
 
 def _table(span_len: int, methods: dict[str, dict[str, float]]) -> str:
     lines = [f"relay span {span_len} tokens", f"  {'method':<14}{'reuse':>7}{'TTFT ms':>10}{'speedup':>9}"
-             f"{'greedy':>8}{'exact':>7}{'mean KL':>10}"]
+             f"{'greedy':>8}{'exact':>7}{'mean KL':>10}{'diverged (at tie)':>19}"]
     for name, m in methods.items():
         lines.append(f"  {name:<14}{m['reuse_rate']:>7.2f}{m['ttft_ms']:>10.1f}{m['ttft_speedup']:>8.2f}x"
-                     f"{m['greedy_agreement']:>8.3f}{m['greedy_exact']:>7.2f}{m['mean_kl']:>10.4f}")
+                     f"{m['greedy_agreement']:>8.3f}{m['greedy_exact']:>7.2f}{m['mean_kl']:>10.2e}"
+                     f"{m['diverged']:>12} ({m['diverged_at_near_tie']})")
     return "\n".join(lines)
 
 

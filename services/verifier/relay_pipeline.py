@@ -14,20 +14,20 @@ from dataclasses import dataclass
 import torch
 
 from specrelay.services.kvstore import KVStore
-from specrelay.services.verifier.relay import RelayConfig, RelayPrefill, capture_span, relay_prefill
+from specrelay.services.verifier.relay import RelayConfig, capture_span, relay_prefill
 from specrelay.services.verifier.relay_index import lookup_relay, publish_span
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.modeling.runner import ModelRunner, StepInput
 
 METHODS = ("full_prefill", "naive_reuse", "cacheblend", "relaycaching")
-PLANNER = "You are the planner. Break the task below into numbered steps for a worker.\nTask: "
-WORKER = "You are the worker. Here is the plan written by the planner:\n"
-WORKER_ASK = "\nCarry out every step of the plan above and show your work."
-REVIEWER = "You are the reviewer. The plan was:\n"
-REVIEWER_WORK = "\nThe worker wrote:\n"
-REVIEWER_ASK = "\nCheck the work against the plan and list every mistake you find."
-TASKS = ("summarise the quarterly sales report and flag anomalies", "write a function that merges two sorted lists",
-         "plan a three-day trip to the mountains on a small budget", "explain why the build fails on the CI runner")
+# (system, user) of each agent, in the shape of the handoff documents the embedded pair was trained on
+# (models/corpus.py); "{}" marks where an earlier agent's output is quoted verbatim.
+PLANNER = ("You are the planner agent.", "{lead} asks for a short brief on {topic}. Make a plan.")
+WORKER = ("You are the worker agent.", 'The planner wrote:\n"""\n{}\n"""\nCarry out every step.')
+REVIEWER = ("You are the reviewer agent.",
+            'The planner wrote:\n"""\n{}\n"""\nReview the worker\'s output:\n"""\n{}\n"""')
+TASKS = (("Liam", "sourdough bread"), ("Ana", "solar panels"), ("Kofi", "a team offsite"), ("Mei", "code review"))
+_QUOTE = "\x1fQUOTE\x1f"
 
 
 @dataclass
@@ -38,21 +38,40 @@ class Measurement:
     reuse_rate: float
     greedy_agreement: float  # share of the next greedy tokens equal, position by position, to full prefill's
     greedy_exact: bool  # all of them equal
-    mean_kl: float  # KL(full ‖ method) of the next-token distributions at the prompt's last positions
+    mean_kl: float  # KL(full ‖ method) of the next-token distributions along full prefill's greedy answer
+    # where the answers first differ, full prefill's own top-2 probability margin: a margin near 0 means the
+    # model itself was torn there (any perturbation flips it), a large one that the reuse changed its mind
+    divergence_margin: float | None = None
 
 
 class Texts:
-    """Instruction text as token ids: the model's tokenizer when it has one, else fixed random ids."""
+    """Chat prompts as token ids, with earlier outputs spliced in as ids (never re-tokenized): the model's chat
+    template when it has one, else fixed random ids standing in for the text (random dev models)."""
 
     def __init__(self, model_dir, vocab_size: int, banned: set[int]):
-        self.tokenizer = None
         self.vocab_size, self.banned = vocab_size, banned
         try:
             from specrelay.shared.tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer(model_dir)
-        except Exception:  # a bare weights directory (random dev models): ids stand in for text
+        except Exception:  # a bare weights directory: no tokenizer files
             self.tokenizer = None
+
+    def chat(self, agent: tuple[str, str], quotes: list[list[int]], **fields: str) -> list[int]:
+        system, user = agent
+        pieces = user.split("{}")
+        assert len(pieces) == len(quotes) + 1, f"{len(quotes)} quotes for {user!r}"
+        pieces = [p.format(**fields) for p in pieces]
+        if self.tokenizer is not None and self.tokenizer.chat_template is not None:
+            text = self.tokenizer.render_chat([{"role": "system", "content": system},
+                                               {"role": "user", "content": _QUOTE.join(pieces)}])
+            parts = text.split(_QUOTE)
+        else:
+            parts = (system + "\n" + _QUOTE.join(pieces) + "\nassistant:").split(_QUOTE)
+        ids = self.encode(parts[0])
+        for quote, part in zip(quotes, parts[1:]):
+            ids += quote + self.encode(part)
+        return ids
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is not None:
@@ -78,49 +97,45 @@ def decode_agent(runner: ModelRunner, prompt: list[int], num_tokens: int, gen: t
 
 
 async def run_pipeline(runner: ModelRunner, store: KVStore, model_id: str, texts: Texts, span_len: int, seed: int,
-                       configs: dict[str, RelayConfig], num_greedy: int, num_kl: int, repeats: int,
+                       configs: dict[str, RelayConfig], num_greedy: int, repeats: int,
                        banned: list[int]) -> list[dict[str, Measurement]]:
     """Planner writes `span_len` tokens, the worker span_len // 2; returns the measurements of the worker's and
     the reviewer's prefills."""
     gen = torch.Generator().manual_seed(seed)
     inv_freq = runner.model.inv_freq
-    planner_prompt = texts.encode(PLANNER + TASKS[seed % len(TASKS)] + "\n")
+    lead, topic = TASKS[seed % len(TASKS)]
+    planner_prompt = texts.chat(PLANNER, [], lead=lead, topic=topic)
     plan, table = decode_agent(runner, planner_prompt, span_len, gen, banned)
     await publish_span(store, model_id, capture_span(runner.cache, table, len(planner_prompt),
                                                      len(planner_prompt) + len(plan), plan, inv_freq))
     runner.release(table)
 
-    worker_prompt = texts.encode(WORKER) + plan + texts.encode(WORKER_ASK)
+    worker_prompt = texts.chat(WORKER, [plan])
     work, table = decode_agent(runner, worker_prompt, span_len // 2, gen, banned)
     await publish_span(store, model_id, capture_span(runner.cache, table, len(worker_prompt),
                                                      len(worker_prompt) + len(work), work, inv_freq))
     runner.release(table)
 
-    reviewer_prompt = (texts.encode(REVIEWER) + plan + texts.encode(REVIEWER_WORK) + work
-                       + texts.encode(REVIEWER_ASK))
+    reviewer_prompt = texts.chat(REVIEWER, [plan, work])
     results = []
     for prompt in (worker_prompt, reviewer_prompt):
-        results.append(await measure_prompt(runner, store, model_id, prompt, configs, num_greedy, num_kl,
-                                            repeats))
+        results.append(await measure_prompt(runner, store, model_id, prompt, configs, num_greedy, repeats))
     return results
 
 
 async def measure_prompt(runner: ModelRunner, store: KVStore, model_id: str, prompt: list[int],
-                         configs: dict[str, RelayConfig], num_greedy: int, num_kl: int,
-                         repeats: int) -> dict[str, Measurement]:
-    rows = list(range(len(prompt) - num_kl, len(prompt)))
+                         configs: dict[str, RelayConfig], num_greedy: int, repeats: int) -> dict[str, Measurement]:
     ref_ms, ref_logits, ref_table = [], None, None
     for _ in range(repeats):  # the runtime's own one-pass prefill
         if ref_table is not None:
             runner.release(ref_table)
         ref_table = BlockTable()
         t0 = time.perf_counter()
-        ref_logits = runner.forward([StepInput(ref_table, prompt, logits_rows=rows)])[0]
+        ref_logits = runner.forward([StepInput(ref_table, prompt)])[0][-1]
         ref_ms.append((time.perf_counter() - t0) * 1e3)
-    ref_greedy = greedy(runner, ref_table, ref_logits[-1], num_greedy)
+    ref_answer, ref_dists = greedy(runner, ref_table, ref_logits, num_greedy)
     runner.release(ref_table)
     out = {"full_prefill": Measurement(median(ref_ms), 0.0, 1.0, True, 0.0)}
-    ref_logp = ref_logits.log_softmax(-1)
     for name, config in configs.items():
         ms, result, table = [], None, None
         for _ in range(repeats):
@@ -130,27 +145,40 @@ async def measure_prompt(runner: ModelRunner, store: KVStore, model_id: str, pro
             t0 = time.perf_counter()
             placed = await lookup_relay(store, model_id, prompt, runner.model.inv_freq, config.min_span_tokens,
                                         device=runner.model.device)
-            result = relay_prefill(runner.model, runner.cache, table, prompt, placed, config, logits_rows=rows)
+            result = relay_prefill(runner.model, runner.cache, table, prompt, placed, config)
             ms.append((time.perf_counter() - t0) * 1e3)
-        tokens = greedy(runner, table, result.logits[-1], num_greedy)
+        # distributions along full prefill's answer (teacher-forced), then the method's own greedy answer
+        forced = runner.forward([StepInput(table, ref_answer[:-1], logits_rows=list(range(num_greedy - 1)))])[0]
+        dists = torch.cat([result.logits[-1:], forced]) if num_greedy > 1 else result.logits[-1:]
+        runner.cache.truncate(table, len(prompt))
+        answer, _ = greedy(runner, table, result.logits[-1], num_greedy)
         runner.release(table)
-        same = sum(a == b for a, b in zip(tokens, ref_greedy))
+        same = sum(a == b for a, b in zip(answer, ref_answer))
+        first = next((i for i, (a, b) in enumerate(zip(answer, ref_answer)) if a != b), None)
+        margin = None
+        if first is not None:
+            top2 = ref_dists[first].softmax(-1).topk(2).values
+            margin = float(top2[0] - top2[1])
         out[name] = Measurement(median(ms), result.reuse_rate, same / num_greedy, same == num_greedy,
-                                kl(ref_logp, result))
+                                kl(ref_dists, dists), margin)
     return out
 
 
-def kl(ref_logp: torch.Tensor, result: RelayPrefill) -> float:
-    """Mean over rows of KL(full ‖ method) in nats."""
-    logp = result.logits.log_softmax(-1)
+def kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over rows of KL(full ‖ method) in nats. [n, vocab] each."""
+    ref_logp, logp = ref_logits.log_softmax(-1), logits.log_softmax(-1)
     return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
 
 
-def greedy(runner: ModelRunner, table: BlockTable, logits: torch.Tensor, num_tokens: int) -> list[int]:
+def greedy(runner: ModelRunner, table: BlockTable, logits: torch.Tensor,
+           num_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy answer from a prefilled table, and the logits each token was picked from: [num_tokens, vocab]."""
+    steps = [logits]
     out = [int(logits.argmax())]
     for _ in range(num_tokens - 1):
-        out.append(int(runner.forward([StepInput(table, [out[-1]])])[0][-1].argmax()))
-    return out
+        steps.append(runner.forward([StepInput(table, [out[-1]])])[0][-1])
+        out.append(int(steps[-1].argmax()))
+    return out, torch.stack(steps)
 
 
 def median(values: list[float]) -> float:

@@ -27,7 +27,7 @@ def model_dir(tmp_path_factory):
 def test_quick_bench_writes_every_method_per_span_length(model_dir, tmp_path, capsys):
     out = tmp_path / "relay.json"
     assert main_relay(parse("--model", str(model_dir), "--quick", "--spans", "96,128", "--greedy-tokens", "8",
-                            "--kl-positions", "4", "--json", str(out))) == 0
+                            "--json", str(out))) == 0
     report = json.loads(out.read_text())
     assert set(report["spans"]) == {"96", "128"}
     for span in report["spans"].values():
@@ -37,7 +37,8 @@ def test_quick_bench_writes_every_method_per_span_length(model_dir, tmp_path, ca
         for m in methods.values():
             assert {"reuse_rate", "ttft_ms", "greedy_agreement", "mean_kl"} <= set(m) and m["ttft_ms"] > 0
         assert methods["full_prefill"]["reuse_rate"] == 0 and methods["full_prefill"]["mean_kl"] == 0
-        assert methods["full_prefill"]["greedy_agreement"] == 1.0
+        assert methods["full_prefill"]["greedy_agreement"] == 1.0 and methods["full_prefill"]["diverged"] == 0
+        assert all(m["diverged_at_near_tie"] <= m["diverged"] <= 2 for m in methods.values())
         assert methods["naive_reuse"]["reuse_rate"] == 1.0 and methods["naive_reuse"]["mean_kl"] > 0
         assert 0.5 < methods["cacheblend"]["reuse_rate"] < 1.0 and 0.0 < methods["relaycaching"]["reuse_rate"] < 1.0
     printed = capsys.readouterr().out
