@@ -107,7 +107,8 @@ class ReplyChannel(Generic[T]):
         """The next reply; None once the channel is closed. Raises TimeoutError after `timeout_s`."""
         if self.closed and self._queue.empty():
             return None
-        payload = await asyncio.wait_for(self._queue.get(), timeout_s)
+        async with asyncio.timeout(timeout_s):  # unlike wait_for on 3.11, never swallows a cancellation
+            payload = await self._queue.get()
         return None if payload is None else self._decoder.decode(payload)
 
     def __aiter__(self) -> ReplyChannel[T]:
@@ -271,8 +272,9 @@ class LocalBus(Bus):
                     batch.append(seq)
             if not batch:
                 s.changed.clear()
-                try:
-                    await asyncio.wait_for(s.changed.wait(), min(cfg.block_ms, cfg.claim_interval_ms) / 1000)
+                try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation racing a wake-up
+                    async with asyncio.timeout(min(cfg.block_ms, cfg.claim_interval_ms) / 1000):
+                        await s.changed.wait()
                 except TimeoutError:
                     pass
                 continue

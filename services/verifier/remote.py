@@ -6,6 +6,8 @@ i.e. plain decoding: a slow or dead drafter costs speed, never correctness.
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 
 from specrelay.services.drafter.base import DraftInput, Verified
@@ -35,13 +37,15 @@ class RemoteDrafter:
         self.step_id += 1
         items = [DraftItem(names[i.request_id], i.tokens, _spec(i), i.max_nodes) for i in inputs]
         await self.bus.publish(DRAFT_STREAM, DraftBatch(self.step_id, self.channel.name, items))
-        while True:
-            reply = await self.channel.get(timeout_s=self.timeout_s)
-            if reply is None:
-                self.timeouts += 1
-                return None
-            if reply.step_id == self.step_id:
-                break
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while (reply := await self.channel.get()) is not None and reply.step_id != self.step_id:
+                    pass  # a late reply to a step that already went ahead without it
+        except TimeoutError:
+            self.timeouts += 1
+            return None
+        if reply is None:  # channel closed: shutting down
+            return None
         by_name = {t.request_id: t for t in reply.trees}
         trees = []
         for item in items:

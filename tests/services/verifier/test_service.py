@@ -93,3 +93,20 @@ async def test_cancel_frees_the_kv_and_bad_requests_get_an_error(tiny_pair):
 
     async with bus:
         await run_stack(bus, target, draft, body)
+
+
+async def test_without_a_drafter_the_verifier_decodes_plainly(tiny_pair):
+    """No drafter service answers: every step times out into plain decoding, and the output is unchanged."""
+    target, _ = tiny_pair
+    expected = ModelRunner(target, num_blocks=64).generate([[5, 6, 7]], SamplingParams(max_tokens=6))[0]
+    async with make_bus(None) as bus:
+        service = VerifierService(VerifierConfig(model_dir="", max_nodes=8, num_blocks=256, draft_timeout_s=0.05),
+                                  bus, engine=_engine(target))
+        task = asyncio.create_task(service.run())
+        channel = bus.open_reply_channel(TokenChunk)
+        await bus.publish(GENERATE_STREAM, Generate("r", [5, 6, 7], SamplingSpec(max_tokens=6), channel.name))
+        chunks = await collect(channel, 1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert [t for c in chunks["r"] for t in c.token_ids] == expected
+    assert service.drafter.timeouts > 0
