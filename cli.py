@@ -13,6 +13,9 @@ from specrelay.shared.errors import SpecrelayError
 # name -> (module, one-line help). Add a command by adding a row.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("specrelay.services.serve", "start every service in one process (the embedded default)"),
+    "gateway": ("specrelay.services.gateway.service", "the OpenAI-compatible gateway alone (verifiers over --redis)"),
+    "verifier": ("specrelay.services.verifier.service", "the target-model verifier alone (over --redis)"),
+    "drafter": ("specrelay.services.drafter.service", "the draft proposer alone (over --redis)"),
     "loadgen": ("specrelay.loadgen.cli", "drive an OpenAI-compatible endpoint and measure SLO attainment and goodput"),
     "models": ("specrelay.models.cli", "train and evaluate the embedded target + draft pair"),
     "kernels": ("specrelay.kernels.cli", "benchmark the Triton kernels against torch"),

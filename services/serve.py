@@ -1,4 +1,6 @@
-"""`specrelay serve`: every service in one process over the local bus, serving the embedded pair by default."""
+"""`specrelay serve`: the gateway, the verifier and the drafter in one process, over one bus — the in-process
+bus by default (the embedded default), or Redis with `--redis URL` (the same services, talking over Redis Streams).
+"""
 
 from __future__ import annotations
 
@@ -6,19 +8,77 @@ import argparse
 from pathlib import Path
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+PROPOSERS = ("tree", "chain", "recycle", "none")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=str(MODELS_DIR / "target"), help="target model: a local HF directory")
+    from specrelay.services.gateway import service as gateway
+
+    gateway.add_arguments(parser)  # --model, --host, --port, --redis, --api-key, ...
     parser.add_argument("--draft", default=str(MODELS_DIR / "draft"), help="draft model: a local HF directory")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--redis", default=None, metavar="URL", help="talk over Redis instead of the local bus")
+    parser.add_argument("--proposer", choices=PROPOSERS, default="tree",
+                        help="draft-model tree, chain, model-free Token Recycling, or none (plain decoding)")
+    parser.add_argument("--max-nodes", type=int, default=16, help="largest draft tree verified per request")
+    parser.add_argument("--num-blocks", type=int, default=2048, help="KV cache blocks (16 tokens each)")
+    parser.add_argument("--device", default="cpu")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from aiohttp import web
+
+    from specrelay.services.drafter.service import Drafter, DrafterConfig, build_proposer, serve_drafter
+    from specrelay.services.gateway import service as gateway
+    from specrelay.services.gateway.app import create_app
+    from specrelay.services.gateway.metrics import KvStats
+    from specrelay.services.verifier.service import VerifierConfig, VerifierService
+    from specrelay.shared.bus import make_bus
+    from specrelay.shared.errors import ConfigError
+    from specrelay.shared.tokenizer import Tokenizer
+
+    config = gateway.build_config(args)
+    speculate = args.proposer != "none"
+    async with make_bus(args.redis) as bus:
+        verifier = VerifierService(VerifierConfig(args.model, args.redis, speculate=speculate,
+                                                  max_nodes=args.max_nodes, num_blocks=args.num_blocks,
+                                                  device=args.device), bus)
+        cache = verifier.engine.runner.cache
+        kv_stats = lambda: KvStats(cache.allocator.num_blocks - cache.num_free_blocks,  # noqa: E731
+                                   cache.allocator.num_blocks)
+        gateway_config = config.gateway
+        if gateway_config.max_model_len > verifier.engine.runner.max_model_len:
+            from dataclasses import replace
+
+            gateway_config = replace(gateway_config, max_model_len=verifier.engine.runner.max_model_len)
+        tasks = [asyncio.create_task(verifier.run())]
+        if speculate:
+            drafter = Drafter(build_proposer(DrafterConfig(args.model, args.draft, args.proposer, device=args.device)))
+            tasks.append(asyncio.create_task(serve_drafter(bus, drafter, "drafter-embedded")))
+        runner = web.AppRunner(create_app(gateway_config, bus, Tokenizer(args.model), kv_stats=kv_stats))
+        await runner.setup()
+        try:
+            try:
+                await web.TCPSite(runner, args.host, args.port).start()
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+            print(f"specrelay serve: {gateway_config.model_name!r} (draft: {args.proposer}) on "
+                  f"http://{args.host}:{args.port}/v1, bus: {args.redis or 'in-process'}", flush=True)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # a service that died takes the server down with its error
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await runner.cleanup()
 
 
 def main(args: argparse.Namespace) -> int:
-    # The gateway lands with the services issue; until then this says what it will serve.
-    print(f"specrelay serve: target {args.model}")
-    print(f"specrelay serve: draft  {args.draft}")
-    print(f"specrelay serve: would listen on http://{args.host}:{args.port}/v1 (the gateway is not built yet)")
+    import asyncio
+
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        pass
     return 0
