@@ -1,8 +1,13 @@
 """Fixtures: a small BPE tokenizer with the embedded pair's chat template, and the gateway served on a real port
 in front of a scripted fake verifier (`fake_verifier.py`).
 
-`live_server_url` points the OpenAI-SDK tests at `SPECRELAY_TEST_SERVER_URL` (a running `specrelay serve`) when
-set, else at the gateway + fake verifier here; the SDK tests only assert what any correct server shows.
+`live_server_url` runs the OpenAI-SDK tests once per server topology (the SDK tests only assert what any correct
+server shows):
+- `fake`: the gateway in this process in front of the fake verifier;
+- `serve`: `specrelay serve` as a subprocess (every service in one process, the embedded pair);
+- `compose`: each service of compose.yaml started from its own command, over the test's Redis (`live_servers.py`).
+`SPECRELAY_TEST_SERVER_MODES=fake,serve` picks some of them; `SPECRELAY_TEST_SERVER_URL` replaces them all with a
+server that is already running. A failing test against a subprocess server shows the servers' logs.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from specrelay.shared.tokenizer import Tokenizer
 HERE = Path(__file__).parent
 MODEL = "tiny-chat"
 LIVE_URL_ENV = "SPECRELAY_TEST_SERVER_URL"
+LIVE_MODES_ENV = "SPECRELAY_TEST_SERVER_MODES"
+LIVE_MODES = ("fake", "serve", "compose")
 
 
 def _load(name: str):
@@ -36,6 +43,7 @@ def _load(name: str):
 
 
 fake_verifier = _load("fake_verifier")
+live_servers = _load("live_servers")
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather for a city",
@@ -118,12 +126,70 @@ def make_gateway(tokenizer, base_config):
     return make
 
 
+def _live_modes() -> list:
+    if os.environ.get(LIVE_URL_ENV):
+        return ["url"]
+    wanted = [m.strip() for m in os.environ.get(LIVE_MODES_ENV, ",".join(LIVE_MODES)).split(",") if m.strip()]
+    unknown = set(wanted) - set(LIVE_MODES)
+    if unknown:
+        raise pytest.UsageError(f"{LIVE_MODES_ENV}: unknown modes {sorted(unknown)}; known: {LIVE_MODES}")
+    # the subprocess topologies load real models: seconds to start, still part of `make test`
+    return [m if m == "fake" else pytest.param(m, marks=pytest.mark.slow) for m in wanted]
+
+
+# A gap of the compose topology, not of the test: the stand-alone gateway has no view of the verifiers' KV caches
+# (they live in other processes and publish no gauges yet), so /metrics has no specrelay_kv_blocks_used there.
+# Strict: once the verifiers report their blocks, this xfail fails and must go.
+KNOWN_GAPS = {"test_leaving_mid_stream_frees_the_kv_blocks[compose]":
+              "stand-alone gateway: no KV-block gauges from verifiers in other processes"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.name in KNOWN_GAPS:
+            item.add_marker(pytest.mark.xfail(reason=KNOWN_GAPS[item.name], strict=True))
+
+
+_running: dict[str, Any] = {}  # mode -> LiveServer, for the logs of a failing test
+
+
+@pytest.fixture(scope="session", params=_live_modes())
+def live_server(request, tmp_path_factory):
+    """The base URL of a subprocess server for this mode (None for `fake`), started once per session."""
+    mode = request.param
+    if mode == "url":
+        yield os.environ[LIVE_URL_ENV].rstrip("/")
+        return
+    if mode == "fake":
+        yield None
+        return
+    log_dir = tmp_path_factory.mktemp(f"live-{mode}")
+    if mode == "serve":
+        server = live_servers.start_serve(log_dir)
+    else:
+        server = live_servers.start_compose(request.getfixturevalue("redis_url"), log_dir)
+    _running[mode] = server
+    try:
+        yield server.url
+    finally:
+        _running.pop(mode, None)
+        server.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    mode = getattr(getattr(item, "callspec", None), "params", {}).get("live_server")
+    if report.failed and mode in _running:
+        report.sections.append((f"specrelay {mode} logs", _running[mode].logs()))
+
+
 @pytest.fixture
-async def live_server_url(tokenizer, base_config):
+async def live_server_url(live_server, tokenizer, base_config):
     """Base URL (no /v1) of a server to test with the OpenAI SDK."""
-    url = os.environ.get(LIVE_URL_ENV)
-    if url:
-        yield url.rstrip("/")
+    if live_server is not None:
+        yield live_server
         return
     # A little time per chunk, as a real model takes, so a client can leave mid-stream.
     async with serve_gateway(tokenizer, base_config, delay_s=0.01) as harness:

@@ -1,0 +1,27 @@
+# One image for every specrelay service: compose.yaml picks the service with `command` (gateway, verifier, ...).
+#   docker build -t specrelay .
+#   docker run --rm -p 8000:8000 specrelay serve --host 0.0.0.0     # everything in one container
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# torch goes in first, pinned, in a layer of its own so that code changes do not reinstall it. The default index
+# gives the build for this platform: on a GPU host that is the CUDA wheel, which is what the verifier wants there.
+# For a small CPU-only image pass the index of the CPU wheels: --build-arg TORCH_INDEX_URL=<that index>.
+ARG TORCH_INDEX_URL=""
+RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+
+# The whole checkout, models/ included (.dockerignore keeps out the venv, tests and caches). An editable install
+# keeps the package at /app, where the commands' defaults look for models/target and models/draft.
+COPY . /app
+RUN pip install -e /app torch==2.13.0 \
+    && useradd --system --no-create-home --home-dir /app specrelay
+USER specrelay
+
+EXPOSE 8000
+ENTRYPOINT ["specrelay"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

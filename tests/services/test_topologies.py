@@ -1,0 +1,110 @@
+"""compose.yaml and the Dockerfile as `docker compose up` would read them, checked without Docker: every service
+runs a real `specrelay` command, the stack waits on health, settings come from the environment, and the verifier
+can be scaled. That the commands serve the OpenAI API together is shown by the SDK tests in their `compose` mode
+(tests/services/gateway/conftest.py starts exactly these commands)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from specrelay.cli import COMMANDS, build_parser
+
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+
+
+def _load_live_servers():
+    spec = importlib.util.spec_from_file_location("specrelay_tests_live_servers", HERE / "gateway" / "live_servers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+live_servers = _load_live_servers()
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, dict]:
+    return live_servers.compose_services(ROOT / "compose.yaml")
+
+
+def test_the_stack_is_redis_and_the_specrelay_services_from_one_image(services):
+    assert services["redis"]["image"].startswith("redis:7")
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    ours = {name: s for name, s in services.items() if name != "redis"}
+    assert {"gateway", "verifier", "drafter"} <= set(ours)
+    assert {s["image"] for s in ours.values()} == {"specrelay:latest"}
+    assert {s["build"] for s in ours.values()} == {"."}
+    for name, service in ours.items():
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
+
+
+def test_every_command_parses_as_a_specrelay_command(services):
+    parser = build_parser()
+    for name, argv, env in live_servers.compose_commands("redis://127.0.0.1:6379/0", 8123):
+        args = parser.parse_args(argv[1:])  # argparse exits (SystemExit) on a flag the command does not take
+        assert args.command in COMMANDS, name
+        redis_url = getattr(args, "redis", None) or env.get("SPECRELAY_REDIS")
+        assert redis_url == "redis://127.0.0.1:6379/0", f"{name} would not find Redis"
+
+
+def test_the_gateway_publishes_port_8000_and_is_healthchecked_on_health(services):
+    gateway = services["gateway"]
+    argv = gateway["command"]
+    assert argv[argv.index("--host") + 1] == "0.0.0.0"  # reachable from outside its container
+    container_port = argv[argv.index("--port") + 1]
+    assert [p.rsplit(":", 1)[1] for p in gateway["ports"]] == [container_port]
+    assert live_servers.interpolate(gateway["ports"][0], {}) == f"8000:{container_port}"
+    assert live_servers.interpolate(gateway["ports"][0], {"SPECRELAY_PORT": "9000"}) == f"9000:{container_port}"
+    probe = " ".join(gateway["healthcheck"]["test"])
+    assert f"127.0.0.1:{container_port}/health" in probe
+
+
+@pytest.mark.parametrize("name", ["verifier", "drafter"])
+def test_workers_can_be_scaled(services, name):
+    # `docker compose up --scale verifier=N` refuses services with a fixed name or a published host port
+    assert "container_name" not in services[name]
+    assert "ports" not in services[name]
+
+
+def test_settings_come_from_the_environment(services):
+    commands = {name: (argv, env) for name, argv, env in live_servers.compose_commands("redis://r:1/0", 8123)}
+    assert "SPECRELAY_API_KEY" in services["gateway"]["environment"]
+    assert live_servers.interpolate(services["gateway"]["environment"]["SPECRELAY_API_KEY"], {}) == ""
+    drafter_argv = services["drafter"]["command"]
+    proposer = drafter_argv[drafter_argv.index("--proposer") + 1]
+    assert live_servers.interpolate(proposer, {}) == "tree"
+    assert live_servers.interpolate(proposer, {"SPECRELAY_PROPOSER": "recycle"}) == "recycle"
+    assert commands["verifier"][1]["OMP_NUM_THREADS"] == "1"  # the tests' SPECRELAY_THREADS, through compose
+
+
+def test_interpolation_follows_compose(services):
+    env = {"SET": "x", "EMPTY": ""}
+    assert live_servers.interpolate("${SET:-d}/${EMPTY:-d}/${UNSET:-d}", env) == "x/d/d"
+    assert live_servers.interpolate("${EMPTY-d}/${UNSET-d}/${UNSET}", env) == "/d/"
+
+
+def test_the_dockerfile_builds_one_image_that_runs_specrelay():
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    assert lines[0] == "FROM python:3.11-slim"
+    runs = [line for line in lines if line.startswith("RUN ")]
+    assert "torch==2.13.0" in shlex.split(runs[0])  # torch first, pinned, before the project can pull another
+    assert any("pip install -e /app torch==2.13.0" in r for r in runs[1:])
+    assert "COPY . /app" in lines
+    assert 'ENTRYPOINT ["specrelay"]' in lines
+    assert not any("://" in line for line in lines)  # no registry hosts in our text
+
+
+def test_the_image_context_keeps_models_and_leaves_out_the_venv():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".venv", ".git", "tests"} <= ignored
+    assert not any(pattern.startswith("models") for pattern in ignored)
+    assert (ROOT / "models" / "target" / "config.json").is_file()
