@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("specrelay.services.gateway.service", "the OpenAI-compatible gateway alone (verifiers over --redis)"),
     "verifier": ("specrelay.services.verifier.service", "the target-model verifier alone (over --redis)"),
     "drafter": ("specrelay.services.drafter.service", "the draft proposer alone (over --redis)"),
+    "kvstore": ("specrelay.services.kvstore.service", "keep the shared Redis KV store within its capacity"),
     "loadgen": ("specrelay.loadgen.cli", "drive an OpenAI-compatible endpoint and measure SLO attainment and goodput"),
     "models": ("specrelay.models.cli", "train and evaluate the embedded target + draft pair"),
     "kernels": ("specrelay.kernels.cli", "benchmark the Triton kernels against torch"),

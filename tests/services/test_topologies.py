@@ -38,7 +38,7 @@ def test_the_stack_is_redis_and_the_specrelay_services_from_one_image(services):
     assert services["redis"]["image"].startswith("redis:7")
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     ours = {name: s for name, s in services.items() if name != "redis"}
-    assert {"gateway", "verifier", "drafter"} <= set(ours)
+    assert set(ours) == {"gateway", "verifier", "drafter", "kvstore"}
     assert {s["image"] for s in ours.values()} == {"specrelay:latest"}
     assert {s["build"] for s in ours.values()} == {"."}
     for name, service in ours.items():
@@ -47,23 +47,28 @@ def test_the_stack_is_redis_and_the_specrelay_services_from_one_image(services):
 
 def test_every_command_parses_as_a_specrelay_command(services):
     parser = build_parser()
-    for name, argv, env in live_servers.compose_commands("redis://127.0.0.1:6379/0", 8123):
-        args = parser.parse_args(argv[1:])  # argparse exits (SystemExit) on a flag the command does not take
-        assert args.command in COMMANDS, name
-        redis_url = getattr(args, "redis", None) or env.get("SPECRELAY_REDIS")
-        assert redis_url == "redis://127.0.0.1:6379/0", f"{name} would not find Redis"
+    for c in live_servers.compose_commands("redis://127.0.0.1:6379/0"):
+        args = parser.parse_args(c.argv[1:])  # argparse exits (SystemExit) on a flag the command does not take
+        assert args.command in COMMANDS, c.service
+        redis_url = getattr(args, "redis", None) or c.env.get("SPECRELAY_REDIS")
+        assert redis_url == "redis://127.0.0.1:6379/0", f"{c.service} would not find Redis"
 
 
-def test_the_gateway_publishes_port_8000_and_is_healthchecked_on_health(services):
-    gateway = services["gateway"]
-    argv = gateway["command"]
-    assert argv[argv.index("--host") + 1] == "0.0.0.0"  # reachable from outside its container
+@pytest.mark.parametrize("name", ["gateway", "kvstore"])
+def test_http_services_listen_beyond_their_container_and_are_healthchecked_on_health(services, name):
+    argv = services[name]["command"]
+    assert argv[argv.index("--host") + 1] == "0.0.0.0"
     container_port = argv[argv.index("--port") + 1]
+    probe = " ".join(services[name]["healthcheck"]["test"])
+    assert f"127.0.0.1:{container_port}/health" in probe
+
+
+def test_the_gateway_publishes_port_8000(services):
+    gateway = services["gateway"]
+    container_port = gateway["command"][gateway["command"].index("--port") + 1]
     assert [p.rsplit(":", 1)[1] for p in gateway["ports"]] == [container_port]
     assert live_servers.interpolate(gateway["ports"][0], {}) == f"8000:{container_port}"
     assert live_servers.interpolate(gateway["ports"][0], {"SPECRELAY_PORT": "9000"}) == f"9000:{container_port}"
-    probe = " ".join(gateway["healthcheck"]["test"])
-    assert f"127.0.0.1:{container_port}/health" in probe
 
 
 @pytest.mark.parametrize("name", ["verifier", "drafter"])
@@ -74,14 +79,15 @@ def test_workers_can_be_scaled(services, name):
 
 
 def test_settings_come_from_the_environment(services):
-    commands = {name: (argv, env) for name, argv, env in live_servers.compose_commands("redis://r:1/0", 8123)}
+    commands = {c.service: c for c in live_servers.compose_commands("redis://r:1/0")}
     assert "SPECRELAY_API_KEY" in services["gateway"]["environment"]
     assert live_servers.interpolate(services["gateway"]["environment"]["SPECRELAY_API_KEY"], {}) == ""
     drafter_argv = services["drafter"]["command"]
     proposer = drafter_argv[drafter_argv.index("--proposer") + 1]
     assert live_servers.interpolate(proposer, {}) == "tree"
     assert live_servers.interpolate(proposer, {"SPECRELAY_PROPOSER": "recycle"}) == "recycle"
-    assert commands["verifier"][1]["OMP_NUM_THREADS"] == "1"  # the tests' SPECRELAY_THREADS, through compose
+    assert commands["verifier"].env["OMP_NUM_THREADS"] == "1"  # the tests' SPECRELAY_THREADS, through compose
+    assert live_servers.interpolate(services["kvstore"]["environment"]["SPECRELAY_KV_CAPACITY"], {}) == "2G"
 
 
 def test_interpolation_follows_compose(services):

@@ -26,8 +26,8 @@ SPECRELAY = Path(sys.executable).parent / "specrelay"
 STARTUP_TIMEOUT_S = 180.0  # three model processes loading at once on a small shared CPU
 COMPOSE_REDIS = re.compile(r"redis://redis:6379(/\d+)?")
 INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?-)([^}]*))?\}")
-# How each compose command shows it is ready: the gateway answers /health; a verifier or drafter has joined its
-# consumer group (after its model loaded). A new service in compose.yaml must be taught here, or the test fails.
+# How each compose command shows it is ready: one with a --port answers /health there; a verifier or drafter has
+# joined its consumer group (after its model loaded). Any other service in compose.yaml fails the test until taught.
 READY_GROUPS = {"verifier": ("verifier.generate", "verifier"), "drafter": ("drafter.requests", "drafter")}
 BUS_PREFIX = "specrelay:"  # shared.bus.BusConfig's default: compose's services do not change it
 
@@ -113,7 +113,7 @@ def _joined(redis_client, stream: str, group: str) -> bool:
         return False
 
 
-def wait_ready(server: LiveServer, groups: list[tuple[str, str]], redis_url: str | None) -> None:
+def wait_ready(server: LiveServer, urls: list[str], groups: list[tuple[str, str]], redis_url: str | None) -> None:
     redis_client = None
     if groups:
         import redis
@@ -121,7 +121,7 @@ def wait_ready(server: LiveServer, groups: list[tuple[str, str]], redis_url: str
         redis_client = redis.Redis.from_url(redis_url)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:
-        while not (_healthy(server.url) and all(_joined(redis_client, s, g) for s, g in groups)):
+        while not (all(_healthy(url) for url in urls) and all(_joined(redis_client, s, g) for s, g in groups)):
             server.check_alive()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not ready after {STARTUP_TIMEOUT_S:.0f}s\n{server.logs()}")
@@ -137,7 +137,7 @@ def start_serve(log_dir: Path) -> LiveServer:
     server = LiveServer(f"http://127.0.0.1:{port}")
     server.start("serve", [str(SPECRELAY), "serve", "--host", "127.0.0.1", "--port", str(port)], child_env(), log_dir)
     try:
-        wait_ready(server, [], None)
+        wait_ready(server, [server.url], [], None)
     except BaseException:
         server.stop()
         raise
@@ -162,9 +162,20 @@ def compose_services(path: Path = COMPOSE_FILE) -> dict[str, dict]:
     return yaml.safe_load(path.read_text())["services"]
 
 
-def compose_commands(redis_url: str, gateway_port: int, path: Path = COMPOSE_FILE,
-                     ) -> list[tuple[str, list[str], dict[str, str]]]:
-    """(service, argv, environment) for every specrelay service of compose.yaml, rewritten for loopback."""
+@dataclass
+class ComposeCommand:
+    service: str
+    argv: list[str]  # [specrelay, command, ...]
+    env: dict[str, str]
+    port: int | None  # its --port, rewritten to a free loopback port
+
+    @property
+    def command(self) -> str:
+        return self.argv[1]
+
+
+def compose_commands(redis_url: str, path: Path = COMPOSE_FILE) -> list[ComposeCommand]:
+    """Every specrelay service of compose.yaml, rewritten for loopback: the test's Redis, free ports."""
     interp_env = child_env(SPECRELAY_THREADS="1")  # compose's default suits a container, not a shared test CPU
     commands = []
     for name, service in compose_services(path).items():
@@ -173,33 +184,38 @@ def compose_commands(redis_url: str, gateway_port: int, path: Path = COMPOSE_FIL
         command = service["command"]
         args = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
         args = [COMPOSE_REDIS.sub(redis_url, interpolate(a, interp_env)) for a in args]
-        for flag, value in (("--host", "127.0.0.1"), ("--port", str(gateway_port))):
-            if flag in args:
-                args[args.index(flag) + 1] = value
+        port = None
+        if "--host" in args:
+            args[args.index("--host") + 1] = "127.0.0.1"
+        if "--port" in args:
+            port = free_port()
+            args[args.index("--port") + 1] = str(port)
         environment = service.get("environment") or {}
         if isinstance(environment, list):
             environment = dict(item.split("=", 1) for item in environment)
         env = {k: COMPOSE_REDIS.sub(redis_url, interpolate(str(v), interp_env)) for k, v in environment.items()}
-        commands.append((name, [str(SPECRELAY), *args], child_env(**env)))
+        commands.append(ComposeCommand(name, [str(SPECRELAY), *args], child_env(**env), port))
     return commands
 
 
 def start_compose(redis_url: str, log_dir: Path) -> LiveServer:
-    """Every specrelay service of compose.yaml as its own process; ready when the gateway answers and each
-    verifier and drafter has joined its consumer group."""
-    port = free_port()
-    server = LiveServer(f"http://127.0.0.1:{port}")
-    groups = []
+    """Every specrelay service of compose.yaml as its own process; ready when each HTTP service answers /health
+    and each verifier and drafter has joined its consumer group."""
+    commands = compose_commands(redis_url)
+    [gateway] = [c for c in commands if c.command == "gateway"]
+    server = LiveServer(f"http://127.0.0.1:{gateway.port}")
+    urls, groups = [], []
     try:
-        for name, argv, env in compose_commands(redis_url, port):
-            kind = argv[1]
-            if kind != "gateway" and kind not in READY_GROUPS:
-                raise RuntimeError(f"compose service {name!r} runs `specrelay {kind}`: teach live_servers.py "
-                                   "how to tell when it is ready")
-            if kind in READY_GROUPS:
-                groups.append(READY_GROUPS[kind])
-            server.start(name, argv, env, log_dir)
-        wait_ready(server, groups, redis_url)
+        for c in commands:
+            if c.command in READY_GROUPS:
+                groups.append(READY_GROUPS[c.command])
+            elif c.port is not None:
+                urls.append(f"http://127.0.0.1:{c.port}")
+            else:
+                raise RuntimeError(f"compose service {c.service!r} runs `specrelay {c.command}`: teach "
+                                   "live_servers.py how to tell when it is ready")
+            server.start(c.service, c.argv, c.env, log_dir)
+        wait_ready(server, urls, groups, redis_url)
     except BaseException:
         server.stop()
         raise
