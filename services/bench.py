@@ -1,0 +1,28 @@
+"""`specrelay bench spec|relay`: benchmarks that run ours and the baselines side by side in one process and print
+ratios (the kernels have their own: `specrelay kernels bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> (module, add-arguments function, main function, help)
+BENCHES = {
+    "spec": ("specrelay.services.verifier.bench_spec", "add_arguments", "main",
+             "speculative decoding vs transformers generate / assisted / prompt lookup and plain decoding"),
+    "relay": ("specrelay.services.verifier.relay_bench", "add_relay_arguments", "main_relay",
+              "RelayCaching vs full prefill, naive reuse and CacheBlend on multi-agent pipelines"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, (module_name, add, run, help_text) in BENCHES.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        getattr(module, add)(p)
+        p.set_defaults(_bench_main=getattr(module, run))
+
+
+def main(args: argparse.Namespace) -> int:
+    return args._bench_main(args)
