@@ -157,7 +157,7 @@ def create_app(keeper: StoreKeeper):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis", default=os.environ.get("SPECRELAY_REDIS"), metavar="URL",
                         help="the Redis that holds the store (or SPECRELAY_REDIS)")
-    parser.add_argument("--capacity", default=os.environ.get(CAPACITY_ENV, "2G"),
+    parser.add_argument("--capacity", default=os.environ.get(CAPACITY_ENV) or "2G",
                         help=f"bytes the store may hold, e.g. 2G (or ${CAPACITY_ENV})")
     parser.add_argument("--prefix", default="specrelay:", help="the store's key prefix")
     parser.add_argument("--host", default="127.0.0.1")

@@ -38,7 +38,7 @@ def test_the_stack_is_redis_and_the_specrelay_services_from_one_image(services):
     assert services["redis"]["image"].startswith("redis:7")
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     ours = {name: s for name, s in services.items() if name != "redis"}
-    assert set(ours) == {"gateway", "verifier", "drafter", "kvstore"}
+    assert set(ours) == {"gateway", "verifier", "drafter", "kvstore", "toolcoord"}
     assert {s["image"] for s in ours.values()} == {"specrelay:latest"}
     assert {s["build"] for s in ours.values()} == {"."}
     for name, service in ours.items():
@@ -71,7 +71,7 @@ def test_the_gateway_publishes_port_8000(services):
     assert live_servers.interpolate(gateway["ports"][0], {"SPECRELAY_PORT": "9000"}) == f"9000:{container_port}"
 
 
-@pytest.mark.parametrize("name", ["verifier", "drafter"])
+@pytest.mark.parametrize("name", ["verifier", "drafter", "toolcoord"])
 def test_workers_can_be_scaled(services, name):
     # `docker compose up --scale verifier=N` refuses services with a fixed name or a published host port
     assert "container_name" not in services[name]

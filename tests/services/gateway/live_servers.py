@@ -27,8 +27,9 @@ STARTUP_TIMEOUT_S = 180.0  # three model processes loading at once on a small sh
 COMPOSE_REDIS = re.compile(r"redis://redis:6379(/\d+)?")
 INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?-)([^}]*))?\}")
 # How each compose command shows it is ready: one with a --port answers /health there; a verifier or drafter has
-# joined its consumer group (after its model loaded). Any other service in compose.yaml fails the test until taught.
-READY_GROUPS = {"verifier": ("verifier.generate", "verifier"), "drafter": ("drafter.requests", "drafter")}
+# joined its consumer group (after its model or tools loaded). Any other service in compose.yaml fails the test until taught.
+READY_GROUPS = {"verifier": ("verifier.generate", "verifier"), "drafter": ("drafter.requests", "drafter"),
+                "toolcoord": ("toolcoord.calls", "toolcoord")}
 BUS_PREFIX = "specrelay:"  # shared.bus.BusConfig's default: compose's services do not change it
 
 
