@@ -29,7 +29,7 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spans", type=str, default=None, help="planner output lengths in tokens, comma-separated "
                         f"(default {','.join(map(str, SPANS))}); the worker writes half as many")
     parser.add_argument("--pipelines", type=int, default=None, help="pipelines per span length (default 3)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per prefill, median kept (default 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per prefill, methods interleaved, median kept (default 5)")
     parser.add_argument("--recompute-ratio", type=float, default=0.15, help="CacheBlend's r (default 0.15)")
     parser.add_argument("--deviation-factor", type=float, default=1.5, help="RelayCaching's α (default 1.5)")
     parser.add_argument("--influence-factor", type=float, default=1.45, help="RelayCaching's β (default 1.45)")
@@ -53,7 +53,7 @@ def main_relay(args: argparse.Namespace) -> int:
 
     spans = _ints(args.spans, "--spans") if args.spans else (QUICK_SPANS if args.quick else SPANS)
     pipelines = args.pipelines if args.pipelines is not None else (1 if args.quick else 3)
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
     if pipelines < 1 or repeats < 1 or args.greedy_tokens < 1:
         raise ConfigError("--pipelines, --repeats and --greedy-tokens must be positive")
     if not (args.model / "config.json").is_file():

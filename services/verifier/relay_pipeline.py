@@ -125,43 +125,51 @@ async def run_pipeline(runner: ModelRunner, store: KVStore, model_id: str, texts
 
 async def measure_prompt(runner: ModelRunner, store: KVStore, model_id: str, prompt: list[int],
                          configs: dict[str, RelayConfig], num_greedy: int, repeats: int) -> dict[str, Measurement]:
-    ref_ms, ref_logits, ref_table = [], None, None
-    for _ in range(repeats):  # the runtime's own one-pass prefill
-        if ref_table is not None:
-            runner.release(ref_table)
-        ref_table = BlockTable()
-        t0 = time.perf_counter()
-        ref_logits = runner.forward([StepInput(ref_table, prompt)])[0][-1]
-        ref_ms.append((time.perf_counter() - t0) * 1e3)
-    ref_answer, ref_dists = greedy(runner, ref_table, ref_logits, num_greedy)
-    runner.release(ref_table)
-    out = {"full_prefill": Measurement(median(ref_ms), 0.0, 1.0, True, 0.0)}
-    for name, config in configs.items():
-        ms, result, table = [], None, None
-        for _ in range(repeats):
-            if table is not None:
-                runner.release(table)
+    """Timed runs interleave the methods (full, naive, ..., full, naive, ...) so that load from other processes
+    on the machine falls on all of them alike; the answers are compared after the last run."""
+    ms: dict[str, list[float]] = {"full_prefill": [], **{name: [] for name in configs}}
+    out: dict[str, Measurement] = {}
+    ref_answer: list[int] = []
+    ref_dists = torch.empty(0)
+    for repeat in range(repeats):
+        for name in ms:
             table = BlockTable()
             t0 = time.perf_counter()
-            placed = await lookup_relay(store, model_id, prompt, runner.model.inv_freq, config.min_span_tokens,
-                                        device=runner.model.device)
-            result = relay_prefill(runner.model, runner.cache, table, prompt, placed, config)
-            ms.append((time.perf_counter() - t0) * 1e3)
-        # distributions along full prefill's answer (teacher-forced), then the method's own greedy answer
-        forced = runner.forward([StepInput(table, ref_answer[:-1], logits_rows=list(range(num_greedy - 1)))])[0]
-        dists = torch.cat([result.logits[-1:], forced]) if num_greedy > 1 else result.logits[-1:]
-        runner.cache.truncate(table, len(prompt))
-        answer, _ = greedy(runner, table, result.logits[-1], num_greedy)
-        runner.release(table)
-        same = sum(a == b for a, b in zip(answer, ref_answer))
-        first = next((i for i, (a, b) in enumerate(zip(answer, ref_answer)) if a != b), None)
-        margin = None
-        if first is not None:
-            top2 = ref_dists[first].softmax(-1).topk(2).values
-            margin = float(top2[0] - top2[1])
-        out[name] = Measurement(median(ms), result.reuse_rate, same / num_greedy, same == num_greedy,
-                                kl(ref_dists, dists), margin)
+            if name == "full_prefill":  # the runtime's own one-pass prefill
+                logits, reuse_rate = runner.forward([StepInput(table, prompt)])[0], 0.0
+            else:
+                config = configs[name]
+                placed = await lookup_relay(store, model_id, prompt, runner.model.inv_freq, config.min_span_tokens,
+                                            device=runner.model.device)
+                result = relay_prefill(runner.model, runner.cache, table, prompt, placed, config)
+                logits, reuse_rate = result.logits, result.reuse_rate
+            ms[name].append((time.perf_counter() - t0) * 1e3)
+            if repeat == repeats - 1:
+                if name == "full_prefill":
+                    ref_answer, ref_dists = greedy(runner, table, logits[-1], num_greedy)
+                    out[name] = Measurement(median(ms[name]), 0.0, 1.0, True, 0.0)
+                else:
+                    out[name] = _compare(runner, table, len(prompt), logits[-1], reuse_rate, ref_answer, ref_dists,
+                                         median(ms[name]))
+            runner.release(table)
     return out
+
+
+def _compare(runner: ModelRunner, table: BlockTable, prompt_len: int, logits: torch.Tensor, reuse_rate: float,
+             ref_answer: list[int], ref_dists: torch.Tensor, ttft_ms: float) -> Measurement:
+    """Distributions along full prefill's answer (teacher-forced), then the method's own greedy answer."""
+    num_greedy = len(ref_answer)
+    forced = runner.forward([StepInput(table, ref_answer[:-1], logits_rows=list(range(num_greedy - 1)))])[0]
+    dists = torch.cat([logits[None], forced]) if num_greedy > 1 else logits[None]
+    runner.cache.truncate(table, prompt_len)
+    answer, _ = greedy(runner, table, logits, num_greedy)
+    same = sum(a == b for a, b in zip(answer, ref_answer))
+    first = next((i for i, (a, b) in enumerate(zip(answer, ref_answer)) if a != b), None)
+    margin = None
+    if first is not None:
+        top2 = ref_dists[first].softmax(-1).topk(2).values
+        margin = float(top2[0] - top2[1])
+    return Measurement(ttft_ms, reuse_rate, same / num_greedy, same == num_greedy, kl(ref_dists, dists), margin)
 
 
 def kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
