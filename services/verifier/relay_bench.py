@@ -29,7 +29,8 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spans", type=str, default=None, help="planner output lengths in tokens, comma-separated "
                         f"(default {','.join(map(str, SPANS))}); the worker writes half as many")
     parser.add_argument("--pipelines", type=int, default=None, help="pipelines per span length (default 3)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per prefill, methods interleaved, median kept (default 5)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per prefill, methods interleaved, median kept (default 5)")
     parser.add_argument("--recompute-ratio", type=float, default=0.15, help="CacheBlend's r (default 0.15)")
     parser.add_argument("--deviation-factor", type=float, default=1.5, help="RelayCaching's α (default 1.5)")
     parser.add_argument("--influence-factor", type=float, default=1.45, help="RelayCaching's β (default 1.45)")
