@@ -5,6 +5,12 @@ prefill (the runtime's one-pass prefill), naive reuse (every relayed K/V kept), 
 deviation at the check layer) and RelayCaching (deviation ≥ α·mean ∪ influence ≥ β·mean). TTFT is the downstream
 prefill's wall time in this process: for the reuse methods it includes finding the quotes in the kvstore, loading
 and re-rotating their K/V, and the selective recompute.
+
+Quality is judged against the full prefill on the downstream agent's answer: `greedy_agreement` is the share of
+the next 64 greedy tokens equal position by position (`greedy_exact`: all 64), `mean_kl` the mean KL(full ‖ method)
+of the next-token distributions along the full prefill's answer (teacher-forced, so one early flip does not count
+64 times). Where two answers part, `diverged_at_near_tie` counts the partings at which the full prefill itself was
+torn (top-2 probability margin < 0.01): there any perturbation, however small, picks the other token.
 """
 
 from __future__ import annotations
