@@ -23,9 +23,9 @@ TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 class EvalConfig:
     models_dir: Path
     seed: int = 0
-    seq_len: int = 512
+    seq_len: int = 1024
     num_val_samples: int = 300
-    num_val_windows: int = 64
+    num_val_windows: int = 64  # the same windows as train_report.json's val_loss
     num_tool_prompts: int = 200
     max_new_tokens: int = 96
 

@@ -34,12 +34,12 @@ class TrainConfig:
     device: str = "cpu"
     seed: int = 0
     vocab_size: int = 4096
-    seq_len: int = 512
-    batch_size: int = 8
+    seq_len: int = 1024  # long windows: served prompts with six tool schemas reach ~600 tokens
+    batch_size: int = 4
     num_train_samples: int = 14000
     num_val_samples: int = 300
-    target_steps: int = 700
-    draft_steps: int = 500
+    target_steps: int = 650
+    draft_steps: int = 450
     target_lr: float = 2e-3
     draft_lr: float = 3e-3
     warmup_steps: int = 40
