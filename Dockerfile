@@ -16,10 +16,11 @@ ARG TORCH_INDEX_URL=""
 RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 
 # The whole checkout, models/ included (.dockerignore keeps out the venv, tests and caches). An editable install
-# keeps the package at /app, where the commands' defaults look for models/target and models/draft.
+# keeps the package at /app, where the commands' defaults look for models/target and models/draft. The services
+# run as a user of their own, with a writable home for triton's and torch's caches.
 COPY . /app
 RUN pip install -e /app torch==2.13.0 \
-    && useradd --system --no-create-home --home-dir /app specrelay
+    && useradd --system --create-home specrelay
 USER specrelay
 
 EXPOSE 8000
