@@ -1,4 +1,4 @@
-"""`specrelay bench spec|relay`: benchmarks that run ours and the baselines side by side in one process and print
+"""`specrelay bench spec|bus|relay`: benchmarks that run ours and the baselines side by side in one process and print
 ratios (the kernels have their own: `specrelay kernels bench`)."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import importlib
 BENCHES = {
     "spec": ("specrelay.services.verifier.bench_spec", "add_arguments", "main",
              "speculative decoding vs transformers generate / assisted / prompt lookup and plain decoding"),
+    "bus": ("specrelay.services.verifier.bench_bus", "add_arguments", "main",
+            "per-step overhead of the local and Redis transports against the in-process engine"),
     "relay": ("specrelay.services.verifier.relay_bench", "add_relay_arguments", "main_relay",
               "RelayCaching vs full prefill, naive reuse and CacheBlend on multi-agent pipelines"),
 }
