@@ -153,9 +153,10 @@ def pytest_collection_modifyitems(items):
 _running: dict[str, Any] = {}  # mode -> LiveServer, for the logs of a failing test
 
 
-@pytest.fixture(scope="session", params=_live_modes())
+@pytest.fixture(scope="module", params=_live_modes())
 def live_server(request, tmp_path_factory):
-    """The base URL of a subprocess server for this mode (None for `fake`), started once per session."""
+    """The base URL of a subprocess server for this mode (None for `fake`), started once per test module and
+    ended with it (so idle model processes do not linger through the rest of the suite)."""
     mode = request.param
     if mode == "url":
         yield os.environ[LIVE_URL_ENV].rstrip("/")
