@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 from dataclasses import dataclass, replace
 
 import torch
@@ -31,7 +32,7 @@ class DrafterConfig:
     draft_dir: str
     proposer: str = "tree"
     redis: str | None = None
-    consumer: str = f"drafter-{os.getpid()}"
+    consumer: str = f"drafter-{socket.gethostname()}-{os.getpid()}"  # pid 1 in every container
     num_blocks: int = 2048
     device: str = "cpu"
 

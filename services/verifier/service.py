@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 from specrelay.shared.bus import Bus, Delivery, make_bus
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 class VerifierConfig:
     model_dir: str
     redis: str | None = None
-    consumer: str = f"verifier-{os.getpid()}"
+    consumer: str = f"verifier-{socket.gethostname()}-{os.getpid()}"  # pid 1 in every container
     speculate: bool = True  # ask the drafter service for trees
     max_nodes: int = 16
     num_blocks: int = 2048
