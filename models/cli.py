@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--json", type=Path, help="also write the figures to this file")
     ev.add_argument("--seed", type=int, default=0, help="the seed the pair was trained with")
     ev.add_argument("--tool-prompts", type=int, default=200, help="held-out tool-use prompts to complete")
+    ev.add_argument("--details", action="store_true", help="also print figures outside the agreed JSON")
     ev.add_argument("--threads", type=int, help="torch CPU threads")
 
 
@@ -55,8 +56,10 @@ def _eval(args) -> int:
 
     if args.tool_prompts < 1:
         raise ConfigError("--tool-prompts must be at least 1")
-    result = evaluate(EvalConfig(models_dir=args.models, seed=args.seed, num_tool_prompts=args.tool_prompts))
+    result, details = evaluate(EvalConfig(models_dir=args.models, seed=args.seed, num_tool_prompts=args.tool_prompts))
     print(format_table(result))
+    if args.details:
+        print("\n".join(f"details  {name}  {value:.4f}" for name, value in details.items()))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -34,6 +34,7 @@ class ToolPrompt:
     """A held-out tool-use prompt: the model must answer it with a valid call to one of `tools`."""
     messages: list[dict]
     tools: list[dict]
+    expected: list[dict]  # the reference calls, {"name": ..., "arguments": {...}}, in order
 
 
 def _rng(seed: int, split: str, index: int) -> random.Random:
@@ -88,8 +89,8 @@ def tool_dialogue(r: random.Random) -> str:
 
 
 def tool_prompt(r: random.Random) -> ToolPrompt:
-    messages, tools, _ = _tool_opening(r)
-    return ToolPrompt(messages=messages, tools=tools)
+    messages, tools, calls = _tool_opening(r)
+    return ToolPrompt(messages=messages, tools=tools, expected=[{"name": t.name, "arguments": a} for t, a in calls])
 
 
 def _plan(r: random.Random, topic: str) -> str:

@@ -5,6 +5,8 @@
   `<tool_call>` block parses as JSON, names a tool offered in the prompt, and carries every required argument.
 - top1_agreement: teacher-forced on held-out dialogues, the share of positions where argmax(draft) == argmax(target)
   — with greedy verification this is the chance that one drafted token is accepted.
+- first_call_exact_rate (with --details, not part of the JSON): the first call equals the reference call, name and
+  arguments. Validity only checks the form; this checks that the values were copied from the request.
 """
 
 from __future__ import annotations
@@ -91,13 +93,22 @@ def loss_and_agreement(target, draft, windows) -> tuple[float, float, float]:
     return t_loss / n, d_loss / n, agree / max(total, 1)
 
 
-def tool_call_valid_rate(model, tokenizer, cfg: EvalConfig) -> float:
+def first_call(completion: str) -> dict | None:
+    match = TOOL_CALL.search(completion)
+    try:
+        return json.loads(match.group(1)) if match else None
+    except json.JSONDecodeError:
+        return None
+
+
+def tool_call_rates(model, tokenizer, cfg: EvalConfig) -> tuple[float, float]:
+    """(valid rate, first-call exact-match rate) over greedy completions of the held-out tool prompts."""
     import torch
 
     from specrelay.models.corpus import tool_prompts
 
     stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "</tool_call>", "<|endoftext|>")]
-    valid = 0
+    valid = exact = 0
     prompts = tool_prompts(cfg.seed, cfg.num_tool_prompts)
     for prompt in prompts:
         text = tokenizer.apply_chat_template(prompt.messages, tools=prompt.tools, tokenize=False,
@@ -108,16 +119,20 @@ def tool_call_valid_rate(model, tokenizer, cfg: EvalConfig) -> float:
                                  max_new_tokens=cfg.max_new_tokens, eos_token_id=stop, pad_token_id=stop[-1])
         completion = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
         valid += tool_call_is_valid(completion, prompt.tools)
-    return valid / max(len(prompts), 1)
+        exact += first_call(completion) == prompt.expected[0]
+    return valid / max(len(prompts), 1), exact / max(len(prompts), 1)
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """{"target": {"val_loss", "tool_call_valid_rate"}, "draft": {"val_loss", "top1_agreement"}}"""
+def evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
+    """The agreed figures {"target": {"val_loss", "tool_call_valid_rate"}, "draft": {"val_loss", "top1_agreement"}},
+    and the details {"first_call_exact_rate"}."""
     target, tokenizer = _load(cfg.models_dir / "target")
     draft, _ = _load(cfg.models_dir / "draft")
     t_loss, d_loss, agreement = loss_and_agreement(target, draft, _val_windows(cfg, tokenizer))
-    return {"target": {"val_loss": t_loss, "tool_call_valid_rate": tool_call_valid_rate(target, tokenizer, cfg)},
-            "draft": {"val_loss": d_loss, "top1_agreement": agreement}}
+    valid, exact = tool_call_rates(target, tokenizer, cfg)
+    figures = {"target": {"val_loss": t_loss, "tool_call_valid_rate": valid},
+               "draft": {"val_loss": d_loss, "top1_agreement": agreement}}
+    return figures, {"first_call_exact_rate": exact}
 
 
 def format_table(result: dict) -> str:

@@ -62,3 +62,5 @@ def test_tool_prompts_ask_for_an_offered_tool():
     for prompt in prompts:
         assert prompt.messages[-1]["role"] == "user"
         assert 2 <= len(prompt.tools) <= 7
+        call = json.dumps({"name": prompt.expected[0]["name"], "arguments": prompt.expected[0]["arguments"]})
+        assert tool_call_is_valid(f"<tool_call>\n{call}\n</tool_call>", prompt.tools)

@@ -46,17 +46,18 @@ def test_the_pair_shares_one_tokenizer_with_the_chat_template_and_fits_in_40_mb(
 
 
 def test_the_target_answers_a_held_out_tool_prompt_with_a_valid_call(pair):
-    from specrelay.models.evaluate import EvalConfig, tool_call_valid_rate
+    from specrelay.models.evaluate import EvalConfig, tool_call_rates
 
     target, _, tokenizer = pair
-    rate = tool_call_valid_rate(target, tokenizer, EvalConfig(models_dir=DEFAULT_MODELS_DIR, num_tool_prompts=3))
-    assert rate >= 2 / 3
+    valid, _ = tool_call_rates(target, tokenizer, EvalConfig(models_dir=DEFAULT_MODELS_DIR, num_tool_prompts=3))
+    assert valid >= 2 / 3
 
 
 def test_eval_json_has_the_agreed_schema(tmp_path):
     from specrelay.models.evaluate import EvalConfig, evaluate
 
-    figures = evaluate(EvalConfig(models_dir=DEFAULT_MODELS_DIR, num_val_windows=2, num_tool_prompts=2))
+    figures, details = evaluate(EvalConfig(models_dir=DEFAULT_MODELS_DIR, num_val_windows=2, num_tool_prompts=2))
     assert {k: set(v) for k, v in figures.items()} == {"target": {"val_loss", "tool_call_valid_rate"},
                                                        "draft": {"val_loss", "top1_agreement"}}
     assert all(isinstance(x, float) for v in figures.values() for x in v.values())
+    assert 0.0 <= details["first_call_exact_rate"] <= 1.0
