@@ -26,6 +26,7 @@ from specrelay.shared.sampling import SamplingParams, make_generator, processed_
 
 @dataclass
 class SpecStats:
+    cached_tokens: int = 0  # prompt tokens whose KV was loaded, not prefilled
     steps: int = 0
     accepted_tokens: int = 0  # draft tokens the target accepted
     drafted_tokens: int = 0  # tree nodes verified, roots excluded
@@ -76,28 +77,41 @@ class SpecEngine:
         self.max_nodes = max_nodes if speculate else 1
         self.budget = AdaptiveBudget(self.max_nodes) if adaptive else None
         self.running: list[Request] = []
+        self.keep_finished = False  # a service that publishes finished requests' KV frees it itself
         self._ids = itertools.count()
 
-    def add(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Request]:
-        """Prefill the prompts (short ones together in one forward) and commit each request's first token."""
+    def add(self, prompts: list[list[int]], params: list[SamplingParams],
+            tables: list[BlockTable] | None = None) -> list[Request]:
+        """Prefill the prompts (short ones together in one forward) and commit each request's first token.
+        `tables` may hold KV already loaded for a prefix of each prompt (prefix reuse): only the rest is prefilled."""
         if any(not p for p in prompts):
             raise ValueError("empty prompt")
-        requests = [Request(next(self._ids), list(p), sp, generator=make_generator(sp))
-                    for p, sp in zip(prompts, params)]
-        short = [r for r in requests if len(r.prompt) <= self.runner.prefill_chunk]
+        tables = tables or [BlockTable() for _ in prompts]
+        requests = [Request(next(self._ids), list(p), sp, table=t, generator=make_generator(sp))
+                    for p, sp, t in zip(prompts, params, tables)]
+        for r in requests:
+            assert r.table.num_tokens < len(r.prompt), "the last prompt token must be computed for its logits"
+            r.stats.cached_tokens = r.table.num_tokens
+        short = [r for r in requests if len(r.prompt) - r.table.num_tokens <= self.runner.prefill_chunk]
         for start in range(0, len(short), 64):
             group = short[start : start + 64]
-            for r, logits in zip(group, self.runner.forward([StepInput(r.table, r.prompt) for r in group])):
+            steps = [StepInput(r.table, r.prompt[r.table.num_tokens :]) for r in group]
+            for r, logits in zip(group, self.runner.forward(steps)):
                 self._commit(r, [self._draw(logits, r.params, r.generator)])
         for r in requests:
-            if len(r.prompt) > self.runner.prefill_chunk:
-                self._commit(r, [self._draw(self.runner.prefill(r.table, r.prompt)[None], r.params, r.generator)])
+            if r not in short:
+                logits = self.runner.prefill(r.table, r.prompt[r.table.num_tokens :])
+                self._commit(r, [self._draw(logits[None], r.params, r.generator)])
         for r in requests:
             if r.finish_reason is None:
                 self.running.append(r)
-            else:
+            elif not self.keep_finished:
                 self.runner.release(r.table)
         return requests
+
+    def release(self, req: Request) -> None:
+        """Free a finished request's KV (with keep_finished, once its owner has published what it wants)."""
+        self.runner.release(req.table)
 
     def plan(self) -> list[DraftInput] | None:
         """What to ask the drafter for this step (one input per running request), or None: nothing to draft."""
@@ -140,8 +154,9 @@ class SpecEngine:
             out.new_tokens[r.request_id] = r.output[before:]
         out.finished = [r for r in live if r.finish_reason is not None]
         self.running = [r for r in live if r.finish_reason is None]
-        for r in out.finished:
-            self.runner.release(r.table)
+        if not self.keep_finished:
+            for r in out.finished:
+                self.runner.release(r.table)
         return out
 
     def step(self) -> StepOutput:

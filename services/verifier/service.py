@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from specrelay.shared.bus import Bus, Delivery, make_bus
 from specrelay.shared.messages import CANCEL_STREAM, GENERATE_STREAM, Cancel, Generate, TokenChunk, Usage
+from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ class VerifierConfig:
     max_batch: int = 32
     draft_timeout_s: float = 0.5
     device: str = "cpu"
+    prefix_caching: bool = True  # reuse finished requests' KV for prompts that start with the same tokens
+    kvstore: str | None = None  # None: a store in this process; redis://... or shm://NAME to share across replicas
+    kvstore_capacity_bytes: int = 512 << 20
 
 
 @dataclass
@@ -57,6 +61,15 @@ class VerifierService:
             # drafts come from the drafter service over the bus, not from an in-process proposer
             engine = SpecEngine(runner, proposer=None, max_nodes=cfg.max_nodes, speculate=cfg.speculate)
         self.engine = engine
+        self.prefix = None
+        if cfg.prefix_caching and cfg.model_dir:
+            from specrelay.services.kvstore import make_store
+            from specrelay.services.verifier.prefix_cache import PrefixCache, model_id
+
+            store = make_store(cfg.kvstore, cfg.kvstore_capacity_bytes)
+            runner = engine.runner
+            self.prefix = PrefixCache(store, model_id(cfg.model_dir, runner.model.dtype), runner.cache)
+            engine.keep_finished = True  # _finish publishes the KV, then frees it
         self.drafter = RemoteDrafter(bus, cfg.draft_timeout_s) if cfg.speculate else None
         self.inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self.waiting: list[Delivery] = []
@@ -114,7 +127,10 @@ class VerifierService:
             delivery = self.waiting.pop(0)
             s = msg.sampling
             params = SamplingParams(s.temperature, s.top_k, s.top_p, s.seed, s.max_tokens, tuple(s.stop_token_ids))
-            [req] = await asyncio.to_thread(self.engine.add, [msg.prompt_token_ids], [params])
+            table = BlockTable()
+            if self.prefix is not None:
+                await self.prefix.load(table, msg.prompt_token_ids)
+            [req] = await asyncio.to_thread(self.engine.add, [msg.prompt_token_ids], [params], [table])
             live = Live(delivery, msg, req.request_id)
             self.live[msg.request_id] = live
             await self._publish(live, req)
@@ -157,8 +173,12 @@ class VerifierService:
             live.sent += len(new)
 
     async def _finish(self, live: Live, reason: str, req) -> None:
+        if reason != "cancelled" and self.prefix is not None:  # a cancelled request's KV is already freed
+            await self.prefix.save(req.table, req.tokens)
+            self.engine.release(req)
         new = req.output[live.sent :]
-        usage = Usage(prompt_tokens=len(req.prompt), completion_tokens=len(req.output), spec_steps=req.stats.steps,
+        usage = Usage(prompt_tokens=len(req.prompt), completion_tokens=len(req.output),
+                      cached_tokens=req.stats.cached_tokens, spec_steps=req.stats.steps,
                       accepted_tokens=req.stats.accepted_tokens, drafted_tokens=req.stats.drafted_tokens)
         await self.bus.reply(live.msg.reply_to, TokenChunk(live.msg.request_id, new, offset=live.sent,
                                                            finish_reason=reason, usage=usage))
@@ -174,6 +194,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-nodes", type=int, default=16, help="largest draft tree verified per request")
     parser.add_argument("--num-blocks", type=int, default=2048)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kvstore", default=os.environ.get("SPECRELAY_KVSTORE"), metavar="URL",
+                        help="where prefix KV is shared: redis://... or shm://NAME (default: in this process)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -182,7 +204,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.redis:
         raise ConfigError("a stand-alone verifier needs --redis URL (or SPECRELAY_REDIS)")
     cfg = VerifierConfig(args.model, args.redis, speculate=not args.no_speculate, max_nodes=args.max_nodes,
-                         num_blocks=args.num_blocks, device=args.device)
+                         num_blocks=args.num_blocks, device=args.device, kvstore=args.kvstore)
     logging.basicConfig(level=logging.INFO)
 
     async def go():

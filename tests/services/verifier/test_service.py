@@ -110,3 +110,30 @@ async def test_without_a_drafter_the_verifier_decodes_plainly(tiny_pair):
         await asyncio.gather(task, return_exceptions=True)
     assert [t for c in chunks["r"] for t in c.token_ids] == expected
     assert service.drafter.timeouts > 0
+
+
+async def test_the_next_turn_reuses_the_previous_turns_kv(tmp_path):
+    """A conversation's second request starts with the first request's prompt and answer: those blocks come from
+    the kvstore (usage.cached_tokens), and the answer is what a full prefill gives."""
+    from ...conftest import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "m", seed=5)
+    first = torch.randint(0, 101, (40,), generator=torch.Generator().manual_seed(9)).tolist()
+    async with make_bus(None) as bus:
+        service = VerifierService(VerifierConfig(str(model_dir), speculate=False, num_blocks=128), bus)
+        task = asyncio.create_task(service.run())
+        channel = bus.open_reply_channel(TokenChunk)
+        await bus.publish(GENERATE_STREAM, Generate("t1", first, SamplingSpec(max_tokens=20), channel.name))
+        turn1 = await collect(channel, 1)
+        answer = [t for c in turn1["t1"] for t in c.token_ids]
+        second = first + answer + [7, 8, 9]
+        await bus.publish(GENERATE_STREAM, Generate("t2", second, SamplingSpec(max_tokens=12), channel.name))
+        turn2 = await collect(channel, 1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert turn1["t1"][-1].usage.cached_tokens == 0
+    # 40 + 20 tokens hold KV for 59 (the last answer token was never fed): 3 full blocks of 16
+    assert turn2["t2"][-1].usage.cached_tokens == 48
+    expected = ModelRunner(service.engine.runner.model, num_blocks=64).generate([second], SamplingParams(max_tokens=12))
+    assert [t for c in turn2["t2"] for t in c.token_ids] == expected[0]
+    assert service.engine.runner.cache.num_free_blocks == 128
