@@ -2,8 +2,7 @@
 in-process engine, on the same prompts, in one run.
 
 Each transport runs the verifier and drafter services (and a client in place of the gateway) on one event loop;
-per-step overhead = (wall time over the bus − wall time in process) / verify steps, each the fastest of
-`--repeats` runs. Over the bus, requests join the batch as they arrive, so step counts can differ a little from the
+per-step overhead = (wall time over the bus − wall time in process) / verify steps. Over the bus, requests join the batch as they arrive, so step counts can differ a little from the
 in-process run. Greedy outputs are compared too.
 """
 
@@ -27,7 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per transport; the fastest counts (noise)")
     parser.add_argument("--json", default=None, metavar="FILE")
 
 
@@ -111,12 +109,11 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     target, draft = load_model(args.model), load_model(args.draft)
     items = prompts(args.model, args.num_prompts)
-    base_s, base_steps, reference = min(in_process(target, draft, items, args.max_tokens) for _ in range(args.repeats))
+    base_s, base_steps, reference = in_process(target, draft, items, args.max_tokens)
     rows = {"in_process": {"wall_s": round(base_s, 3), "steps": base_steps, "overhead_ms_per_step": 0.0,
                            "identical_to_in_process": True}}
     for name, url in (("local", None), ("redis", args.redis)):
-        wall, steps, outputs = min(asyncio.run(over_bus(url, target, draft, items, args.max_tokens))
-                                   for _ in range(args.repeats))
+        wall, steps, outputs = asyncio.run(over_bus(url, target, draft, items, args.max_tokens))
         rows[name] = {"wall_s": round(wall, 3), "steps": steps,
                       "overhead_ms_per_step": round(1000 * (wall - base_s) / max(steps, 1), 3),
                       "identical_to_in_process": outputs == reference}
