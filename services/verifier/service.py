@@ -79,8 +79,11 @@ class VerifierService:
     async def run(self) -> None:
         feeders = [asyncio.create_task(self._feed(GENERATE_STREAM, "verifier", Generate)),
                    asyncio.create_task(self._feed(CANCEL_STREAM, f"cancel-{self.cfg.consumer}", Cancel))]
+        me = asyncio.current_task()
         try:
             while True:
+                if me.cancelling():  # a client library below (redis-py) can swallow a CancelledError: honour it
+                    raise asyncio.CancelledError
                 await self.receive(block=not self.live)
                 await self.admit()
                 if self.live:
@@ -95,7 +98,11 @@ class VerifierService:
 
     async def receive(self, block: bool) -> None:
         if block:
-            self._take(await self.inbox.get())
+            try:  # wake up now and then, so that run() sees a cancellation even when idle
+                async with asyncio.timeout(0.5):
+                    self._take(await self.inbox.get())
+            except TimeoutError:
+                return
         while not self.inbox.empty():
             self._take(self.inbox.get_nowait())
 
