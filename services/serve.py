@@ -42,7 +42,7 @@ async def serve(args: argparse.Namespace) -> None:
     async with make_bus(args.redis) as bus:
         verifier = VerifierService(VerifierConfig(args.model, args.redis, speculate=speculate,
                                                   max_nodes=args.max_nodes, num_blocks=args.num_blocks,
-                                                  device=args.device), bus)
+                                                  device=args.device, report_kv=False), bus)
         cache = verifier.engine.runner.cache
         kv_stats = lambda: KvStats(cache.allocator.num_blocks - cache.num_free_blocks,  # noqa: E731
                                    cache.allocator.num_blocks)

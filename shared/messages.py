@@ -16,6 +16,7 @@ from specrelay.shared.wire import WireTensor
 GENERATE_STREAM = "verifier.generate"
 CANCEL_STREAM = "verifier.cancel"
 DRAFT_STREAM = "drafter.requests"
+KV_STREAM = "verifier.kv"  # each verifier's KV block usage, for gateways in other processes (/metrics)
 
 
 class SamplingSpec(msgspec.Struct, frozen=True):
@@ -100,3 +101,12 @@ class FeedbackItem(msgspec.Struct, frozen=True):
 class DraftFeedback(msgspec.Struct, frozen=True, tag=True):
     items: list[FeedbackItem]
     released: list[str] = []  # finished or cancelled requests: free their draft KV
+
+
+class KvReport(msgspec.Struct, frozen=True, tag=True):
+    """A verifier's KV cache occupancy: sent when it changes, and every few seconds as a heartbeat."""
+
+    verifier: str
+    blocks_used: int
+    blocks_total: int
+    sent_s: float  # wall clock, seconds since the epoch

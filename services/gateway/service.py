@@ -97,9 +97,13 @@ async def serve(config: ServiceConfig) -> None:
     from specrelay.shared.bus import make_bus
     from specrelay.shared.tokenizer import Tokenizer
 
+    from specrelay.services.gateway.kv_reports import VerifierKvReports
+
     tokenizer = Tokenizer(config.model_dir)
     async with make_bus(config.redis_url) as bus:
-        runner = web.AppRunner(create_app(config.gateway, bus, tokenizer))
+        kv_reports = VerifierKvReports()
+        follower = asyncio.create_task(kv_reports.follow(bus))
+        runner = web.AppRunner(create_app(config.gateway, bus, tokenizer, kv_stats=kv_reports.stats))
         await runner.setup()
         try:
             site = web.TCPSite(runner, config.host, config.port)
@@ -111,6 +115,7 @@ async def serve(config: ServiceConfig) -> None:
                   f"http://{config.host}:{config.port}/v1", flush=True)
             await asyncio.Event().wait()
         finally:
+            follower.cancel()
             await runner.cleanup()
 
 

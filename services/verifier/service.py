@@ -13,10 +13,20 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 from specrelay.shared.bus import Bus, Delivery, make_bus
-from specrelay.shared.messages import CANCEL_STREAM, GENERATE_STREAM, Cancel, Generate, TokenChunk, Usage
+from specrelay.shared.messages import (
+    CANCEL_STREAM,
+    GENERATE_STREAM,
+    KV_STREAM,
+    Cancel,
+    Generate,
+    KvReport,
+    TokenChunk,
+    Usage,
+)
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.sampling import SamplingParams
 
@@ -38,6 +48,7 @@ class VerifierConfig:
     prefix_caching: bool = True  # reuse finished requests' KV for prompts that start with the same tokens
     kvstore: str | None = None  # None: a store in this process; redis://... or shm://NAME to share across replicas
     kvstore_capacity_bytes: int = 512 << 20
+    report_kv: bool = True  # publish KvReports for gateways in other processes (serve shares the cache directly)
 
 
 @dataclass
@@ -75,6 +86,7 @@ class VerifierService:
         self.waiting: list[Delivery] = []
         self.live: dict[str, Live] = {}
         self.cancelled: set[str] = set()
+        self._reported_used, self._reported_at = -1, 0.0
 
     async def run(self) -> None:
         feeders = [asyncio.create_task(self._feed(GENERATE_STREAM, "verifier", Generate)),
@@ -86,11 +98,23 @@ class VerifierService:
                     raise asyncio.CancelledError
                 await self.receive(block=not self.live)
                 await self.admit()
+                await self.report_kv()
                 if self.live:
                     await self.step()
+                    await self.report_kv()
         finally:
             for task in feeders:
                 task.cancel()
+
+    async def report_kv(self, heartbeat_s: float = 2.0) -> None:
+        if not self.cfg.report_kv:
+            return
+        cache = self.engine.runner.cache
+        used = cache.allocator.num_blocks - cache.num_free_blocks
+        now = time.time()
+        if used != self._reported_used or now - self._reported_at >= heartbeat_s:
+            await self.bus.publish(KV_STREAM, KvReport(self.cfg.consumer, used, cache.allocator.num_blocks, now))
+            self._reported_used, self._reported_at = used, now
 
     async def _feed(self, stream: str, group: str, type) -> None:
         async for delivery in self.bus.consume(stream, group, self.cfg.consumer, type):

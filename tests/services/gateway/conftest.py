@@ -140,8 +140,7 @@ def _live_modes() -> list:
 # A gap of the compose topology, not of the test: the stand-alone gateway has no view of the verifiers' KV caches
 # (they live in other processes and publish no gauges yet), so /metrics has no specrelay_kv_blocks_used there.
 # Strict: once the verifiers report their blocks, this xfail fails and must go.
-KNOWN_GAPS = {"test_leaving_mid_stream_frees_the_kv_blocks[compose]":
-              "stand-alone gateway: no KV-block gauges from verifiers in other processes"}
+KNOWN_GAPS: dict[str, str] = {}  # test id -> reason, marked xfail(strict): a gap that closes fails loudly
 
 
 def pytest_collection_modifyitems(items):
