@@ -227,15 +227,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kvstore", default=os.environ.get("SPECRELAY_KVSTORE"), metavar="URL",
                         help="where prefix KV is shared: redis://... or shm://NAME (default: in this process)")
+    parser.add_argument("--kv-capacity", default=os.environ.get("SPECRELAY_KV_CAPACITY", "512M"), metavar="SIZE",
+                        help="bytes the prefix KV store may hold (e.g. 2G); the same value for every process "
+                             "sharing one store")
 
 
 def main(args: argparse.Namespace) -> int:
+    from specrelay.services.kvstore.service import parse_bytes
     from specrelay.shared.errors import ConfigError
 
     if not args.redis:
         raise ConfigError("a stand-alone verifier needs --redis URL (or SPECRELAY_REDIS)")
     cfg = VerifierConfig(args.model, args.redis, speculate=not args.no_speculate, max_nodes=args.max_nodes,
-                         num_blocks=args.num_blocks, device=args.device, kvstore=args.kvstore)
+                         num_blocks=args.num_blocks, device=args.device, kvstore=args.kvstore,
+                         kvstore_capacity_bytes=parse_bytes(args.kv_capacity))
     logging.basicConfig(level=logging.INFO)
 
     async def go():
