@@ -82,7 +82,10 @@ class RedisBus(Bus):
         await self._ensure_group(key, group)
         own_pending_from = "0"  # XREADGROUP with an id (not >) re-reads this consumer's own pending entries
         next_claim, claim_cursor = 0.0, b"0-0"
+        me = asyncio.current_task()
         while not self._closed:
+            if me is not None and me.cancelling():  # redis-py can swallow a CancelledError raised mid-command
+                raise asyncio.CancelledError
             try:
                 if own_pending_from is not None:
                     entries = _entries(await self._redis.xreadgroup(
@@ -191,7 +194,10 @@ class RedisBus(Bus):
 
     async def _read_replies(self) -> None:
         key, last_id, since_trim = self._reply_key(self.inbox), b"0-0", 0
+        me = asyncio.current_task()
         while not self._closed:
+            if me is not None and me.cancelling():  # as in consume(): never loop on past a cancellation
+                raise asyncio.CancelledError
             try:
                 entries = _entries(await self._redis.xread({key: last_id}, count=256, block=self.config.block_ms))
                 for message_id, fields in entries:
