@@ -101,16 +101,16 @@ class _Run:
         done = len(self.trajectories) if self.cfg.num is not None else min(elapsed, self.cfg.duration_s or 0)
         self.bar.update(done, requests=len(self.requests), errors=self.num_errors, force=force)
 
-    async def one(self, index: int) -> None:
-        record = await play(make_task(self.cfg.workload, index, self.cfg.seed, self.cfg.slos), self.ctx)
+    async def one(self, index: int, start: float | None = None) -> None:
+        record = await play(make_task(self.cfg.workload, index, self.cfg.seed, self.cfg.slos), self.ctx, start)
         self.trajectories.append(record)
         self.writer.write(record)
         self.draw()
 
-    def accepting(self, index: int) -> bool:
+    def accepting(self, index: int, now: float) -> bool:
         if self.cfg.num is not None:
             return index < self.cfg.num
-        return time.perf_counter() - self.start < (self.cfg.duration_s or 0)
+        return now - self.start < (self.cfg.duration_s or 0)
 
     async def open_loop(self) -> list[asyncio.Task]:
         arrivals = ArrivalProcess(self.cfg.rate or 0.0, self.cfg.burstiness)
@@ -129,9 +129,10 @@ class _Run:
 
         async def worker() -> None:
             nonlocal next_index
-            while self.accepting(next_index):
+            # the instant that passed the duration check is the trajectory's start: none starts after the bound
+            while self.accepting(next_index, now := time.perf_counter()):
                 index, next_index = next_index, next_index + 1
-                await self.one(index)
+                await self.one(index, now)
 
         return [asyncio.create_task(worker()) for _ in range(self.cfg.concurrency or 1)]
 

@@ -177,7 +177,8 @@ _PLAYERS: dict[str, Callable[[_Trajectory], Awaitable[None]]] = {
 }
 
 
-async def play(task: TaskSpec, ctx: PlayContext) -> TrajectoryRecord:
-    t = _Trajectory(task, ctx)
+async def play(task: TaskSpec, ctx: PlayContext, start: float | None = None) -> TrajectoryRecord:
+    """`start`: the perf_counter instant the runner decided to start it (default: now)."""
+    t = _Trajectory(task, ctx) if start is None else _Trajectory(task, ctx, start=start)
     await _PLAYERS[task.workload](t)
     return t.finish()
