@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from specrelay.kernels.dispatch import set_kernel_mode
-from specrelay.kernels.rope_shift import rope_cos_sin, rotate_half
+from specrelay.shared.modeling.rope import rope_cos_sin, rotate_half
 from specrelay.kernels.tree_attention import tree_attention
 
 
@@ -64,7 +64,7 @@ class RandomLlama:
         """One forward over the new tokens (their K/V land in the cache): logits [num_tokens, vocab]."""
         s = self.shapes
         num_tokens = tokens.numel()
-        cos, sin = (t.to(self.embed.dtype)[:, None, :] for t in rope_cos_sin(positions, self.inv_freq))
+        cos, sin = (t.to(self.embed.dtype)[:, None, :] for t in rope_cos_sin(self.inv_freq.float(), positions, torch.float32))
         x = self.embed[tokens]  # [num_tokens, hidden]
         for layer in range(s.num_layers):
             h = torch.nn.functional.rms_norm(x, (s.hidden,), eps=1e-5)

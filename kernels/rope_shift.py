@@ -15,6 +15,7 @@ import functools
 import torch
 
 from specrelay.kernels.dispatch import interpret_enabled, load_triton, next_power_of_2, use_triton
+from specrelay.shared.modeling.rope import rope_cos_sin, rotate_half  # the runtime's RoPE, the one keys carry
 
 tl = None  # triton.language, bound by _build() on first use
 
@@ -31,18 +32,6 @@ def rope_shift_(
         rope_shift_reference_(k_cache, slots, delta, inv_freq)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of positions·inv_freq, both halves: [n, head_dim] fp32 each."""
-    angle = positions.float()[:, None] * inv_freq.float()[None, :]  # [n, head_dim // 2]
-    angle = torch.cat((angle, angle), dim=-1)
-    return angle.cos(), angle.sin()
-
-
 def rope_shift_reference_(
     k_cache: torch.Tensor,  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
     slots: torch.Tensor,  # [n] int64
@@ -51,7 +40,7 @@ def rope_shift_reference_(
 ) -> None:
     num_layers, num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     flat = k_cache.view(num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-    cos, sin = rope_cos_sin(delta, inv_freq)  # [n, head_dim]
+    cos, sin = rope_cos_sin(inv_freq.float(), delta, torch.float32)  # [n, head_dim]
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     x = flat[:, slots].float()  # [num_layers, n, num_kv_heads, head_dim]
     flat[:, slots] = (x * cos + rotate_half(x) * sin).to(k_cache.dtype)

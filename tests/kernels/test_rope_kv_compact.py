@@ -7,13 +7,8 @@ import pytest
 import torch
 
 from specrelay.kernels.kv_compact import kv_compact_, kv_compact_reference_, kv_compact_triton_
-from specrelay.kernels.rope_shift import (
-    rope_cos_sin,
-    rope_shift_,
-    rope_shift_reference_,
-    rope_shift_triton_,
-    rotate_half,
-)
+from specrelay.kernels.rope_shift import rope_shift_, rope_shift_reference_, rope_shift_triton_
+from specrelay.shared.modeling.rope import rope_cos_sin, rotate_half
 
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 3, 12, 4, 2, 16
 
@@ -23,7 +18,7 @@ def inv_freq(head_dim=HEAD_DIM, base=10000.0):
 
 
 def rotate(x, positions):  # x [n, heads, head_dim] rotated to positions [n]
-    cos, sin = rope_cos_sin(positions, inv_freq())
+    cos, sin = rope_cos_sin(inv_freq(), positions, torch.float32)
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
