@@ -1,6 +1,5 @@
 """The client against the in-process fake server: what it sends, what it measures, and how it fails."""
 
-import asyncio
 import socket
 
 import aiohttp

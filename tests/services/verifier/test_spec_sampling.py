@@ -9,7 +9,6 @@ norm(max(p − q, 0)) — and asserts that the test catches it.
 import itertools
 
 import pytest
-import torch
 from scipy.stats import chi2
 
 from specrelay.kernels import spec_accept as accept_module
