@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+from specrelay.shared.draft_tree import DraftTree
+
 if "triton" not in sys.modules:
     _saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
@@ -45,15 +47,8 @@ def triton_interpreter(monkeypatch):
 
 
 def ancestor_mask(parents: list[int]) -> torch.Tensor:  # [n, n] bool
-    """mask[i, j] = node j is node i or one of its ancestors (parents[i] < i, -1 for the root)."""
-    n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        j = i
-        while j >= 0:
-            mask[i, j] = True
-            j = parents[j]
-    return mask
+    """mask[i, j] = node j is node i or one of its ancestors: the engine's own DraftTree mask."""
+    return DraftTree([0] * len(parents), parents, [1.0] * len(parents)).ancestor_mask()
 
 
 def random_parents(n: int, gen: torch.Generator, max_depth: int | None = None) -> list[int]:

@@ -4,6 +4,7 @@ import random
 
 import torch
 
+from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.modeling.loader import load_model
 from specrelay.shared.modeling.runner import ModelRunner, StepInput
@@ -22,17 +23,6 @@ def random_tree(rng: random.Random, levels: int = 3) -> list[int]:
                 nxt.append(len(parents) - 1)
         frontier = nxt
     return parents
-
-
-def ancestors_mask(parents: list[int]) -> torch.Tensor:
-    n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        j = i
-        while j >= 0:
-            mask[i, j] = True
-            j = parents[j]
-    return mask
 
 
 def path_to(parents: list[int], node: int) -> list[int]:
@@ -55,7 +45,7 @@ def test_tree_logits_equal_each_path_alone(hf_model_dirs):
     tree_table = BlockTable()
     runner.prefill(tree_table, prompt)
     tree_logits = runner.forward([StepInput(tree_table, tokens, positions=[21 + d for d in depth],
-                                            tree_mask=ancestors_mask(parents),
+                                            tree_mask=DraftTree(tokens, parents, [1.0] * len(parents)).ancestor_mask(),
                                             logits_rows=list(range(len(tokens))))])[0]
     for node in range(len(parents)):
         table = BlockTable()
@@ -76,7 +66,7 @@ def test_trees_of_several_sequences_in_one_forward(hf_model_dirs):
 
     def step(table: BlockTable, s: int) -> StepInput:
         positions = [len(prompts[s]) + len(path_to(trees[s], i)) - 1 for i in range(len(trees[s]))]
-        return StepInput(table, tokens[s], positions=positions, tree_mask=ancestors_mask(trees[s]),
+        return StepInput(table, tokens[s], positions=positions, tree_mask=DraftTree(tokens[s], trees[s], [1.0] * len(trees[s])).ancestor_mask(),
                          logits_rows=list(range(len(trees[s]))))
 
     together = [BlockTable() for _ in prompts]
