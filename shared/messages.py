@@ -43,6 +43,26 @@ class Cancel(msgspec.Struct, frozen=True, tag=True):
     request_id: str
 
 
+class RelayUsage(msgspec.Struct):
+    """Prompt tokens covered by spans an earlier request decoded (RelayCaching), and what became of their KV."""
+
+    span_tokens: int = 0
+    reused_tokens: int = 0  # K/V kept (re-rotated to the new positions)
+    recomputed_tokens: int = 0  # selected for recomputation
+
+
+class PteParts(msgspec.Struct):
+    """`usage.pte`: the request's cost in prefill token equivalents (shared/pte.py), with its parts."""
+
+    total: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+    recompute: float = 0.0
+    tool_response_tokens: int = 0
+    full_eviction_total: float = 0.0  # the paper's figure: every pause evicts, each turn prefills its context
+    gamma: float = 0.0
+
+
 class Usage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -50,6 +70,8 @@ class Usage(msgspec.Struct):
     spec_steps: int = 0  # verify forwards
     accepted_tokens: int = 0  # draft tokens the target accepted
     drafted_tokens: int = 0
+    relay: RelayUsage | None = None  # None: no relayed span in the prompt
+    pte: PteParts | None = None  # None: the verifier has no PTE profile
 
 
 class TokenChunk(msgspec.Struct, frozen=True, tag=True):

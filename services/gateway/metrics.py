@@ -147,6 +147,13 @@ class GatewayMetrics:
         self.spec_steps = Counter("specrelay_spec_steps_total", "Verify forwards")
         self.drafted = Counter("specrelay_spec_drafted_tokens_total", "Draft tokens verified")
         self.accepted = Counter("specrelay_spec_accepted_tokens_total", "Draft tokens the target accepted")
+        self.relay_span = Counter("specrelay_relay_span_tokens_total",
+                                  "Prompt tokens covered by relayed spans (RelayCaching)")
+        self.relay_reused = Counter("specrelay_relay_reused_tokens_total", "Relayed tokens whose K/V was reused")
+        self.relay_recomputed = Counter("specrelay_relay_recomputed_tokens_total",
+                                        "Relayed tokens selected for recomputation")
+        self.pte = Counter("specrelay_pte_total", "Prefill token equivalents of finished generations, by part",
+                           ("part",))
         self.acceptance = Gauge("specrelay_spec_acceptance_rate", "Accepted / drafted tokens since start")
         self.reuse = Gauge("specrelay_kv_reuse_rate", "Cached / prompt tokens since start")
         self.running = Gauge("specrelay_requests_running", "Requests admitted and generating")

@@ -143,6 +143,14 @@ def _observe(gw: Gateway, gen: Generation, reason: str, usage: dict[str, Any]) -
     for counter, key in ((m.spec_steps, "spec_steps"), (m.drafted, "drafted_tokens"), (m.accepted, "accepted_tokens")):
         if isinstance(usage.get(key), (int, float)):
             counter.inc(usage[key])
+    relay = usage.get("relay") or {}
+    for counter, key in ((m.relay_span, "span_tokens"), (m.relay_reused, "reused_tokens"),
+                         (m.relay_recomputed, "recomputed_tokens")):
+        counter.inc(relay.get(key, 0))
+    pte = usage.get("pte") or {}
+    for part in ("total", "prefill", "decode", "recompute"):
+        if part in pte:
+            m.pte.inc(pte[part], part=part)
 
 
 async def _collect(gw: Gateway, gen: Generation) -> str | None:

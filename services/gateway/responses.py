@@ -27,7 +27,7 @@ def usage_to_openai(usage: Usage | None, num_prompt_tokens: int, finish: Finish)
     cached = extra.pop("cached_tokens", 0)
     out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
                            "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
-    out.update(extra)
+    out.update((k, v) for k, v in extra.items() if v is not None)  # usage.relay / usage.pte only when measured
     return out
 
 
