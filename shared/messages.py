@@ -1,7 +1,9 @@
 """The typed handoffs between services, as msgspec Structs (msgpack on the bus; never pickle).
 
 gateway --Generate--> verifier --TokenChunk (reply_to)--> gateway
-gateway --Cancel----> verifier                       (client went away: free its KV)
+gateway --Cancel----> verifier                       (client went away: free its KV; or release a held request)
+gateway --Continue--> verifier.continue.<holder> --TokenChunk (reply_to)--> gateway
+                                                     (append tokens to a held request and decode on: a tool round)
 verifier --DraftBatch--> drafter --DraftReply (reply_to)--> verifier
 verifier --DraftFeedback--> drafter                 (what was accepted; the target's top-k for Token Recycling)
 """
@@ -17,6 +19,11 @@ GENERATE_STREAM = "verifier.generate"
 CANCEL_STREAM = "verifier.cancel"
 DRAFT_STREAM = "drafter.requests"
 KV_STREAM = "verifier.kv"  # each verifier's KV block usage, for gateways in other processes (/metrics)
+
+
+def continue_stream(holder: str) -> str:
+    """The stream of one verifier replica's Continues: only the replica holding a request's KV can extend it."""
+    return f"verifier.continue.{holder}"
 
 
 class SamplingSpec(msgspec.Struct, frozen=True):
@@ -37,6 +44,25 @@ class Generate(msgspec.Struct, frozen=True, tag=True):
     slo_class: str = "interactive"  # "interactive" | "deadline" | "batch"
     deadline_ms: float | None = None  # absolute, wall-clock epoch milliseconds
     arrival_ms: float = 0.0
+    # > 0: a request that ends by a stop token keeps its KV for up to hold_s seconds, waiting for a Continue
+    # (services/verifier/held.py); its last TokenChunk names the holder. Cancel releases it earlier.
+    hold_s: float = 0.0
+    # Prompt tokens whose KV existed before and was dropped (a held request expired and the gateway sent the whole
+    # conversation again): prefilled again, they count as `recompute` in usage.pte, not as new `prefill`.
+    evicted_tokens: int = 0
+
+
+class Continue(msgspec.Struct, frozen=True, tag=True):
+    """Append `token_ids` to a held request's sequence and decode on (a server-side tool round): only these tokens
+    are prefilled. Sent to `continue_stream(holder)`. If the hold has expired the verifier answers with an error
+    chunk and the sender falls back to a fresh Generate of the whole conversation."""
+
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingSpec  # max_tokens: what this turn may generate
+    reply_to: str
+    hold_s: float = 0.0  # hold again after this turn (another round may follow)
+    tool_response_tokens: int = 0  # of token_ids, the tool answers' (usage.pte)
 
 
 class Cancel(msgspec.Struct, frozen=True, tag=True):
@@ -61,6 +87,9 @@ class PteParts(msgspec.Struct):
     tool_response_tokens: int = 0
     full_eviction_total: float = 0.0  # the paper's figure: every pause evicts, each turn prefills its context
     gamma: float = 0.0
+    beta: float = 0.0  # per-decode-step constant in prefill tokens (0 for the analytic profile)
+    source: str = ""  # where the profile came from: "file" | "calibrated" | "analytic" (services/calibrate.py)
+    turns: int = 0  # prefills: 1 + the tool rounds continued on held KV
 
 
 class Usage(msgspec.Struct):
@@ -85,6 +114,7 @@ class TokenChunk(msgspec.Struct, frozen=True, tag=True):
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     usage: Usage | None = None
     error: str | None = None
+    holder: str | None = None  # set on the last chunk when the request's KV is held: the verifier to Continue
 
 
 class DraftItem(msgspec.Struct, frozen=True):
