@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-nodes", type=int, default=16, help="largest draft tree verified per request")
     parser.add_argument("--num-blocks", type=int, default=2048, help="KV cache blocks (16 tokens each)")
     parser.add_argument("--device", default="cpu")
+    from specrelay.services.verifier.relay_hooks import add_relay_options
+
+    add_relay_options(parser)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -32,6 +35,7 @@ async def serve(args: argparse.Namespace) -> None:
     from specrelay.services.gateway import service as gateway
     from specrelay.services.gateway.app import create_app
     from specrelay.services.gateway.metrics import KvStats
+    from specrelay.services.verifier.relay_hooks import relay_config
     from specrelay.services.verifier.service import VerifierConfig, VerifierService
     from specrelay.shared.bus import make_bus
     from specrelay.shared.errors import ConfigError
@@ -42,7 +46,8 @@ async def serve(args: argparse.Namespace) -> None:
     async with make_bus(args.redis) as bus:
         verifier = VerifierService(VerifierConfig(args.model, args.redis, speculate=speculate,
                                                   max_nodes=args.max_nodes, num_blocks=args.num_blocks,
-                                                  device=args.device, report_kv=False), bus)
+                                                  device=args.device, report_kv=False,
+                                                  relay=relay_config(args)), bus)
         cache = verifier.engine.runner.cache
         kv_stats = lambda: KvStats(cache.allocator.num_blocks - cache.num_free_blocks,  # noqa: E731
                                    cache.allocator.num_blocks)

@@ -204,7 +204,8 @@ class _RelayForward:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         # rows_wanted are active throughout, so they sit in x in row order among the active rows
         final_rows = active.nonzero().squeeze(1)
-        pick = torch.searchsorted(final_rows, torch.tensor(self.rows_wanted, device=self.device))
+        wanted = torch.tensor(self.rows_wanted, dtype=torch.int64, device=self.device)  # may be empty
+        pick = torch.searchsorted(final_rows, wanted)
         logits = self.model.lm_head(self.model.model.norm(x[pick])).float()
         self.table.num_tokens += self.n
         span_rows = self.span_rows.nonzero().squeeze(1)

@@ -14,12 +14,14 @@ prefix cache.
 from __future__ import annotations
 
 import argparse
+import asyncio
 from dataclasses import dataclass
 
 from specrelay.services.kvstore import KVStore
 from specrelay.services.verifier.relay import RELAY_METHODS, RelayConfig, RelayPrefill, capture_span, relay_prefill
 from specrelay.services.verifier.relay_index import lookup_relay, publish_span
 from specrelay.shared.errors import ConfigError
+from specrelay.shared.messages import RelayUsage
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.modeling.runner import ModelRunner
 
@@ -58,7 +60,8 @@ async def relay_admit(runner: ModelRunner, store: KVStore, model_id: str, table:
                                 device=runner.model.device)
     if not placed:
         return None
-    prefill = relay_prefill(runner.model, runner.cache, table, new_tokens, placed, config, logits_rows)
+    prefill = await asyncio.to_thread(relay_prefill, runner.model, runner.cache, table, new_tokens, placed, config,
+                                      logits_rows)
     if counters is not None:
         counters.add(prefill)
     return prefill
@@ -79,6 +82,33 @@ async def publish_output(runner: ModelRunner, store: KVStore, model_id: str, tab
         counters.spans_published += 1
         counters.tokens_published += num_tokens
     return num_tokens
+
+
+class VerifierRelay:
+    """A verifier's relay: one store, one model id, one config; what the service calls at admit and at finish."""
+
+    def __init__(self, runner: ModelRunner, store: KVStore, model_id: str, config: RelayConfig):
+        self.runner, self.store, self.model_id, self.config = runner, store, model_id, config
+        self.counters = RelayCounters()
+
+    async def admit(self, table: BlockTable, prompt: list[int]) -> RelayUsage | None:
+        """Relay-prefill the prompt after what `table` holds, but for its last token: the engine computes that one
+        as usual (attending to everything here), and its logits give the first output token. None: nothing
+        quoted, nothing written."""
+        if len(prompt) - table.num_tokens < 2:
+            return None
+        prefill = await relay_admit(self.runner, self.store, self.model_id, table, prompt[:-1], self.config,
+                                    self.counters, logits_rows=[])
+        if prefill is None:
+            return None
+        return RelayUsage(prefill.num_span_tokens, prefill.num_reused_tokens, prefill.num_recomputed_tokens)
+
+    async def publish(self, table: BlockTable, prompt_len: int, output: list[int]) -> int:
+        """On finish, before the KV is freed: the output's decode-phase K/V, for later agents quoting it."""
+        if not self.config.enabled:
+            return 0
+        return await publish_output(self.runner, self.store, self.model_id, table, prompt_len, output, self.counters,
+                                    self.config.min_span_tokens)
 
 
 def add_relay_options(parser: argparse.ArgumentParser) -> None:

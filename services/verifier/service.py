@@ -14,8 +14,9 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from specrelay.services.verifier.relay import RelayConfig
 from specrelay.shared.bus import Bus, Delivery, make_bus
 from specrelay.shared.messages import (
     CANCEL_STREAM,
@@ -24,6 +25,7 @@ from specrelay.shared.messages import (
     Cancel,
     Generate,
     KvReport,
+    RelayUsage,
     TokenChunk,
     Usage,
 )
@@ -48,6 +50,8 @@ class VerifierConfig:
     prefix_caching: bool = True  # reuse finished requests' KV for prompts that start with the same tokens
     kvstore: str | None = None  # None: a store in this process; redis://... or shm://NAME to share across replicas
     kvstore_capacity_bytes: int = 512 << 20
+    kvstore_prefix: str = "specrelay:"  # Redis key prefix of the store
+    relay: RelayConfig = field(default_factory=RelayConfig)  # publish outputs' decode KV; reuse quoted ones
     report_kv: bool = True  # publish KvReports for gateways in other processes (serve shares the cache directly)
 
 
@@ -57,6 +61,7 @@ class Live:
     msg: Generate
     request_id: int  # the engine's id
     sent: int = 0  # output tokens already published
+    relay: RelayUsage | None = None  # what the prefill reused of earlier requests' outputs
 
 
 class VerifierService:
@@ -72,14 +77,17 @@ class VerifierService:
             # drafts come from the drafter service over the bus, not from an in-process proposer
             engine = SpecEngine(runner, proposer=None, max_nodes=cfg.max_nodes, speculate=cfg.speculate)
         self.engine = engine
-        self.prefix = None
-        if cfg.prefix_caching and cfg.model_dir:
+        self.prefix = self.relay = None
+        if (cfg.prefix_caching or cfg.relay.enabled) and cfg.model_dir:
             from specrelay.services.kvstore import make_store
             from specrelay.services.verifier.prefix_cache import PrefixCache, model_id
+            from specrelay.services.verifier.relay_hooks import VerifierRelay
 
-            store = make_store(cfg.kvstore, cfg.kvstore_capacity_bytes)
+            store = make_store(cfg.kvstore, cfg.kvstore_capacity_bytes, prefix=cfg.kvstore_prefix)
             runner = engine.runner
-            self.prefix = PrefixCache(store, model_id(cfg.model_dir, runner.model.dtype), runner.cache)
+            mid = model_id(cfg.model_dir, runner.model.dtype)
+            self.prefix = PrefixCache(store, mid, runner.cache) if cfg.prefix_caching else None
+            self.relay = VerifierRelay(runner, store, mid, cfg.relay) if cfg.relay.enabled else None
             engine.keep_finished = True  # _finish publishes the KV, then frees it
         self.drafter = RemoteDrafter(bus, cfg.draft_timeout_s) if cfg.speculate else None
         self.inbox: asyncio.Queue[Delivery] = asyncio.Queue()
@@ -161,8 +169,11 @@ class VerifierService:
             table = BlockTable()
             if self.prefix is not None:
                 await self.prefix.load(table, msg.prompt_token_ids)
+            cached = table.num_tokens
+            relay = await self.relay.admit(table, msg.prompt_token_ids) if self.relay is not None else None
             [req] = await asyncio.to_thread(self.engine.add, [msg.prompt_token_ids], [params], [table])
-            live = Live(delivery, msg, req.request_id)
+            req.stats.cached_tokens = cached  # the engine counts relay-prefilled tokens too; usage reports them apart
+            live = Live(delivery, msg, req.request_id, relay=relay)
             self.live[msg.request_id] = live
             await self._publish(live, req)
 
@@ -204,13 +215,17 @@ class VerifierService:
             live.sent += len(new)
 
     async def _finish(self, live: Live, reason: str, req) -> None:
-        if reason != "cancelled" and self.prefix is not None:  # a cancelled request's KV is already freed
-            await self.prefix.save(req.table, req.tokens)
+        if reason != "cancelled" and self.engine.keep_finished:  # a cancelled request's KV is already freed
+            if self.prefix is not None:
+                await self.prefix.save(req.table, req.tokens)
+            if self.relay is not None:
+                await self.relay.publish(req.table, len(req.prompt), req.output)
             self.engine.release(req)
         new = req.output[live.sent :]
         usage = Usage(prompt_tokens=len(req.prompt), completion_tokens=len(req.output),
                       cached_tokens=req.stats.cached_tokens, spec_steps=req.stats.steps,
-                      accepted_tokens=req.stats.accepted_tokens, drafted_tokens=req.stats.drafted_tokens)
+                      accepted_tokens=req.stats.accepted_tokens, drafted_tokens=req.stats.drafted_tokens,
+                      relay=live.relay)
         await self.bus.reply(live.msg.reply_to, TokenChunk(live.msg.request_id, new, offset=live.sent,
                                                            finish_reason=reason, usage=usage))
         await live.delivery.ack()
@@ -230,17 +245,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-capacity", default=os.environ.get("SPECRELAY_KV_CAPACITY", "512M"), metavar="SIZE",
                         help="bytes the prefix KV store may hold (e.g. 2G); the same value for every process "
                              "sharing one store")
+    from specrelay.services.verifier.relay_hooks import add_relay_options
+
+    add_relay_options(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     from specrelay.services.kvstore.service import parse_bytes
+    from specrelay.services.verifier.relay_hooks import relay_config
     from specrelay.shared.errors import ConfigError
 
     if not args.redis:
         raise ConfigError("a stand-alone verifier needs --redis URL (or SPECRELAY_REDIS)")
     cfg = VerifierConfig(args.model, args.redis, speculate=not args.no_speculate, max_nodes=args.max_nodes,
                          num_blocks=args.num_blocks, device=args.device, kvstore=args.kvstore,
-                         kvstore_capacity_bytes=parse_bytes(args.kv_capacity))
+                         kvstore_capacity_bytes=parse_bytes(args.kv_capacity), relay=relay_config(args))
     logging.basicConfig(level=logging.INFO)
 
     async def go():
