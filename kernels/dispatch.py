@@ -101,5 +101,16 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return on_cuda and _cuda_driver_ok()
 
 
+def runtime_uses_triton(*tensors: torch.Tensor) -> bool:
+    """The model runtime's choice (attention, KV compaction): kernels on CUDA, references elsewhere.
+
+    Unlike `use_triton`, `auto` never picks the interpreter: a CPU forward under TRITON_INTERPRET=1 would run
+    each kernel in Python. `SPECRELAY_KERNELS=triton` still forces the kernels (with the interpreter on CPU),
+    which is how the CPU tests check that the runtime's kernel path gives the same output as the torch path."""
+    if kernel_mode() == "auto":
+        return all(t.is_cuda for t in tensors) and _cuda_driver_ok()
+    return use_triton(*tensors)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specrelay.kernels.dispatch import runtime_uses_triton
+from specrelay.kernels.kv_compact import kv_compact_triton_
 from specrelay.shared.errors import SpecrelayError
 
 
@@ -119,6 +121,9 @@ class PagedKVCache:
             return
         src = torch.tensor(src_slots, device=self.k.device)
         dst = torch.tensor(dst_slots, device=self.k.device)
+        if runtime_uses_triton(self.k):
+            kv_compact_triton_(self.k, self.v, src, dst)
+            return
         for cache in (self.k, self.v):
             flat = cache.view(cache.shape[0], -1, *cache.shape[3:])  # [num_layers, num_slots, H_kv, D]
             flat[:, dst] = flat[:, src]

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specrelay.kernels.dispatch import runtime_uses_triton
+from specrelay.kernels.tree_attention import tree_attention
 from specrelay.shared.modeling.batch import ForwardBatch
 from specrelay.shared.modeling.config import ModelConfig
 from specrelay.shared.modeling.kv_cache import PagedKVCache
@@ -55,7 +57,11 @@ class Attention(nn.Module):
         k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # [num_blocks, block_size, H_kv, D]
         k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k)
         v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, v)
-        out = paged_attention(q, k_cache, v_cache, batch, self.scale)
+        if not batch.masks_context and runtime_uses_triton(q):  # the drafter's context masks: torch path only
+            out = tree_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.cu_query_lens,
+                                 batch.tree_mask, self.scale, batch.query_index.shape[1])
+        else:
+            out = paged_attention(q, k_cache, v_cache, batch, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
