@@ -1,9 +1,11 @@
 """A relay across processes: agent A decodes on one verifier replica (a child process) and publishes its span's
 K/V to the shared store; agent B, on another replica (this process), finds the quote in its prompt, loads the K/V,
-and prefills with it."""
+and prefills with it. Once through the relay functions over Redis and shared memory (the K/V that crossed must be
+A's), once through two VerifierService replicas on a Redis bus (what `specrelay verifier` runs)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -16,6 +18,9 @@ import torch
 from specrelay.services.kvstore import make_store
 from specrelay.services.verifier.relay import RelayConfig, relay_prefill
 from specrelay.services.verifier.relay_index import lookup_relay
+from specrelay.services.verifier.service import VerifierConfig, VerifierService
+from specrelay.shared.bus import BusConfig, make_bus
+from specrelay.shared.messages import GENERATE_STREAM, Generate, SamplingSpec, TokenChunk
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.modeling.loader import load_model
 from specrelay.shared.modeling.runner import ModelRunner
@@ -41,6 +46,20 @@ AGENT_A = textwrap.dedent("""
         chunks = await publish_span(store, "tiny@test", span)
         await store.close()
         print(json.dumps({{"output": out, "chunks": chunks}}))
+
+    asyncio.run(main())
+""")
+
+REPLICA_A = textwrap.dedent("""
+    import asyncio, torch
+    from specrelay.services.verifier.service import VerifierConfig, VerifierService
+    from specrelay.shared.bus import BusConfig, make_bus
+
+    torch.set_num_threads(1)
+
+    async def main():
+        async with make_bus({url!r}, BusConfig(prefix={prefix!r}, block_ms=20)) as bus:
+            await VerifierService(VerifierConfig(**{config!r}, consumer="replica-a"), bus).run()
 
     asyncio.run(main())
 """)
@@ -93,4 +112,55 @@ async def test_agent_b_reuses_what_agent_a_decoded_in_another_process(backend, m
     finally:
         if backend == "redis":
             await store.clear()
+        await store.close()
+
+
+async def _ask(bus, channel, request_id: str, prompt: list[int], sampling: SamplingSpec, timeout_s: float):
+    await bus.publish(GENERATE_STREAM, Generate(request_id, prompt, sampling, channel.name))
+    tokens: list[int] = []
+    while True:
+        chunk: TokenChunk = await asyncio.wait_for(channel.get(), timeout_s)
+        assert chunk.request_id == request_id and chunk.error is None, chunk
+        tokens[chunk.offset :] = chunk.token_ids
+        if chunk.finish_reason is not None:
+            return tokens, chunk.usage
+
+
+async def test_two_verifier_replicas_relay_over_redis(model_dir, redis_url, redis_prefix):
+    """Replica A (a child process) serves agent A and exits; replica B (here) serves agent B, whose prompt quotes
+    A's answer, and reports the reuse in usage. Bus and KV store are the same Redis, as in compose.yaml."""
+    config = dict(model_dir=str(model_dir), redis=redis_url, speculate=False, num_blocks=128, report_kv=False,
+                  kvstore=redis_url, kvstore_capacity_bytes=1 << 24, kvstore_prefix=redis_prefix)
+    script = REPLICA_A.format(url=redis_url, prefix=redis_prefix, config=config)
+    replica_a = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    store = make_store(redis_url, 1 << 24, prefix=redis_prefix)
+    try:
+        async with make_bus(redis_url, BusConfig(prefix=redis_prefix, block_ms=20)) as bus:
+            channel = bus.open_reply_channel(TokenChunk)
+            prompt_a = list(range(60, 85))
+            try:
+                out_a, _ = await _ask(bus, channel, "agent-a", prompt_a,
+                                      SamplingSpec(temperature=1.0, seed=5, max_tokens=80), timeout_s=120)
+            finally:
+                replica_a.terminate()
+                _, stderr = replica_a.communicate(timeout=30)
+            assert len(out_a) == 80, stderr
+
+            replica_b = VerifierService(VerifierConfig(**config, consumer="replica-b"), bus)
+            task = asyncio.create_task(replica_b.run())
+            try:
+                prompt_b = [95, 96, 97, 98] * 6 + out_a + [99, 100, 99, 100]  # A's answer at row 24
+                out_b, usage = await _ask(bus, channel, "agent-b", prompt_b, SamplingSpec(max_tokens=8),
+                                          timeout_s=60)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        assert len(out_b) == 8
+        assert usage.relay is not None and usage.relay.span_tokens == 79  # A's last token had no K/V yet
+        assert usage.relay.reused_tokens > 0 and usage.cached_tokens == 0
+    finally:
+        if replica_a.poll() is None:
+            replica_a.kill()
+            replica_a.wait()
+        await store.clear()
         await store.close()
