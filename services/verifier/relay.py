@@ -280,7 +280,7 @@ class _RelayForward:
         return ForwardBatch(
             input_ids=empty, positions=self.positions[rows], slot_mapping=self.slots[rows],
             block_tables=self.block_table, context_lens=torch.tensor([self.context_len], dtype=torch.int32),
-            cu_query_lens=torch.tensor([0, num_q], dtype=torch.int32), tree_mask=None, masks_context=False,
+            cu_query_lens=torch.tensor([0, num_q], dtype=torch.int32), tree_mask=None, masks_context=False, mask_starts=None,
             logits_indices=empty, query_index=torch.arange(num_q, device=self.device)[None, :],
             query_valid=torch.ones(1, num_q, dtype=torch.bool, device=self.device),
             attn_mask=mask[None, None], max_kv_len=kv_len,
