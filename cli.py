@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "drafter": ("specrelay.services.drafter.service", "the draft proposer alone (over --redis)"),
     "kvstore": ("specrelay.services.kvstore.service", "keep the shared Redis KV store within its capacity"),
     "toolcoord": ("specrelay.services.toolcoord.service", "run server-side tool calls from the bus (over --redis)"),
+    "calibrate": ("specrelay.services.calibrate", "measure prefill and decode costs: the PTE profile (gamma, beta)"),
     "bench": ("specrelay.services.bench", "benchmarks: ours and the baselines side by side (spec, bus, relay)"),
     "loadgen": ("specrelay.loadgen.cli", "drive an OpenAI-compatible endpoint and measure SLO attainment and goodput"),
     "models": ("specrelay.models.cli", "train and evaluate the embedded target + draft pair"),

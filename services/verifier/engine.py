@@ -78,6 +78,7 @@ class SpecEngine:
         self.budget = AdaptiveBudget(self.max_nodes) if adaptive else None
         self.running: list[Request] = []
         self.keep_finished = False  # a service that publishes finished requests' KV frees it itself
+        self.num_prefilled_tokens = 0  # tokens run through prefill since start (not loaded, not decoded)
         self._ids = itertools.count()
 
     def add(self, prompts: list[list[int]], params: list[SamplingParams],
@@ -92,6 +93,7 @@ class SpecEngine:
         for r in requests:
             assert r.table.num_tokens < len(r.prompt), "the last prompt token must be computed for its logits"
             r.stats.cached_tokens = r.table.num_tokens
+            self.num_prefilled_tokens += len(r.prompt) - r.table.num_tokens
         short = [r for r in requests if len(r.prompt) - r.table.num_tokens <= self.runner.prefill_chunk]
         for start in range(0, len(short), 64):
             group = short[start : start + 64]
@@ -108,6 +110,26 @@ class SpecEngine:
             elif not self.keep_finished:
                 self.runner.release(r.table)
         return requests
+
+    def extend(self, held: Request, token_ids: list[int], params: SamplingParams) -> Request:
+        """Continue a finished request whose KV is still held (keep_finished): its sequence plus `token_ids` is the
+        new request's prompt, and only `token_ids` are prefilled, on the held table.
+
+        The KV holds every committed token but the last, which was sampled and never fed. A last token that is a
+        stop token is dropped from the sequence (the caller's `token_ids` say how the turn ends, e.g. the
+        template's own end-of-turn); any other is prefilled with `token_ids`. KV a draft path wrote past the last
+        committed token (it ran beyond a stop) is cut first."""
+        if held.finish_reason is None or held in self.running:
+            raise ValueError("only a finished request can be extended")
+        if not token_ids:
+            raise ValueError("nothing to extend with")
+        fed = len(held.tokens) - 1
+        if held.table.num_tokens > fed:
+            self.runner.cache.truncate(held.table, fed)
+        stopped = bool(held.output) and held.output[-1] in held.params.stop_token_ids
+        context = held.tokens[:-1] if stopped else held.tokens
+        [req] = self.add([context + list(token_ids)], [params], [held.table])
+        return req
 
     def release(self, req: Request) -> None:
         """Free a finished request's KV (with keep_finished, once its owner has published what it wants)."""
