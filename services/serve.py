@@ -56,6 +56,12 @@ async def serve(args: argparse.Namespace) -> None:
             from dataclasses import replace
 
             gateway_config = replace(gateway_config, max_model_len=verifier.engine.runner.max_model_len)
+        if gateway_config.max_running > verifier.cfg.max_batch:
+            from dataclasses import replace
+
+            # Requests beyond the verifier's batch would wait in its FIFO, out of the schedule's reach: with no more
+            # running than fit in one batch, the gateway's admission order is the batch composition.
+            gateway_config = replace(gateway_config, max_running=verifier.cfg.max_batch)
         tasks = [asyncio.create_task(verifier.run())]
         if speculate:
             drafter = Drafter(build_proposer(DrafterConfig(args.model, args.draft, args.proposer, device=args.device)))
@@ -68,7 +74,8 @@ async def serve(args: argparse.Namespace) -> None:
             except OSError as e:
                 raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
             print(f"specrelay serve: {gateway_config.model_name!r} (draft: {args.proposer}) on "
-                  f"http://{args.host}:{args.port}/v1, bus: {args.redis or 'in-process'}", flush=True)
+                  f"http://{args.host}:{args.port}/v1, bus: {args.redis or 'in-process'}, schedule: "
+                  f"{gateway_config.policy} ({gateway_config.max_running} running)", flush=True)
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()  # a service that died takes the server down with its error

@@ -14,7 +14,7 @@ import logging
 from aiohttp import web
 
 from specrelay.services.gateway import openai_api
-from specrelay.services.gateway.admission import POLICIES, Admission
+from specrelay.services.gateway.admission import Admission, make_policy
 from specrelay.services.gateway.errors import ApiError, error_middleware
 from specrelay.services.gateway.metrics import GatewayMetrics, KvStatsSource
 from specrelay.services.gateway.state import GATEWAY, Gateway, GatewayConfig, end_of_turn_ids
@@ -32,7 +32,8 @@ def create_app(config: GatewayConfig, bus: Bus, tokenizer: Tokenizer,
     """The app; the caller owns `bus` (opens and closes it). `kv_stats` feeds the KV-block gauges of /metrics
     when the verifier runs in this process."""
     gateway = Gateway(config=config, bus=bus, tokenizer=tokenizer, metrics=GatewayMetrics(kv_stats),
-                      admission=Admission(POLICIES[config.policy](), config.max_running, config.max_queued),
+                      admission=Admission(make_policy(config.policy, config.class_slos), config.max_running,
+                                          config.max_queued),
                       stop_token_ids=end_of_turn_ids(tokenizer))
     app = web.Application(client_max_size=config.max_body_bytes,
                           middlewares=[_metrics_middleware, error_middleware, _auth_middleware])

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 
@@ -118,7 +118,7 @@ async def _admitted(gw: Gateway, ticket: Ticket):
     try:
         yield
     finally:
-        gw.admission.release()
+        gw.admission.release(ticket)
         gw.metrics.running.set(gw.admission.num_running)
         gw.metrics.queued.set(gw.admission.num_waiting)
 
@@ -153,10 +153,24 @@ def _observe(gw: Gateway, gen: Generation, reason: str, usage: dict[str, Any]) -
             m.pte.inc(pte[part], part=part)
 
 
+async def _events(gw: Gateway, gen: Generation) -> AsyncIterator[str]:
+    """`gen`'s text deltas, with the tokens behind them reported to the scheduler as they arrive: the SLO policy
+    learns time per token and output lengths from them."""
+    request_id, completed = gen.generate.request_id, False
+    try:
+        async with contextlib.aclosing(gen.events()) as events:
+            async for text in events:
+                gw.admission.progress(request_id, gen.text.num_tokens)
+                yield text
+        completed = gen.finish is not None and gen.finish.reason in ("stop", "length")
+    finally:
+        gw.admission.finished(request_id, gen.text.num_tokens, completed)
+
+
 async def _collect(gw: Gateway, gen: Generation) -> str | None:
     """The whole text of a non-streamed generation; None when the client went away (already cancelled)."""
     try:
-        async with contextlib.aclosing(gen.events()) as events:
+        async with contextlib.aclosing(_events(gw, gen)) as events:
             return "".join([piece async for piece in events])
     except ClientGone:
         _observe_failure(gw, gen.finish, "client_gone")
@@ -264,7 +278,7 @@ async def _stream_chat(gw: Gateway, request: web.Request, model: str, prep: Prep
         await sse.send(chunk({"role": "assistant", "content": ""}))
         if parser is not None and forced and (delta := _stream_delta(parser.feed(forced))):
             await sse.send(chunk(delta))
-        async with contextlib.aclosing(gen.events()) as events:
+        async with contextlib.aclosing(_events(gw, gen)) as events:
             async for text in events:
                 delta = _stream_delta(parser.feed(text)) if parser is not None else {"content": text}
                 if delta:
@@ -337,7 +351,7 @@ async def _stream_completion(gw: Gateway, request: web.Request, model: str, prep
 
     try:
         await sse.start()
-        async with contextlib.aclosing(gen.events()) as events:
+        async with contextlib.aclosing(_events(gw, gen)) as events:
             async for text in events:
                 await sse.send(chunk(text))
         try:

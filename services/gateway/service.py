@@ -44,7 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"require 'Authorization: Bearer KEY' on /v1 (repeatable; or ${API_KEY_ENV})")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: config.json)")
     parser.add_argument("--tool-call-format", default="hermes", choices=("hermes", "llama3", "auto"))
-    parser.add_argument("--policy", default="fcfs", help="admission order (fcfs)")
+    parser.add_argument("--schedule", "--policy", dest="schedule", default="fcfs", metavar="fcfs|slo",
+                        help="admission order: first come first served, or least SLO slack first (slo_policy.py)")
+    parser.add_argument("--class-slo", action="append", default=None, metavar="[CLASS:]ttft=..,tpot=..,e2e=..",
+                        help="per-class targets the slo schedule derives deadlines from (repeatable; default "
+                             "interactive:ttft=1s,tpot=100ms deadline:e2e=30s; the loadgen's --slo language)")
     parser.add_argument("--max-running", type=int, default=256, help="requests in flight to the verifier")
     parser.add_argument("--max-queued", type=int, default=1024, help="waiting requests before 503s")
 
@@ -80,8 +84,8 @@ def build_config(args: argparse.Namespace) -> ServiceConfig:
     gateway = GatewayConfig(
         model_name=args.served_model_name or model_dir.resolve().name,
         max_model_len=args.max_model_len or model_max_len(model_dir), api_keys=api_keys(args.api_key),
-        tool_call_format=args.tool_call_format, policy=args.policy, max_running=args.max_running,
-        max_queued=args.max_queued)
+        tool_call_format=args.tool_call_format, policy=args.schedule, max_running=args.max_running,
+        max_queued=args.max_queued, class_slos=tuple(args.class_slo or ()))
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port}: not a TCP port")
     return ServiceConfig(gateway, model_dir, args.host, args.port, args.redis)

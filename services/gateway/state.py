@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from specrelay.services.gateway.admission import POLICIES, Admission
+from specrelay.services.gateway.admission import POLICIES, Admission, make_policy
 from specrelay.services.gateway.metrics import GatewayMetrics
 from specrelay.services.toolcoord.parser import FORMATS
 from specrelay.shared.bus import Bus
-from specrelay.shared.errors import ConfigError
+from specrelay.shared.errors import ConfigError, SpecrelayError
 from specrelay.shared.tokenizer import Tokenizer
 
 # Tokens that end a turn in the template families we serve, besides the tokenizer's own eos.
@@ -24,7 +24,8 @@ class GatewayConfig:
     max_model_len: int  # context length: prompt + generated tokens
     api_keys: tuple[str, ...] = ()  # bearer keys accepted on /v1/*; empty: no authentication
     tool_call_format: str = "hermes"  # how the model writes tool calls (toolcoord/parser.py)
-    policy: str = "fcfs"  # admission order (admission.py)
+    policy: str = "fcfs"  # admission order: fcfs | slo (admission.py, slo_policy.py)
+    class_slos: tuple[str, ...] = ()  # `--class-slo` specs: the SLO policy's per-class targets over its defaults
     max_running: int = 256  # requests in flight to the verifier
     max_queued: int = 1024  # requests waiting for a slot; beyond: 503
     default_temperature: float = 1.0  # OpenAI's default when a request gives none
@@ -43,6 +44,10 @@ class GatewayConfig:
                               f"{', '.join(FORMATS)}")
         if self.policy not in POLICIES:
             raise ConfigError(f"gateway: admission policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+        try:
+            make_policy(self.policy, self.class_slos)
+        except SpecrelayError as e:
+            raise ConfigError(f"gateway: --class-slo: {e}") from None
         if self.max_running < 1 or self.max_queued < 0:
             raise ConfigError("gateway: max_running must be >= 1 and max_queued >= 0")
         if any(not key for key in self.api_keys):

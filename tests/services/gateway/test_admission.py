@@ -32,10 +32,10 @@ async def test_fcfs_admits_in_arrival_order_and_refuses_beyond_the_queue():
     assert (admission.num_running, admission.num_waiting) == (1, 2)
     with pytest.raises(AdmissionFull):
         await admission.admit(ticket(3))
-    admission.release()
+    admission.release(ticket(0))
     await _settle()
     assert order == ["r1"]
-    admission.release()
+    admission.release(ticket(1))
     await asyncio.gather(*waiters)
     assert order == ["r1", "r2"]
     assert (admission.num_running, admission.num_waiting) == (1, 0)
@@ -50,7 +50,7 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_loses_no_slot():
     gone.cancel()
     await _settle()
     assert admission.num_waiting == 1
-    admission.release()
+    admission.release(ticket(0))
     await asyncio.wait_for(stays, 1)
     assert admission.num_running == 1
 
@@ -72,7 +72,7 @@ async def test_a_policy_picks_who_goes_next():
 
     tasks = [asyncio.create_task(wait(ticket(1, "batch"))), asyncio.create_task(wait(ticket(2)))]
     await _settle()
-    admission.release()
+    admission.release(ticket(0))
     await asyncio.gather(*tasks)
     assert order == ["r2", "r1"]
     assert admission.num_running == 0
