@@ -22,6 +22,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import msgspec
+
 from specrelay.shared.messages import PteParts, RelayUsage, Usage
 from specrelay.shared.pte import PteAccount, PteProfile, TurnTokens
 
@@ -59,7 +61,7 @@ class Ledger:
         if relay is not None:
             u.relay = relay
         if self.account is None:
-            return u
+            return msgspec.structs.replace(u)
         reused = s.cached_tokens + (relay.reused_tokens if relay else 0)
         # Tokens whose KV had existed (dropped after a hold expired; picked for relay recomputation) but were
         # prefilled again: the `recompute` part. A prefix-cache hit on them made them cached, not recomputed.
@@ -72,7 +74,7 @@ class Ledger:
         u.pte = PteParts(total=p.total, prefill=p.prefill, decode=p.decode, recompute=p.recompute,
                          tool_response_tokens=p.tool_response_tokens, full_eviction_total=p.full_eviction_total,
                          gamma=p.gamma, beta=self.profile.beta, source=self.source, turns=self.turns)
-        return u
+        return msgspec.structs.replace(u)  # a copy: the next turn must not change a chunk already sent
 
 
 @dataclass
@@ -93,6 +95,9 @@ class HeldRequests:
 
     def hold(self, request_id: str, req, ledger: Ledger, hold_s: float) -> None:
         self._held[request_id] = Held(req, ledger, time.monotonic() + hold_s)
+
+    def get(self, request_id: str) -> Held | None:
+        return self._held.get(request_id)
 
     def take(self, request_id: str) -> Held | None:
         """The held request, removed (a Continue resumes it, a Cancel releases it); None if not held here."""

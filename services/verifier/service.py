@@ -16,6 +16,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from specrelay.services.verifier.held import HeldRequests, Ledger
 from specrelay.services.verifier.relay import RelayConfig
 from specrelay.shared.bus import Bus, Delivery, make_bus
 from specrelay.shared.messages import (
@@ -23,11 +24,12 @@ from specrelay.shared.messages import (
     GENERATE_STREAM,
     KV_STREAM,
     Cancel,
+    Continue,
     Generate,
     KvReport,
     RelayUsage,
     TokenChunk,
-    Usage,
+    continue_stream,
 )
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.sampling import SamplingParams
@@ -53,15 +55,19 @@ class VerifierConfig:
     kvstore_prefix: str = "specrelay:"  # Redis key prefix of the store
     relay: RelayConfig = field(default_factory=RelayConfig)  # publish outputs' decode KV; reuse quoted ones
     report_kv: bool = True  # publish KvReports for gateways in other processes (serve shares the cache directly)
+    pte_profile: str | None = None  # usage.pte's profile file; None: the calibrated one, else analytic (calibrate.py)
+    max_hold_s: float = 300.0  # the longest a finished request's KV is held for a Continue (held.py)
 
 
 @dataclass
 class Live:
     delivery: Delivery
-    msg: Generate
+    msg: Generate | Continue
     request_id: int  # the engine's id
     sent: int = 0  # output tokens already published
     relay: RelayUsage | None = None  # what the prefill reused of earlier requests' outputs
+    ledger: Ledger = field(default_factory=Ledger)  # usage over the request's turns (a Continue carries it on)
+    carried: int = 0  # context tokens a held table brought to this turn
 
 
 class VerifierService:
@@ -88,7 +94,13 @@ class VerifierService:
             mid = model_id(cfg.model_dir, runner.model.dtype)
             self.prefix = PrefixCache(store, mid, runner.cache) if cfg.prefix_caching else None
             self.relay = VerifierRelay(runner, store, mid, cfg.relay) if cfg.relay.enabled else None
-            engine.keep_finished = True  # _finish publishes the KV, then frees it
+        engine.keep_finished = True  # _finish publishes the KV and frees it, or holds it for a Continue
+        from specrelay.services.calibrate import find_profile
+
+        self.pte_profile, self.pte_source = find_profile(cfg.pte_profile, cfg.model_dir or None, cfg.device,
+                                                         engine.runner.model)
+        self.held = HeldRequests()
+        self.continues: list[Delivery] = []
         self.drafter = RemoteDrafter(bus, cfg.draft_timeout_s) if cfg.speculate else None
         self.inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self.waiting: list[Delivery] = []
@@ -98,7 +110,8 @@ class VerifierService:
 
     async def run(self) -> None:
         feeders = [asyncio.create_task(self._feed(GENERATE_STREAM, "verifier", Generate)),
-                   asyncio.create_task(self._feed(CANCEL_STREAM, f"cancel-{self.cfg.consumer}", Cancel))]
+                   asyncio.create_task(self._feed(CANCEL_STREAM, f"cancel-{self.cfg.consumer}", Cancel)),
+                   asyncio.create_task(self._feed(continue_stream(self.cfg.consumer), "verifier", Continue))]
         me = asyncio.current_task()
         try:
             while True:
@@ -142,6 +155,8 @@ class VerifierService:
         if isinstance(delivery.msg, Cancel):
             self.cancelled.add(delivery.msg.request_id)
             asyncio.ensure_future(delivery.ack())
+        elif isinstance(delivery.msg, Continue):
+            self.continues.append(delivery)
         else:
             self.waiting.append(delivery)
 
@@ -151,7 +166,15 @@ class VerifierService:
                 live = self.live.pop(rid)
                 await self._finish(live, "cancelled", self.engine.cancel(live.request_id))
             self.waiting = [d for d in self.waiting if d.msg.request_id != rid]
+            if (held := self.held.take(rid)) is not None:
+                await self._release(held.req)
+            for d in [d for d in self.continues if d.msg.request_id == rid]:
+                self.continues.remove(d)
+                await d.ack()
         self.cancelled.clear()
+        for held in self.held.expired():
+            await self._release(held.req)
+        await self._resume_held()
         cache = self.engine.runner.cache
         while self.waiting and len(self.live) < self.cfg.max_batch:
             msg: Generate = self.waiting[0].msg
@@ -165,7 +188,7 @@ class VerifierService:
                 break  # wait for running requests to free blocks
             delivery = self.waiting.pop(0)
             s = msg.sampling
-            params = SamplingParams(s.temperature, s.top_k, s.top_p, s.seed, s.max_tokens, tuple(s.stop_token_ids))
+            params = _params(s)
             table = BlockTable()
             if self.prefix is not None:
                 await self.prefix.load(table, msg.prompt_token_ids)
@@ -173,9 +196,44 @@ class VerifierService:
             relay = await self.relay.admit(table, msg.prompt_token_ids) if self.relay is not None else None
             [req] = await asyncio.to_thread(self.engine.add, [msg.prompt_token_ids], [params], [table])
             req.stats.cached_tokens = cached  # the engine counts relay-prefilled tokens too; usage reports them apart
-            live = Live(delivery, msg, req.request_id, relay=relay)
+            live = Live(delivery, msg, req.request_id, relay=relay,
+                        ledger=Ledger(self.pte_profile, self.pte_source))
             self.live[msg.request_id] = live
             await self._publish(live, req)
+
+    async def _resume_held(self) -> None:
+        """Continues extend held requests: only their new tokens are prefilled, on the held table (held.py)."""
+        cache = self.engine.runner.cache
+        while self.continues and len(self.live) < self.cfg.max_batch:
+            msg: Continue = self.continues[0].msg
+            held = self.held.get(msg.request_id)
+            error = (f"request {msg.request_id} is not held here (its hold expired or it was released)"
+                     if held is None else self._check_continue(held.req, msg))
+            if error is None:
+                need = -(-(len(held.req.tokens) + len(msg.token_ids) + self.cfg.max_nodes + 1) // cache.block_size)
+                if need - len(held.req.table.blocks) > cache.num_free_blocks - len(self.live) * 2:
+                    break  # wait for running requests to free blocks; the hold's clock keeps running
+            delivery = self.continues.pop(0)
+            self.held.take(msg.request_id)
+            if error is not None:
+                if held is not None:
+                    await self._release(held.req)
+                await self.bus.reply(msg.reply_to, TokenChunk(msg.request_id, [], finish_reason="error", error=error))
+                await delivery.ack()
+                continue
+            req = await asyncio.to_thread(self.engine.extend, held.req, msg.token_ids, _params(msg.sampling))
+            live = Live(delivery, msg, req.request_id, ledger=held.ledger, carried=req.stats.cached_tokens)
+            self.live[msg.request_id] = live
+            await self._publish(live, req)
+
+    def _check_continue(self, req, msg: Continue) -> str | None:
+        limit = self.engine.runner.max_model_len
+        if not msg.token_ids:
+            return "a Continue needs tokens to append"
+        if len(req.tokens) + len(msg.token_ids) >= limit:
+            return (f"the conversation would have {len(req.tokens) + len(msg.token_ids)} tokens; this model's "
+                    f"context is {limit}")
+        return None
 
     def _check(self, msg: Generate) -> str | None:
         limit = self.engine.runner.max_model_len
@@ -215,20 +273,30 @@ class VerifierService:
             live.sent += len(new)
 
     async def _finish(self, live: Live, reason: str, req) -> None:
-        if reason != "cancelled" and self.engine.keep_finished:  # a cancelled request's KV is already freed
-            if self.prefix is not None:
-                await self.prefix.save(req.table, req.tokens)
-            if self.relay is not None:
-                await self.relay.publish(req.table, len(req.prompt), req.output)
-            self.engine.release(req)
+        msg, first = live.msg, isinstance(live.msg, Generate)
+        hold_s = min(msg.hold_s, self.cfg.max_hold_s) if reason == "stop" else 0.0
+        if reason != "cancelled" and hold_s <= 0:  # a cancelled request's KV is already freed
+            await self._release(req)
+        usage = live.ledger.add_turn(req, live.carried, live.relay, msg.evicted_tokens if first else 0,
+                                     0 if first else msg.tool_response_tokens)
+        if hold_s > 0:
+            self.held.hold(msg.request_id, req, live.ledger, hold_s)
         new = req.output[live.sent :]
-        usage = Usage(prompt_tokens=len(req.prompt), completion_tokens=len(req.output),
-                      cached_tokens=req.stats.cached_tokens, spec_steps=req.stats.steps,
-                      accepted_tokens=req.stats.accepted_tokens, drafted_tokens=req.stats.drafted_tokens,
-                      relay=live.relay)
-        await self.bus.reply(live.msg.reply_to, TokenChunk(live.msg.request_id, new, offset=live.sent,
-                                                           finish_reason=reason, usage=usage))
+        await self.bus.reply(msg.reply_to, TokenChunk(msg.request_id, new, offset=live.sent, finish_reason=reason,
+                                                      usage=usage, holder=self.cfg.consumer if hold_s > 0 else None))
         await live.delivery.ack()
+
+    async def _release(self, req) -> None:
+        """A finished request's KV: published for later requests (prefix cache, relay), then freed."""
+        if self.prefix is not None:
+            await self.prefix.save(req.table, req.tokens)
+        if self.relay is not None:
+            await self.relay.publish(req.table, len(req.prompt), req.output)
+        self.engine.release(req)
+
+
+def _params(s) -> SamplingParams:
+    return SamplingParams(s.temperature, s.top_k, s.top_p, s.seed, s.max_tokens, tuple(s.stop_token_ids))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
