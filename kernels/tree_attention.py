@@ -4,7 +4,9 @@ Every request in the batch brings a ragged run of new tokens (the nodes of its d
 decode token) whose K/V are already written into the block cache. New token i of request s sits at position
 context_lens[s] + i; it sees every cached position before context_lens[s], and new token j of its own request iff
 tree_mask[i, j] (its ancestors and itself; SpecInfer, arXiv 2305.09781, "tree-based parallel decoding"). No mask
-means causal (j <= i), so prefill and decode are the same kernel.
+means causal (j <= i), so prefill and decode are the same kernel. A drafter growing its tree over several forwards
+has earlier tree levels in the cache already: `mask_starts[s]` moves the mask's first column back to that cached
+key position, and every key from there on is visible only through the mask.
 
 The kernel is FlashAttention's online softmax (Dao et al., arXiv 2205.14135) over key blocks gathered through the
 block table (vLLM's PagedAttention, arXiv 2309.06180): for each key block, m' = max(m, rowmax(S)),
@@ -36,11 +38,12 @@ def tree_attention(
     tree_mask: torch.Tensor | None,  # [num_tokens, max_query_len] bool; None = causal
     scale: float,
     max_query_len: int | None = None,  # saves the kernel a host sync when tree_mask is None
+    mask_starts: torch.Tensor | None = None,  # [num_seqs] int32: tree_mask's column 0 is this key position
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     args = (q, k_cache, v_cache, block_tables, context_lens, cu_query_lens, tree_mask, scale)
     if use_triton(q, k_cache, v_cache):
-        return tree_attention_triton(*args, max_query_len=max_query_len)
-    return tree_attention_reference(*args)
+        return tree_attention_triton(*args, max_query_len=max_query_len, mask_starts=mask_starts)
+    return tree_attention_reference(*args, mask_starts=mask_starts)
 
 
 def tree_attention_reference(
@@ -52,6 +55,7 @@ def tree_attention_reference(
     cu_query_lens: torch.Tensor,  # [num_seqs + 1] int32
     tree_mask: torch.Tensor | None,  # [num_tokens, max_query_len] bool
     scale: float,
+    mask_starts: torch.Tensor | None = None,  # [num_seqs] int32
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Plain torch, one request at a time, softmax in fp32. Queries that see no key at all get zeros."""
     num_tokens, num_heads, head_dim = q.shape
@@ -62,6 +66,7 @@ def tree_attention_reference(
     cu = cu_query_lens.tolist()
     assert cu[-1] == num_tokens, f"cu_query_lens ends at {cu[-1]}, q has {num_tokens} tokens"
     out = torch.zeros_like(q)
+    starts = (mask_starts if mask_starts is not None else context_lens).tolist()
     for s, ctx in enumerate(context_lens.tolist()):
         q_begin, q_end = cu[s], cu[s + 1]
         query_len = q_end - q_begin
@@ -76,7 +81,8 @@ def tree_attention_reference(
         if tree_mask is None:
             visible[:, ctx:] = torch.ones(query_len, query_len, dtype=torch.bool, device=q.device).tril()
         else:
-            visible[:, ctx:] = tree_mask[q_begin:q_end, :query_len]
+            start = starts[s]
+            visible[:, start:] = tree_mask[q_begin:q_end, : ctx + query_len - start]
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
         out[q_begin:q_end] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
     return out
@@ -92,6 +98,7 @@ def tree_attention_triton(
     tree_mask: torch.Tensor | None,  # [num_tokens, max_query_len] bool
     scale: float,
     max_query_len: int | None = None,
+    mask_starts: torch.Tensor | None = None,  # [num_seqs] int32; None: context_lens (the mask covers new tokens)
     block_rows: int = 64,  # query rows (query tokens x heads of one group) per program
     block_keys: int = 64,
     num_splits: int | None = None,  # key-range splits per query block; None: enough to fill the GPU
@@ -107,11 +114,15 @@ def tree_attention_triton(
     assert block_tables.dtype == context_lens.dtype == cu_query_lens.dtype == torch.int32
     assert block_tables.dim() == 2 and block_tables.stride(-1) == 1
     assert context_lens.shape == (num_seqs,) and cu_query_lens.shape == (num_seqs + 1,)
+    if mask_starts is not None:
+        assert tree_mask is not None, "mask_starts needs a tree_mask"
+        assert mask_starts.dtype == torch.int32 and mask_starts.shape == (num_seqs,)
     if tree_mask is not None:
         assert tree_mask.dtype == torch.bool and tree_mask.dim() == 2 and tree_mask.shape[0] == num_tokens
         assert tree_mask.stride(-1) == 1, "tree_mask rows must be contiguous"
-        max_query_len = tree_mask.shape[1]
-    elif max_query_len is None:
+        if max_query_len is None and mask_starts is None:
+            max_query_len = tree_mask.shape[1]
+    if max_query_len is None:
         max_query_len = int((cu_query_lens[1:] - cu_query_lens[:-1]).max()) if num_seqs else 0
     out = torch.empty_like(q)
     if num_seqs == 0 or num_tokens == 0 or max_query_len == 0:
@@ -133,7 +144,8 @@ def tree_attention_triton(
         partial_ml = torch.empty(2, num_splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     attention_kernel, combine_kernel = _build(interpret_enabled())
     attention_kernel[(num_seqs, num_q_blocks, num_kv_heads * num_splits)](
-        q, k_cache, v_cache, out, block_tables, context_lens, cu_query_lens, mask, partial_acc, partial_ml,
+        q, k_cache, v_cache, out, block_tables, context_lens, cu_query_lens, mask,
+        mask_starts if mask_starts is not None else context_lens, partial_acc, partial_ml,
         scale * math.log2(math.e), num_tokens, num_heads, num_splits * num_tokens * num_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
@@ -181,7 +193,7 @@ def _build(interpret: bool):
     @triton.jit
     def tree_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, cu_query_lens_ptr, mask_ptr,
-        partial_acc_ptr, partial_ml_ptr,
+        mask_starts_ptr, partial_acc_ptr, partial_ml_ptr,
         scale_log2, num_tokens, num_heads, ml_half,
         stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ot, stride_oh,
         stride_bt, stride_mt, block_size,
@@ -198,6 +210,7 @@ def _build(interpret: bool):
         if q_start >= query_len:
             return
         context_len = tl.load(context_lens_ptr + seq)
+        mask_start = tl.load(mask_starts_ptr + seq)  # = context_len unless the mask also covers cached keys
 
         rows = tl.arange(0, BLOCK_R)
         q_idx = q_start + rows // GROUP  # request-local index of the new token on this row
@@ -219,8 +232,9 @@ def _build(interpret: bool):
         v_head_ptr = v_ptr + kv_head * stride_vh
         keys = tl.arange(0, BLOCK_N)
 
-        # One pass over every key: the cached prefix (visible to all new tokens), then the new tokens (visible
-        # through the tree mask, or causally, where no key past the block's last query can be visible).
+        # One pass over every key: the cached prefix (visible to all new tokens, up to mask_start), then the keys
+        # from mask_start on (visible through the tree mask; without one, the new tokens causally, where no key
+        # past the block's last query can be visible).
         if HAS_MASK:
             num_keys = context_len + query_len
         else:
@@ -231,13 +245,15 @@ def _build(interpret: bool):
         for start in range(lo, hi, BLOCK_N):
             pos = start + keys
             pos_ok = pos < hi
-            j = pos - context_len  # index among the new tokens; negative in the cached prefix
-            is_new = (j >= 0)[None, :]
             if HAS_MASK:
+                j = pos - mask_start  # column of the tree mask; negative before it (always visible)
+                is_new = (j >= 0)[None, :]
                 bits = tl.load(mask_ptr + token[:, None] * stride_mt + j[None, :],
                                mask=row_ok[:, None] & is_new & pos_ok[None, :], other=0)  # fmt: skip
                 new_visible = bits != 0
             else:
+                j = pos - context_len  # index among the new tokens; negative in the cached prefix
+                is_new = (j >= 0)[None, :]
                 new_visible = j[None, :] <= q_idx[:, None]
             visible = row_ok[:, None] & pos_ok[None, :] & (~is_new | new_visible)
 

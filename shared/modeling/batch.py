@@ -22,8 +22,9 @@ class ForwardBatch:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with block 0 (masked out)
     context_lens: torch.Tensor  # [num_seqs] int32, tokens cached before this forward
     cu_query_lens: torch.Tensor  # [num_seqs + 1] int32, prefix sums of new tokens per sequence
-    tree_mask: torch.Tensor | None  # [num_tokens, max_query_len] bool, row i: new tokens of its sequence it sees
+    tree_mask: torch.Tensor | None  # [num_tokens, mask_width] bool, row i: keys from its mask start it sees
     masks_context: bool  # some sequence masks cached tokens too (a drafter growing a tree over several forwards)
+    mask_starts: torch.Tensor | None  # [num_seqs] int32 key position of tree_mask's column 0; None: context_lens
     logits_indices: torch.Tensor  # [num_logits] rows of the new tokens whose logits the caller wants
     # Derived once per forward for the torch attention path (shared by every layer):
     query_index: torch.Tensor  # [num_seqs, max_query_len] row in input_ids of each padded query (pads -> 0)
@@ -63,8 +64,11 @@ class ForwardBatch:
         query_valid = torch.zeros(num_seqs, max_q, dtype=torch.bool)
         attn_mask = torch.zeros(num_seqs, 1, max_q, max_kv, dtype=torch.bool)
         any_tree = tree_masks is not None and any(m is not None for m in tree_masks)
-        flat_tree = torch.zeros(cu[-1], max_q, dtype=torch.bool) if any_tree else None
-        masks_context = False
+        starts = [c if mask_starts is None or mask_starts[s] is None else mask_starts[s]
+                  for s, c in enumerate(context_lens)]
+        masks_context = any(start < c for start, c in zip(starts, context_lens))
+        width = max(c + n - start for c, n, start in zip(context_lens, query_lens, starts)) if masks_context else max_q
+        flat_tree = torch.zeros(cu[-1], max(width, 1), dtype=torch.bool) if any_tree else None
         for s in range(num_seqs):
             c, n = context_lens[s], query_lens[s]
             query_index[s, :n] = torch.arange(cu[s], cu[s] + n)
@@ -72,13 +76,12 @@ class ForwardBatch:
             mask = tree_masks[s] if tree_masks is not None else None
             if mask is None:
                 mask = torch.ones(n, n, dtype=torch.bool).tril()
-            start = c if mask_starts is None or mask_starts[s] is None else mask_starts[s]
-            masks_context |= start < c
+            start = starts[s]
             attn_mask[s, 0, :n, :start] = True
             attn_mask[s, 0, :n, start : c + n] = mask
             attn_mask[s, 0, n:, 0] = True  # padded query rows attend somewhere so softmax stays finite
             if flat_tree is not None:
-                flat_tree[cu[s] : cu[s] + n, :n] = mask[:, mask.shape[1] - n :]
+                flat_tree[cu[s] : cu[s] + n, : c + n - start] = mask if masks_context else mask[:, mask.shape[1] - n :]
         rows = logits_rows if logits_rows is not None else [[n - 1] if n else [] for n in query_lens]
         logits_indices = [cu[s] + r for s in range(num_seqs) for r in rows[s]]
 
@@ -94,6 +97,7 @@ class ForwardBatch:
             cu_query_lens=t(cu, torch.int32),
             tree_mask=None if flat_tree is None else flat_tree.to(device),
             masks_context=masks_context,
+            mask_starts=t(starts, torch.int32) if masks_context else None,
             logits_indices=t(logits_indices),
             query_index=query_index.to(device),
             query_valid=query_valid.to(device),

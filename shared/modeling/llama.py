@@ -57,9 +57,9 @@ class Attention(nn.Module):
         k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # [num_blocks, block_size, H_kv, D]
         k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k)
         v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, v)
-        if not batch.masks_context and runtime_uses_triton(q):  # the drafter's context masks: torch path only
+        if runtime_uses_triton(q):
             out = tree_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.cu_query_lens,
-                                 batch.tree_mask, self.scale, batch.query_index.shape[1])
+                                 batch.tree_mask, self.scale, batch.query_index.shape[1], batch.mask_starts)
         else:
             out = paged_attention(q, k_cache, v_cache, batch, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))

@@ -169,3 +169,39 @@ def test_default_splits_fill_the_gpu(monkeypatch):
     assert module.default_num_splits(cuda, 8, 65536, 64) == 32  # long context: capped at 32 splits
     assert module.default_num_splits(cuda, 256, 65536, 64) == 1  # the grid already covers every SM
     assert module.default_num_splits(torch.device("cpu"), 8, 65536, 64) == 1
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_mask_over_cached_keys_matches_sdpa(group):
+    """The drafter's case: a tree grown over several forwards has its earlier levels cached, so the mask starts
+    before the new tokens (`mask_starts`). Kernel and reference against the runtime's SDPA path, built by
+    ForwardBatch from the same per-request masks."""
+    from specrelay.shared.modeling.batch import ForwardBatch
+    from specrelay.shared.modeling.llama import paged_attention
+
+    gen = torch.Generator().manual_seed(group)
+    block_size, num_kv_heads, head_dim = 4, 2, 16
+    # (context, new, mask start): a tree whose first 3 levels are cached; a plain tree; one crossing blocks
+    seqs = [(10, 3, 6), (5, 4, None), (7, 6, 2)]
+    tables, masks, slots, next_block = [], [], [], 0
+    for c, n, start in seqs:
+        nb = math.ceil((c + n) / block_size)
+        tables.append(list(range(next_block, next_block + nb)))
+        next_block += nb
+        slots.append([tables[-1][p // block_size] * block_size + p % block_size for p in range(c, c + n)])
+        width = c + n - (c if start is None else start)
+        mask = torch.rand(n, width, generator=gen) < 0.5
+        mask[torch.arange(n), width - n + torch.arange(n)] = True  # each token sees itself
+        masks.append(mask)
+    batch = ForwardBatch.build([[1] * n for _, n, _ in seqs], [c for c, _, _ in seqs], slots, tables,
+                               tree_masks=masks, mask_starts=[s for _, _, s in seqs])
+    assert batch.masks_context and batch.mask_starts is not None
+    k_cache = torch.randn(next_block, block_size, num_kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(next_block, block_size, num_kv_heads, head_dim, generator=gen)
+    q = torch.randn(sum(n for _, n, _ in seqs), num_kv_heads * group, head_dim, generator=gen)
+    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=batch.block_tables,
+                context_lens=batch.context_lens, cu_query_lens=batch.cu_query_lens, tree_mask=batch.tree_mask,
+                scale=head_dim**-0.5, mask_starts=batch.mask_starts)  # fmt: skip
+    want = paged_attention(q, k_cache, v_cache, batch, head_dim**-0.5)
+    torch.testing.assert_close(tree_attention_reference(**args), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(tree_attention_triton(**args, max_query_len=6), want, atol=2e-5, rtol=1e-4)
