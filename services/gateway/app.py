@@ -18,6 +18,7 @@ from specrelay.services.gateway.admission import Admission, make_policy
 from specrelay.services.gateway.errors import ApiError, error_middleware
 from specrelay.services.gateway.metrics import GatewayMetrics, KvStatsSource
 from specrelay.services.gateway.state import GATEWAY, Gateway, GatewayConfig, end_of_turn_ids
+from specrelay.services.gateway.tool_rounds import ServerTools
 from specrelay.shared.bus import Bus
 from specrelay.shared.messages import GENERATE_STREAM
 from specrelay.shared.tokenizer import Tokenizer
@@ -28,13 +29,13 @@ OPEN_PATHS = ("/health", "/metrics")  # reachable without an API key (probes and
 
 
 def create_app(config: GatewayConfig, bus: Bus, tokenizer: Tokenizer,
-               kv_stats: KvStatsSource | None = None) -> web.Application:
+               kv_stats: KvStatsSource | None = None, server_tools: ServerTools | None = None) -> web.Application:
     """The app; the caller owns `bus` (opens and closes it). `kv_stats` feeds the KV-block gauges of /metrics
-    when the verifier runs in this process."""
+    when the verifier runs in this process; `server_tools` turns on tool rounds inside requests (tool_rounds.py)."""
     gateway = Gateway(config=config, bus=bus, tokenizer=tokenizer, metrics=GatewayMetrics(kv_stats),
                       admission=Admission(make_policy(config.policy, config.class_slos), config.max_running,
                                           config.max_queued),
-                      stop_token_ids=end_of_turn_ids(tokenizer))
+                      stop_token_ids=end_of_turn_ids(tokenizer), server_tools=server_tools)
     app = web.Application(client_max_size=config.max_body_bytes,
                           middlewares=[_metrics_middleware, error_middleware, _auth_middleware])
     app[GATEWAY] = gateway

@@ -18,7 +18,16 @@ import msgspec
 from specrelay.services.gateway.detok import Decoder, TextStream
 from specrelay.services.gateway.sse import ClientGone
 from specrelay.shared.bus import Bus
-from specrelay.shared.messages import CANCEL_STREAM, GENERATE_STREAM, Cancel, Generate, TokenChunk, Usage
+from specrelay.shared.messages import (
+    CANCEL_STREAM,
+    GENERATE_STREAM,
+    Cancel,
+    Continue,
+    Generate,
+    TokenChunk,
+    Usage,
+    continue_stream,
+)
 
 POLL_S = 0.25  # how often a wait for tokens looks at the client's connection
 
@@ -36,6 +45,7 @@ class Finish:
     usage: Usage | None = None  # the verifier's, when it arrived
     error: str | None = None
     stop_string: bool = False
+    holder: str | None = None  # the verifier holding the request's KV for a Continue (Generate.hold_s)
 
 
 @dataclass
@@ -47,9 +57,13 @@ class Timing:
 
 class Generation:
     def __init__(self, bus: Bus, tokenizer: Decoder, generate: Generate, stops: list[str],
-                 client_gone: Callable[[], bool], timeouts: Timeouts = Timeouts(), timing: Timing | None = None):
+                 client_gone: Callable[[], bool], timeouts: Timeouts = Timeouts(), timing: Timing | None = None,
+                 resume: tuple[str, Continue] | None = None):
+        """resume: (holder, Continue) to go on with a held request instead of publishing `generate` (a tool
+        round, services/verifier/held.py); `generate` still names the request."""
         self.bus = bus
         self.generate = generate
+        self.resume = resume
         self.text = TextStream(tokenizer, stops)
         self.client_gone = client_gone
         self.timeouts = timeouts
@@ -64,7 +78,11 @@ class Generation:
         while we waited for tokens (the request is cancelled first)."""
         channel = self.bus.open_reply_channel(TokenChunk)
         try:
-            await self.bus.publish(GENERATE_STREAM, _with_reply_to(self.generate, channel.name))
+            if self.resume is None:
+                await self.bus.publish(GENERATE_STREAM, _with_reply_to(self.generate, channel.name))
+            else:
+                holder, resume = self.resume
+                await self.bus.publish(continue_stream(holder), _with_reply_to(resume, channel.name))
             idle_s = 0.0
             while self.finish is None:
                 try:
@@ -125,7 +143,8 @@ class Generation:
             if tail.text:
                 yield tail.text
             reason = "stop" if tail.stopped else chunk.finish_reason
-            self.finish = Finish(reason, self.text.num_tokens, chunk.usage, stop_string=tail.stopped)
+            self.finish = Finish(reason, self.text.num_tokens, chunk.usage, stop_string=tail.stopped,
+                                 holder=chunk.holder)
 
 
 async def _get(channel, timeout_s: float) -> TokenChunk | None:
@@ -136,7 +155,7 @@ async def _get(channel, timeout_s: float) -> TokenChunk | None:
     return await channel.get(timeout_s=timeout_s)
 
 
-def _with_reply_to(generate: Generate, reply_to: str) -> Generate:
+def _with_reply_to(generate: Generate | Continue, reply_to: str) -> Generate | Continue:
     return msgspec.structs.replace(generate, reply_to=reply_to)
 
 

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+import msgspec
 from aiohttp import web
 
 from specrelay.services.gateway import responses as R
@@ -37,9 +38,8 @@ from specrelay.services.gateway.schemas import (
 )
 from specrelay.services.gateway.sse import ClientGone, SseWriter, client_gone
 from specrelay.services.gateway.state import GATEWAY, Gateway
-from specrelay.services.toolcoord.parser import StreamingToolParser
-from specrelay.services.toolcoord.toolcalls import StreamDelta
-from specrelay.shared.messages import Generate, SamplingSpec
+from specrelay.services.gateway.tool_rounds import ChatTurns
+from specrelay.shared.messages import Continue, Generate, SamplingSpec
 from specrelay.shared.tokenizer import TemplateError
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,12 @@ async def _admitted(gw: Gateway, ticket: Ticket):
         gw.metrics.queued.set(gw.admission.num_waiting)
 
 
-def _generation(gw: Gateway, request: web.Request, prep: Prepared) -> Generation:
+def _generation(gw: Gateway, request: web.Request, prep: Prepared, generate: Generate | None = None,
+                resume: tuple[str, Continue] | None = None) -> Generation:
+    """A generation of the request (`generate`: a later turn's; `resume`: go on with a held turn's KV)."""
     timeouts = Timeouts(gw.config.chunk_timeout_s, gw.config.cancel_grace_s)
-    return Generation(gw.bus, gw.tokenizer, prep.generate, prep.stops, lambda: client_gone(request), timeouts,
-                      prep.timing)
+    return Generation(gw.bus, gw.tokenizer, generate or prep.generate, prep.stops, lambda: client_gone(request),
+                      timeouts, prep.timing, resume=resume)
 
 
 def _observe(gw: Gateway, gen: Generation, reason: str, usage: dict[str, Any]) -> None:
@@ -211,64 +213,70 @@ def _forced_prefix(fmt: str, choice: Any) -> str:
     return ""
 
 
-def _stream_delta(sd: StreamDelta) -> dict[str, Any]:
-    delta: dict[str, Any] = {}
-    if sd.content:
-        delta["content"] = sd.content
-    if sd.tool_calls:
-        delta["tool_calls"] = [d.to_openai() for d in sd.tool_calls]
-    if sd.errors:
-        delta["tool_call_errors"] = [e.to_dict() for e in sd.errors]
-    return delta
-
-
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     timing = Timing()
     req = decode(await request.read(), ChatCompletionRequest)
     max_tokens = check_chat(req)
     _check_model(gw, req.model)
-    tools = tools_for_template(req)
+    client_tools = tools_for_template(req)
+    server = gw.server_tools if req.tool_choice != "none" else None  # "none": no tool of either side
+    tools = server.template_tools(client_tools) if server is not None else client_tools
     fmt = gw.config.tool_call_format
-    forced = _forced_prefix(fmt, req.tool_choice) if tools else ""
+    forced = _forced_prefix(fmt, req.tool_choice) if client_tools else ""
+    messages = messages_for_template(req)
     try:
-        prompt_text = gw.tokenizer.render_chat(messages_for_template(req), tools) + forced
+        prompt_text = gw.tokenizer.render_chat(messages, tools) + forced
     except TemplateError as e:
         raise bad_request(str(e), param="messages", code="invalid_value") from None
     prep = _prepare(gw, request, req, await _encode(gw, prompt_text), max_tokens, "chatcmpl", timing)
-    parser = StreamingToolParser(fmt, [t["function"]["name"] for t in tools]) if tools else None
+    if server is not None and server.max_rounds > 0:  # keep the turn's KV for a tool round (tool_rounds.py)
+        prep.generate = msgspec.structs.replace(prep.generate, hold_s=server.hold_s)
     async with _admitted(gw, prep.ticket):
-        gen = _generation(gw, request, prep)
+        turns = ChatTurns(first=_generation(gw, request, prep),
+                          make_generation=lambda generate, resume: _generation(gw, request, prep, generate, resume),
+                          events=lambda gen: _events(gw, gen), encode=gw.tokenizer.encode,
+                          render=gw.tokenizer.render_chat, messages=messages, tools=tools,
+                          client_tools={t["function"]["name"] for t in client_tools or []}, fmt=fmt, forced=forced,
+                          server=server, max_model_len=gw.config.max_model_len, tokenizer=gw.tokenizer)
         if req.stream:
-            return await _stream_chat(gw, request, req.model, prep, gen, parser, forced)
-        return await _complete_chat(gw, req.model, prep, gen, parser, forced)
+            return await _stream_chat(gw, request, req.model, prep, turns)
+        return await _complete_chat(gw, req.model, prep, turns)
 
 
-async def _complete_chat(gw: Gateway, model: str, prep: Prepared, gen: Generation,
-                         parser: StreamingToolParser | None, forced: str) -> web.StreamResponse:
-    text = await _collect(gw, gen)
-    if text is None:
-        return web.Response(status=CLIENT_CLOSED)
+def _chat_usage(gw: Gateway, prep: Prepared, turns: ChatTurns) -> dict[str, Any]:
+    usage = R.usage_to_openai(turns.usage(), len(prep.generate.prompt_token_ids), turns.gen.finish)
+    if turns.server is not None:  # beyond OpenAI's usage: what the server-side tool rounds did
+        usage["tool_rounds"] = turns.rounds
+        usage["tool_trimmed_tokens"] = turns.trimmed_tokens
+    return usage
+
+
+async def _complete_chat(gw: Gateway, model: str, prep: Prepared, turns: ChatTurns) -> web.StreamResponse:
     try:
-        if parser is not None:
-            parser.feed(forced + text)
-            parser.finish()
-            message = parser.result.to_openai_message()
-            if parser.result.errors:
-                message["tool_call_errors"] = [e.to_dict() for e in parser.result.errors]
-        else:
-            message = {"role": "assistant", "content": text}
-        reason = R.finish_reason(gen.finish, parser is not None and bool(parser.result.tool_calls))
+        async with contextlib.aclosing(turns.deltas()) as deltas:
+            async for _ in deltas:
+                pass
+    except ClientGone:
+        _observe_failure(gw, turns.gen.finish, "client_gone")
+        return web.Response(status=CLIENT_CLOSED)
+    except asyncio.CancelledError:  # aiohttp cancels the handler of a client that went away
+        _observe_failure(gw, turns.gen.finish, "client_gone")
+        raise
+    gen = turns.gen
+    try:
+        message = turns.message()
+        reason = R.finish_reason(gen.finish, turns.has_client_calls)
     except ApiError:
         _observe_failure(gw, gen.finish, "error")
         raise
-    usage = R.usage_to_openai(gen.finish.usage, len(prep.generate.prompt_token_ids), gen.finish)
+    usage = _chat_usage(gw, prep, turns)
     _observe(gw, gen, reason, usage)
     return web.json_response(R.chat_completion(prep.request_id, model, prep.created, message, reason, usage))
 
 
-async def _stream_chat(gw: Gateway, request: web.Request, model: str, prep: Prepared, gen: Generation,
-                       parser: StreamingToolParser | None, forced: str) -> web.StreamResponse:
+async def _stream_chat(gw: Gateway, request: web.Request, model: str, prep: Prepared,
+                       turns: ChatTurns) -> web.StreamResponse:
     sse = SseWriter(request)
 
     def chunk(delta: dict[str, Any] | None, finish: str | None = None, usage: dict | None = None) -> dict:
@@ -276,35 +284,30 @@ async def _stream_chat(gw: Gateway, request: web.Request, model: str, prep: Prep
 
     try:
         await sse.send(chunk({"role": "assistant", "content": ""}))
-        if parser is not None and forced and (delta := _stream_delta(parser.feed(forced))):
-            await sse.send(chunk(delta))
-        async with contextlib.aclosing(_events(gw, gen)) as events:
-            async for text in events:
-                delta = _stream_delta(parser.feed(text)) if parser is not None else {"content": text}
-                if delta:
-                    await sse.send(chunk(delta))
-        if parser is not None and (delta := _stream_delta(parser.finish())):
-            await sse.send(chunk(delta))
+        async with contextlib.aclosing(turns.deltas()) as deltas:
+            async for delta in deltas:
+                await sse.send(chunk(delta))
+        gen = turns.gen
         try:
-            reason = R.finish_reason(gen.finish, parser is not None and bool(parser.result.tool_calls))
+            reason = R.finish_reason(gen.finish, turns.has_client_calls)
         except ApiError as e:
             _observe_failure(gw, gen.finish, "error")
             await sse.send(e.body())
             return await sse.done()
-        usage = R.usage_to_openai(gen.finish.usage, len(prep.generate.prompt_token_ids), gen.finish)
+        usage = _chat_usage(gw, prep, turns)
         _observe(gw, gen, reason, usage)
         await sse.send(chunk({}, reason))
         if prep.include_usage:
             await sse.send(chunk(None, usage=usage))
         return await sse.done()
     except ClientGone:
-        _observe_failure(gw, gen.finish, "client_gone")
+        _observe_failure(gw, turns.gen.finish, "client_gone")
         return sse.response
     except asyncio.CancelledError:  # aiohttp cancels the handler of a client that went away
-        _observe_failure(gw, gen.finish, "client_gone")
+        _observe_failure(gw, turns.gen.finish, "client_gone")
         raise
     except Exception:
-        return await _stream_failed(gw, sse, gen)
+        return await _stream_failed(gw, sse, turns.gen)
 
 
 # --- completions -------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -13,6 +14,9 @@ from specrelay.services.toolcoord.parser import FORMATS
 from specrelay.shared.bus import Bus
 from specrelay.shared.errors import ConfigError, SpecrelayError
 from specrelay.shared.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from specrelay.services.gateway.tool_rounds import ServerTools
 
 # Tokens that end a turn in the template families we serve, besides the tokenizer's own eos.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
@@ -62,6 +66,7 @@ class Gateway:
     metrics: GatewayMetrics
     admission: Admission
     stop_token_ids: list[int]  # passed to the verifier: generation ends at any of them
+    server_tools: "ServerTools | None" = None  # tools the server runs itself, in rounds inside a request
     started_s: int = field(default_factory=lambda: int(time.time()))
 
 

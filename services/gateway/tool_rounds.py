@@ -1,0 +1,255 @@
+"""A chat request's turns: the first generation, then one server-side tool round after another on the KV the
+verifier already holds, until the model answers (or calls the client's tools).
+
+    turn 1    Generate(hold_s) of the prompt; the server's tool schemas are rendered with the client's
+    round k   the turn ended by its stop token and called only server-side tools (`split_calls`: a tool the request
+              declares is the client's) -> run them, trimmed (toolcoord/server_tools.py) -> the continuation text
+              from the chat template -> Continue(holder, its tokens): the verifier prefills only those
+    end       the turn that answers, calls a client tool, writes a malformed call, or comes after `max_rounds`
+              rounds; a KV still held is released (Cancel)
+
+Fallback: a Continue answered with an error (the hold expired, the verifier restarted) becomes a fresh Generate of
+the whole rendered conversation, `evicted_tokens` set so that usage.pte books the context as recomputed. Correct,
+only slower.
+
+Tools run in this process (`ToolRegistry`, what `specrelay serve` does) or in `specrelay toolcoord` processes over
+the bus (`RemoteTools`, `--remote-tools`); both answer `call(name, arguments) -> ToolResult` and never raise. The
+schemas always come from the gateway's own registry (the same `--tools-config` file the toolcoord reads).
+
+What the client sees: content of every turn (a later turn's after a newline), the final turn's client tool calls
+(renumbered from 0), `tool_call_errors`, and, beyond OpenAI's schema, `server_tool_calls` on the message (each
+call with its output and round) and `usage.tool_rounds` / `usage.tool_trimmed_tokens`. A server-side call never
+shows up as a client `tool_calls` delta.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Protocol
+
+import msgspec
+
+from specrelay.services.gateway.generation import Generation
+from specrelay.services.toolcoord.parser import StreamingToolParser
+from specrelay.services.toolcoord.server_tools import build_continuation, run_tool_calls, split_calls
+from specrelay.services.toolcoord.toolcalls import StreamDelta
+from specrelay.services.toolcoord.tools.base import ToolResult
+from specrelay.services.toolcoord.tools.registry import ToolRegistry
+from specrelay.services.toolcoord.trim import TrimConfig
+from specrelay.shared.errors import ConfigError
+from specrelay.shared.messages import CANCEL_STREAM, Cancel, Continue, Generate, Usage
+
+
+class ToolRunner(Protocol):
+    async def call(self, name: str, arguments: str) -> ToolResult: ...
+
+
+@dataclass(frozen=True)
+class ServerTools:
+    registry: ToolRegistry  # names and schemas (always local)
+    runner: ToolRunner  # who runs the calls: the registry itself, or RemoteTools(bus)
+    trim: TrimConfig = field(default_factory=TrimConfig)
+    max_rounds: int = 4  # server-side rounds in one request
+    hold_s: float = 30.0  # how long the verifier keeps a turn's KV for the round's Continue (tool time included)
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 0:
+            raise ConfigError(f"--max-tool-rounds {self.max_rounds}: must be >= 0")
+        if not self.hold_s > 0:
+            raise ConfigError(f"--tool-hold-s {self.hold_s}: must be > 0")
+
+    def template_tools(self, client_tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        """The client's tools, then the server's under names the client did not take."""
+        taken = {t["function"]["name"] for t in client_tools or []}
+        extra = [s for s in self.registry.schemas() if s["function"]["name"] not in taken]
+        return [*(client_tools or []), *extra] or None
+
+
+MakeGeneration = Callable[[Generate, "tuple[str, Continue] | None"], Generation]
+Events = Callable[[Generation], AsyncIterator[str]]
+
+
+class ClientView:
+    """One turn's parser output as the client may see it: the server's calls hidden, the client's renumbered."""
+
+    def __init__(self, server_names: set[str]):
+        self.server_names = server_names
+        self.index: dict[int, int | None] = {}  # parser index -> client index (None: a server call)
+
+    def delta(self, sd: StreamDelta) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if sd.content:
+            out["content"] = sd.content
+        calls = []
+        for d in sd.tool_calls:
+            if d.index not in self.index:  # a call's first delta carries its name
+                hidden = d.name in self.server_names
+                self.index[d.index] = None if hidden else sum(v is not None for v in self.index.values())
+            if (i := self.index[d.index]) is not None:
+                calls.append({**d.to_openai(), "index": i})
+        if calls:
+            out["tool_calls"] = calls
+        errors = [e.to_dict() for e in sd.errors]
+        for e in errors:
+            if "index" in e:
+                if self.index.get(e["index"]) is None:
+                    e.pop("index")  # the call never reached the client: nothing to drop there
+                else:
+                    e["index"] = self.index[e["index"]]
+        if errors:
+            out["tool_call_errors"] = errors
+        return out
+
+
+class ChatTurns:
+    """Runs the turns of one chat request. Iterate `deltas()` (the client's streamed deltas); afterwards `gen`
+    is the last turn's generation and `message()` / `usage()` shape the response."""
+
+    def __init__(self, *, first: Generation, make_generation: MakeGeneration, events: Events, encode, render,
+                 messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, client_tools: set[str],
+                 fmt: str, forced: str, server: ServerTools | None, max_model_len: int, tokenizer):
+        self.gen = first
+        self._make, self._events, self._encode, self._render = make_generation, events, encode, render
+        self.messages, self.tools, self.client_tools, self.fmt, self.forced = messages, tools, client_tools, fmt, forced
+        self.server, self.max_model_len, self.tokenizer = server, max_model_len, tokenizer
+        self.parser: StreamingToolParser | None = None
+        self.contents: list[str] = []  # each turn's content
+        self.server_calls: list[dict[str, Any]] = []
+        self.rounds = 0
+        self.trimmed_tokens = 0
+        self._earlier_usage: Usage | None = None  # usage of a chain of turns a fallback replaced
+
+    @property
+    def server_names(self) -> set[str]:
+        return set(self.server.registry.tools) - self.client_tools if self.server else set()
+
+    def _new_parser(self) -> StreamingToolParser | None:
+        if not self.tools:
+            return None
+        return StreamingToolParser(self.fmt, [t["function"]["name"] for t in self.tools])
+
+    async def deltas(self) -> AsyncIterator[dict[str, Any]]:
+        gen, first = self.gen, True
+        context = len(gen.generate.prompt_token_ids)
+        for round_no in itertools.count():
+            parser, view, parts = self._new_parser(), ClientView(self.server_names), []
+            content_before = any(self.contents)
+            self.contents.append("")
+            if parser is not None and first and self.forced and (d := view.delta(parser.feed(self.forced))):
+                yield self._content(d, content_before)
+            async for text in self._events(gen):
+                parts.append(text)
+                d = view.delta(parser.feed(text)) if parser is not None else {"content": text}
+                if d:
+                    yield self._content(d, content_before)
+            if parser is not None and (d := view.delta(parser.finish())):
+                yield self._content(d, content_before)
+            finish = gen.finish
+            if gen.resume is not None and finish.reason == "error" and gen.text.num_tokens == 0:
+                # The hold had expired: the whole conversation again; what the turns before had held is evicted.
+                self._earlier_usage = add_usage(self._earlier_usage, self.gen.finish.usage)
+                gen = self._fresh(gen.generate, context - len(gen.resume[1].token_ids))
+                self.contents.pop()
+                continue
+            self.gen, self.parser = gen, parser
+            if parser is None or self.server is None:
+                return
+            server_calls, client_calls = split_calls(parser.result.tool_calls, self.server.registry,
+                                                     self.client_tools)
+            context += gen.text.num_tokens
+            room = min(self.max_model_len - context - 1, gen.generate.sampling.max_tokens - gen.text.num_tokens)
+            why_not = ("the turn also calls the client's tools" if client_calls else
+                       "the turn has malformed tool calls" if parser.result.errors else
+                       f"the request reached {self.server.max_rounds} tool rounds"
+                       if round_no >= self.server.max_rounds else
+                       "no tokens left for another turn" if room < 2 else
+                       "generation did not end at the model's end of turn"
+                       if finish.reason != "stop" or finish.stop_string else None)
+            if not server_calls or why_not is not None:
+                self.server_calls += [{**c.to_openai(), "round": round_no + 1, "output": None,
+                                       "not_run": why_not} for c in server_calls]
+                await self._release(gen)
+                return
+            outcomes = await run_tool_calls(server_calls, self.server.runner, self.tokenizer, self.server.trim)
+            generated = (self.forced if first else "") + "".join(parts)
+            cont = build_continuation(self._render, self.messages, self.tools, generated, parser.result, outcomes)
+            self.messages = cont.messages
+            cont_ids = self._encode(cont.text)
+            self.rounds += 1
+            self.trimmed_tokens += cont.trimmed_tokens
+            ran = [{**o.call.to_openai(), "round": self.rounds, "output": o.content, "is_error": o.result.is_error}
+                   for o in outcomes]
+            self.server_calls += ran
+            yield {"server_tool_calls": ran}
+            context = context - 1 + len(cont_ids)  # the stop token is dropped, the continuation appended
+            room = min(self.max_model_len - context - 1, room)
+            gen = self._next(gen, cont_ids, cont.tool_response_tokens, room, context)
+            first = False
+
+    def _content(self, delta: dict[str, Any], content_before: bool) -> dict[str, Any]:
+        """A later turn's content starts on a new line; the turn's content is kept for the message."""
+        if "content" in delta:
+            if content_before and not self.contents[-1]:
+                delta = {**delta, "content": "\n" + delta["content"]}
+            self.contents[-1] += delta["content"]
+        return delta
+
+    def _next(self, gen: Generation, cont_ids: list[int], tool_tokens: int, room: int, context: int) -> Generation:
+        hold_s = self.server.hold_s if self.rounds < self.server.max_rounds else 0.0
+        sampling = msgspec.structs.replace(gen.generate.sampling, max_tokens=max(room, 1))
+        generate = msgspec.structs.replace(gen.generate, sampling=sampling, hold_s=hold_s, evicted_tokens=0)
+        holder = gen.finish.holder
+        if holder is None:  # the verifier did not hold this turn: the conversation goes again as a whole
+            self._earlier_usage = add_usage(self._earlier_usage, gen.finish.usage)
+            return self._fresh(generate, context - len(cont_ids))
+        resume = Continue(generate.request_id, cont_ids, sampling, "", hold_s=hold_s,
+                          tool_response_tokens=tool_tokens)
+        return self._make(generate, (holder, resume))
+
+    def _fresh(self, generate: Generate, evicted: int) -> Generation:
+        prompt_ids = self._encode(self._render(self.messages, tools=self.tools, add_generation_prompt=True))
+        return self._make(msgspec.structs.replace(generate, prompt_token_ids=prompt_ids, evicted_tokens=evicted),
+                          None)
+
+    @staticmethod
+    async def _release(gen: Generation) -> None:
+        """The last turn's KV is no longer needed for a Continue: free it now rather than when the hold ends."""
+        if gen.finish is not None and gen.finish.holder is not None:
+            await gen.bus.publish(CANCEL_STREAM, Cancel(gen.generate.request_id))
+
+    # --- the response ------------------------------------------------------------------------------------------
+    def message(self) -> dict[str, Any]:
+        content = "".join(self.contents)
+        if self.parser is None:
+            return {"role": "assistant", "content": content}
+        result = self.parser.result
+        calls = [c for c in result.tool_calls if c.name not in self.server_names]
+        message: dict[str, Any] = {"role": "assistant", "content": content or None}
+        if calls:
+            message["tool_calls"] = [c.to_openai() for c in calls]
+        if result.errors:
+            message["tool_call_errors"] = [e.to_dict() for e in result.errors]
+        if self.server_calls:
+            message["server_tool_calls"] = self.server_calls
+        return message
+
+    @property
+    def has_client_calls(self) -> bool:
+        return self.parser is not None and any(c.name not in self.server_names for c in self.parser.result.tool_calls)
+
+    def usage(self) -> Usage | None:
+        return add_usage(self._earlier_usage, self.gen.finish.usage if self.gen.finish is not None else None)
+
+
+def add_usage(a: Usage | None, b: Usage | None) -> Usage | None:
+    """Two chains of turns of one request (before and after a fallback), added up."""
+    if a is None or b is None:
+        return a or b
+    ints = ("prompt_tokens", "completion_tokens", "cached_tokens", "spec_steps", "accepted_tokens", "drafted_tokens")
+    out = msgspec.structs.replace(b, **{k: getattr(a, k) + getattr(b, k) for k in ints})
+    if a.pte is not None and b.pte is not None:
+        summed = ("total", "prefill", "decode", "recompute", "tool_response_tokens", "full_eviction_total", "turns")
+        out.pte = msgspec.structs.replace(b.pte, **{k: getattr(a.pte, k) + getattr(b.pte, k) for k in summed})
+    return out
+
