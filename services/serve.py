@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-nodes", type=int, default=16, help="largest draft tree verified per request")
     parser.add_argument("--num-blocks", type=int, default=2048, help="KV cache blocks (16 tokens each)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--pte-profile", default=None, metavar="FILE",
+                        help="PTE profile for usage.pte (default: what `specrelay calibrate` cached, else analytic)")
     from specrelay.services.verifier.relay_hooks import add_relay_options
 
     add_relay_options(parser)
@@ -47,7 +49,8 @@ async def serve(args: argparse.Namespace) -> None:
         verifier = VerifierService(VerifierConfig(args.model, args.redis, speculate=speculate,
                                                   max_nodes=args.max_nodes, num_blocks=args.num_blocks,
                                                   device=args.device, report_kv=False,
-                                                  relay=relay_config(args)), bus)
+                                                  relay=relay_config(args), pte_profile=args.pte_profile,
+                                                  max_hold_s=max(300.0, args.tool_hold_s)), bus)
         cache = verifier.engine.runner.cache
         kv_stats = lambda: KvStats(cache.allocator.num_blocks - cache.num_free_blocks,  # noqa: E731
                                    cache.allocator.num_blocks)
@@ -66,7 +69,9 @@ async def serve(args: argparse.Namespace) -> None:
         if speculate:
             drafter = Drafter(build_proposer(DrafterConfig(args.model, args.draft, args.proposer, device=args.device)))
             tasks.append(asyncio.create_task(serve_drafter(bus, drafter, "drafter-embedded")))
-        runner = web.AppRunner(create_app(gateway_config, bus, Tokenizer(args.model), kv_stats=kv_stats))
+        server_tools = config.tools.build(bus) if config.tools is not None else None
+        runner = web.AppRunner(create_app(gateway_config, bus, Tokenizer(args.model), kv_stats=kv_stats,
+                                          server_tools=server_tools))
         await runner.setup()
         try:
             try:

@@ -18,6 +18,7 @@ from specrelay.shared.errors import ConfigError
 
 if TYPE_CHECKING:  # aiohttp stays out of `specrelay --help`
     from specrelay.services.gateway.state import GatewayConfig
+    from specrelay.services.gateway.tool_rounds import ToolOptions
 
 API_KEY_ENV = "SPECRELAY_API_KEY"  # one key, or several separated by commas
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "target"
@@ -31,6 +32,7 @@ class ServiceConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     redis_url: str | None = None
+    tools: ToolOptions | None = None  # server-side tools (tool_rounds.py); None: none
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "interactive:ttft=1s,tpot=100ms deadline:e2e=30s; the loadgen's --slo language)")
     parser.add_argument("--max-running", type=int, default=256, help="requests in flight to the verifier")
     parser.add_argument("--max-queued", type=int, default=1024, help="waiting requests before 503s")
+    from specrelay.services.gateway.tool_rounds import add_tool_arguments
+
+    add_tool_arguments(parser)
 
 
 def model_max_len(model_dir: Path) -> int:
@@ -88,7 +93,9 @@ def build_config(args: argparse.Namespace) -> ServiceConfig:
         max_queued=args.max_queued, class_slos=tuple(args.class_slo or ()))
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port}: not a TCP port")
-    return ServiceConfig(gateway, model_dir, args.host, args.port, args.redis)
+    from specrelay.services.gateway.tool_rounds import tool_options
+
+    return ServiceConfig(gateway, model_dir, args.host, args.port, args.redis, tool_options(args))
 
 
 async def serve(config: ServiceConfig) -> None:
@@ -107,7 +114,9 @@ async def serve(config: ServiceConfig) -> None:
     async with make_bus(config.redis_url) as bus:
         kv_reports = VerifierKvReports()
         follower = asyncio.create_task(kv_reports.follow(bus))
-        runner = web.AppRunner(create_app(config.gateway, bus, tokenizer, kv_stats=kv_reports.stats))
+        server_tools = config.tools.build(bus) if config.tools is not None else None
+        runner = web.AppRunner(create_app(config.gateway, bus, tokenizer, kv_stats=kv_reports.stats,
+                                          server_tools=server_tools))
         await runner.setup()
         try:
             site = web.TCPSite(runner, config.host, config.port)

@@ -253,3 +253,54 @@ def add_usage(a: Usage | None, b: Usage | None) -> Usage | None:
         out.pte = msgspec.structs.replace(b.pte, **{k: getattr(a.pte, k) + getattr(b.pte, k) for k in summed})
     return out
 
+
+
+# --- configuration (the gateway's and serve's command lines) --------------------------------------------------------
+
+@dataclass(frozen=True)
+class ToolOptions:
+    config_file: str | None = None  # toolcoord's registry config (TOML/JSON); None: the built-ins
+    enabled: bool = True
+    remote: bool = False  # run calls in `specrelay toolcoord` processes over the bus
+    max_rounds: int = 4
+    hold_s: float = 30.0
+    max_response_tokens: int = 2048  # each tool answer trimmed to this many tokens (head and tail kept)
+
+    def build(self, bus) -> ServerTools | None:
+        """Loads the registry now, so a bad config file stops the server at start."""
+        if not self.enabled:
+            return None
+        from specrelay.services.toolcoord.service import RemoteTools
+        from specrelay.services.toolcoord.tools.registry import load_registry
+
+        if self.max_response_tokens < 1:
+            raise ConfigError(f"--tool-response-max-tokens {self.max_response_tokens}: must be >= 1")
+        registry = load_registry(self.config_file)
+        if not registry.tools:
+            return None
+        runner = RemoteTools(bus, timeout_s=self.hold_s) if self.remote else registry
+        return ServerTools(registry, runner, TrimConfig(default_max_tokens=self.max_response_tokens),
+                           self.max_rounds, self.hold_s)
+
+
+def add_tool_arguments(parser) -> None:
+    import os
+
+    group = parser.add_argument_group("server-side tools (run inside a request, on the KV it holds)")
+    group.add_argument("--tools-config", default=os.environ.get("SPECRELAY_TOOLS") or None, metavar="FILE",
+                       help="tools registry, TOML or JSON (or SPECRELAY_TOOLS; default: calculator and python)")
+    group.add_argument("--no-server-tools", action="store_true", help="offer the model no server-side tools")
+    group.add_argument("--remote-tools", action="store_true",
+                       help="run tool calls in `specrelay toolcoord` processes over the bus (needs --redis)")
+    group.add_argument("--max-tool-rounds", type=int, default=4, help="server-side tool rounds per request")
+    group.add_argument("--tool-hold-s", type=float, default=30.0,
+                       help="how long the verifier keeps a turn's KV while its tools run")
+    group.add_argument("--tool-response-max-tokens", type=int, default=2048,
+                       help="longest tool answer appended (head and tail kept, the middle elided)")
+
+
+def tool_options(args) -> ToolOptions:
+    if args.remote_tools and not args.redis:
+        raise ConfigError("--remote-tools needs --redis: the toolcoord processes take calls from the bus")
+    return ToolOptions(args.tools_config, not args.no_server_tools, args.remote_tools, args.max_tool_rounds,
+                       args.tool_hold_s, args.tool_response_max_tokens)

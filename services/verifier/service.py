@@ -308,6 +308,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-nodes", type=int, default=16, help="largest draft tree verified per request")
     parser.add_argument("--num-blocks", type=int, default=2048)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--pte-profile", default=None, metavar="FILE",
+                        help="PTE profile for usage.pte (default: what `specrelay calibrate` cached, else analytic)")
     parser.add_argument("--kvstore", default=os.environ.get("SPECRELAY_KVSTORE"), metavar="URL",
                         help="where prefix KV is shared: redis://... or shm://NAME (default: in this process)")
     parser.add_argument("--kv-capacity", default=os.environ.get("SPECRELAY_KV_CAPACITY", "512M"), metavar="SIZE",
@@ -327,7 +329,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("a stand-alone verifier needs --redis URL (or SPECRELAY_REDIS)")
     cfg = VerifierConfig(args.model, args.redis, speculate=not args.no_speculate, max_nodes=args.max_nodes,
                          num_blocks=args.num_blocks, device=args.device, kvstore=args.kvstore,
-                         kvstore_capacity_bytes=parse_bytes(args.kv_capacity), relay=relay_config(args))
+                         kvstore_capacity_bytes=parse_bytes(args.kv_capacity), relay=relay_config(args),
+                         pte_profile=args.pte_profile)
     logging.basicConfig(level=logging.INFO)
 
     async def go():
