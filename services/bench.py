@@ -1,4 +1,4 @@
-"""`specrelay bench spec|bus|relay`: benchmarks that run ours and the baselines side by side in one process and print
+"""`specrelay bench spec|bus|relay|tir`: benchmarks that run ours and the baselines side by side in one process and print
 ratios (the kernels have their own: `specrelay kernels bench`)."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ BENCHES = {
             "per-step overhead of the local and Redis transports against the in-process engine"),
     "relay": ("specrelay.services.verifier.relay_bench", "add_relay_arguments", "main_relay",
               "RelayCaching vs full prefill, naive reuse and CacheBlend on multi-agent pipelines"),
+    "tir": ("specrelay.services.toolcoord.bench_tir", "add_arguments", "main",
+            "KV across tool pauses: drop, keep, the PTE policy and InferCept on multi-turn tool loops"),
 }
 
 
