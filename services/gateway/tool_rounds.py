@@ -260,7 +260,7 @@ def add_usage(a: Usage | None, b: Usage | None) -> Usage | None:
 @dataclass(frozen=True)
 class ToolOptions:
     config_file: str | None = None  # toolcoord's registry config (TOML/JSON); None: the built-ins
-    enabled: bool = True
+    enabled: bool = False
     remote: bool = False  # run calls in `specrelay toolcoord` processes over the bus
     max_rounds: int = 4
     hold_s: float = 30.0
@@ -287,9 +287,12 @@ def add_tool_arguments(parser) -> None:
     import os
 
     group = parser.add_argument_group("server-side tools (run inside a request, on the KV it holds)")
+    group.add_argument("--server-tools", action="store_true",
+                       help="offer the model the server's tools on every chat request (off by default: the schemas "
+                            "change every prompt, and a small model then calls tools where it should not)")
     group.add_argument("--tools-config", default=os.environ.get("SPECRELAY_TOOLS") or None, metavar="FILE",
-                       help="tools registry, TOML or JSON (or SPECRELAY_TOOLS; default: calculator and python)")
-    group.add_argument("--no-server-tools", action="store_true", help="offer the model no server-side tools")
+                       help="tools registry, TOML or JSON (or SPECRELAY_TOOLS); implies --server-tools "
+                            "(default registry: calculator and python)")
     group.add_argument("--remote-tools", action="store_true",
                        help="run tool calls in `specrelay toolcoord` processes over the bus (needs --redis)")
     group.add_argument("--max-tool-rounds", type=int, default=4, help="server-side tool rounds per request")
@@ -302,5 +305,5 @@ def add_tool_arguments(parser) -> None:
 def tool_options(args) -> ToolOptions:
     if args.remote_tools and not args.redis:
         raise ConfigError("--remote-tools needs --redis: the toolcoord processes take calls from the bus")
-    return ToolOptions(args.tools_config, not args.no_server_tools, args.remote_tools, args.max_tool_rounds,
-                       args.tool_hold_s, args.tool_response_max_tokens)
+    return ToolOptions(args.tools_config, args.server_tools or args.tools_config is not None, args.remote_tools,
+                       args.max_tool_rounds, args.tool_hold_s, args.tool_response_max_tokens)

@@ -127,3 +127,32 @@ async def test_tool_choice_none_offers_no_server_tools(tokenizer, base_config):
             "model": MODEL, "messages": WEATHER, "tool_choice": "none", "max_tokens": 8})).json()
         assert "<tools>" not in tokenizer.decode(fake.generates[-1].prompt_token_ids)
     assert "server_tool_calls" not in data["choices"][0]["message"]
+
+
+async def test_tools_can_run_in_a_toolcoord_process_over_the_bus(tokenizer, base_config):
+    """`--remote-tools`: the gateway keeps the schemas and sends each call to `specrelay toolcoord` (here its
+    serving loop on the same bus)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from specrelay.services.toolcoord.service import RemoteTools, serve_toolcoord
+
+    calls: list[dict] = []
+    bus = LocalBus()
+    fake = fake_verifier.FakeVerifier(bus, tokenizer)
+    tasks = [asyncio.create_task(fake.run()),
+             asyncio.create_task(serve_toolcoord(bus, _registry(calls), "toolcoord-test"))]
+    local_schemas = _registry([])  # the gateway's copy: never called
+    app = create_app(base_config, bus, tokenizer,
+                     server_tools=ServerTools(local_schemas, RemoteTools(bus, timeout_s=5.0)))
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        data = await (await client.post("/v1/chat/completions", json={"model": MODEL, "messages": WEATHER})).json()
+    finally:
+        await client.close()
+        await bus.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert calls == [{"city": "Paris"}]
+    assert data["choices"][0]["message"]["content"] == 'The weather in Paris: {"temperature": 18}.'
