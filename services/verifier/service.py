@@ -275,6 +275,8 @@ class VerifierService:
     async def _finish(self, live: Live, reason: str, req) -> None:
         msg, first = live.msg, isinstance(live.msg, Generate)
         hold_s = min(msg.hold_s, self.cfg.max_hold_s) if reason == "stop" else 0.0
+        if reason != "cancelled" and self.relay is not None:  # now, held or not: the next agent may quote it soon
+            await self.relay.publish(req.table, len(req.prompt), req.output)
         if reason != "cancelled" and hold_s <= 0:  # a cancelled request's KV is already freed
             await self._release(req)
         usage = live.ledger.add_turn(req, live.carried, live.relay, msg.evicted_tokens if first else 0,
@@ -287,11 +289,10 @@ class VerifierService:
         await live.delivery.ack()
 
     async def _release(self, req) -> None:
-        """A finished request's KV: published for later requests (prefix cache, relay), then freed."""
+        """A finished request's KV: published for later requests (prefix cache; its relay span went at finish),
+        then freed."""
         if self.prefix is not None:
             await self.prefix.save(req.table, req.tokens)
-        if self.relay is not None:
-            await self.relay.publish(req.table, len(req.prompt), req.output)
         self.engine.release(req)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
+import msgspec
 import pytest
 import torch
 
@@ -83,3 +84,30 @@ async def test_full_recompute_answers_like_relay_off_and_relay_off_reports_nothi
         config(model_dir, relay=RelayConfig(method="cacheblend", recompute_ratio=1.0)))
     assert usage_exact.relay.span_tokens == 89 and usage_exact.relay.reused_tokens == 0
     assert out_exact == out_off  # recomputing every relayed token is a full prefill: the same greedy answer
+
+
+async def test_an_answer_held_for_a_tool_round_is_quotable_at_once(model_dir):
+    """A turn whose KV is held for a Continue (hold_s) publishes its span when it finishes, not when released."""
+    async with make_bus(None) as bus:
+        service = VerifierService(config(model_dir), bus)
+        task = asyncio.create_task(service.run())
+        try:
+            channel = bus.open_reply_channel(TokenChunk)
+            prompt_a = torch.randint(0, 101, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+            free, _ = await ask(bus, channel, "free-a", prompt_a, AGENT_A)
+            # a stop token that first shows up late in that answer: the same sampling then stops there
+            stop = next(t for i, t in enumerate(free) if i >= 50 and t not in free[:i])
+            sampling = msgspec.structs.replace(AGENT_A, stop_token_ids=[stop])
+            await bus.publish(GENERATE_STREAM, Generate("held-a", prompt_a, sampling, channel.name, hold_s=30.0))
+            out_a: list[int] = []
+            while (chunk := await asyncio.wait_for(channel.get(), 60)).finish_reason is None:
+                out_a += chunk.token_ids
+            out_a += chunk.token_ids
+            assert chunk.finish_reason == "stop" and chunk.holder is not None  # held: its KV is not released
+            assert out_a == free[: len(out_a)] and len(out_a) > 50
+            assert service.relay.counters.spans_published == 2  # free-a's, and held-a's while held
+            _, usage_b = await ask(bus, channel, "agent-b", [3, 1, 4, 1, 5, 9] * 5 + out_a, AGENT_B)
+            assert usage_b.relay is not None and usage_b.relay.reused_tokens > 0
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
