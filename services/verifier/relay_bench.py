@@ -7,7 +7,8 @@ prefill's wall time in this process: for the reuse methods it includes finding t
 and re-rotating their K/V, and the selective recompute.
 
 Quality is judged against the full prefill on the downstream agent's answer: `greedy_agreement` is the share of
-the next 64 greedy tokens equal position by position (`greedy_exact`: all 64), `mean_kl` the mean KL(full ‖ method)
+the next 64 greedy tokens equal position by position (`greedy_exact`: all 64; `first_token_agreement`: the first
+token, the one the relayed prefill alone decides), `mean_kl` the mean KL(full ‖ method)
 of the next-token distributions along the full prefill's answer (teacher-forced, so one early flip does not count
 64 times). Where two answers part, `diverged_at_near_tie` counts the partings at which the full prefill itself was
 torn (top-2 probability margin < 0.01): there any perturbation, however small, picks the other token.
@@ -127,6 +128,7 @@ def _aggregate(rows: list[dict]) -> dict[str, dict[str, float]]:
             "ttft_speedup": round(full_ms / ttft, 2),
             "greedy_agreement": round(sum(m.greedy_agreement for m in ms) / len(ms), 4),
             "greedy_exact": round(sum(m.greedy_exact for m in ms) / len(ms), 4),
+            "first_token_agreement": round(sum(m.first_token_match for m in ms) / len(ms), 4),
             "mean_kl": round(sum(m.mean_kl for m in ms) / len(ms), 8),
             "diverged": sum(m.divergence_margin is not None for m in ms),
             "diverged_at_near_tie": sum(m.divergence_margin is not None and m.divergence_margin < NEAR_TIE
@@ -150,10 +152,11 @@ def _goals(spans: dict[str, dict]) -> dict[str, bool]:
 
 def _table(span_len: int, methods: dict[str, dict[str, float]]) -> str:
     lines = [f"relay span {span_len} tokens", f"  {'method':<14}{'reuse':>7}{'TTFT ms':>10}{'speedup':>9}"
-             f"{'greedy':>8}{'exact':>7}{'mean KL':>10}{'diverged (at tie)':>19}"]
+             f"{'greedy':>8}{'exact':>7}{'first':>7}{'mean KL':>10}{'diverged (at tie)':>19}"]
     for name, m in methods.items():
         lines.append(f"  {name:<14}{m['reuse_rate']:>7.2f}{m['ttft_ms']:>10.1f}{m['ttft_speedup']:>8.2f}x"
-                     f"{m['greedy_agreement']:>8.3f}{m['greedy_exact']:>7.2f}{m['mean_kl']:>10.2e}"
+                     f"{m['greedy_agreement']:>8.3f}{m['greedy_exact']:>7.2f}{m['first_token_agreement']:>7.2f}"
+                     f"{m['mean_kl']:>10.2e}"
                      f"{m['diverged']:>12} ({m['diverged_at_near_tie']})")
     return "\n".join(lines)
 

@@ -38,6 +38,7 @@ class Measurement:
     reuse_rate: float
     greedy_agreement: float  # share of the next greedy tokens equal, position by position, to full prefill's
     greedy_exact: bool  # all of them equal
+    first_token_match: bool  # the first answer token equal: what the relayed prefill itself decided
     mean_kl: float  # KL(full ‖ method) of the next-token distributions along full prefill's greedy answer
     # where the answers first differ, full prefill's own top-2 probability margin: a margin near 0 means the
     # model itself was torn there (any perturbation flips it), a large one that the reuse changed its mind
@@ -147,7 +148,7 @@ async def measure_prompt(runner: ModelRunner, store: KVStore, model_id: str, pro
             if repeat == repeats - 1:
                 if name == "full_prefill":
                     ref_answer, ref_dists = greedy(runner, table, logits[-1], num_greedy)
-                    out[name] = Measurement(median(ms[name]), 0.0, 1.0, True, 0.0)
+                    out[name] = Measurement(median(ms[name]), 0.0, 1.0, True, True, 0.0)
                 else:
                     out[name] = _compare(runner, table, len(prompt), logits[-1], reuse_rate, ref_answer, ref_dists,
                                          median(ms[name]))
@@ -169,7 +170,8 @@ def _compare(runner: ModelRunner, table: BlockTable, prompt_len: int, logits: to
     if first is not None:
         top2 = ref_dists[first].softmax(-1).topk(2).values
         margin = float(top2[0] - top2[1])
-    return Measurement(ttft_ms, reuse_rate, same / num_greedy, same == num_greedy, kl(ref_dists, dists), margin)
+    return Measurement(ttft_ms, reuse_rate, same / num_greedy, same == num_greedy, answer[0] == ref_answer[0],
+                       kl(ref_dists, dists), margin)
 
 
 def kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:

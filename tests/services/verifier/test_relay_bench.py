@@ -38,6 +38,9 @@ def test_quick_bench_writes_every_method_per_span_length(model_dir, tmp_path, ca
             assert {"reuse_rate", "ttft_ms", "greedy_agreement", "mean_kl"} <= set(m) and m["ttft_ms"] > 0
         assert methods["full_prefill"]["reuse_rate"] == 0 and methods["full_prefill"]["mean_kl"] == 0
         assert methods["full_prefill"]["greedy_agreement"] == 1.0 and methods["full_prefill"]["diverged"] == 0
+        assert methods["full_prefill"]["first_token_agreement"] == 1.0
+        # a first token that differs is a divergence at position 0, so it cannot beat whole-answer agreement
+        assert all(m["first_token_agreement"] >= m["greedy_exact"] for m in methods.values())
         assert all(m["diverged_at_near_tie"] <= m["diverged"] <= 2 for m in methods.values())
         assert methods["naive_reuse"]["reuse_rate"] == 1.0 and methods["naive_reuse"]["mean_kl"] > 0
         assert 0.5 < methods["cacheblend"]["reuse_rate"] < 1.0 and 0.0 < methods["relaycaching"]["reuse_rate"] < 1.0
