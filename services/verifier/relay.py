@@ -43,9 +43,13 @@ class RelayConfig:
     enabled: bool = True
     method: RelayMethod = "relaycaching"
     recompute_ratio: float = 0.15  # cacheblend: the top-r share of span tokens recomputed
-    deviation_factor: float = 1.5  # relaycaching: recompute when deviation ≥ factor · mean
-    influence_factor: float = 1.45  # relaycaching: ... or attention received ≥ factor · mean
-    influence_window: int = 10  # relaycaching: how many of the span's last tokens measure influence
+    # relaycaching: recompute when deviation ≥ factor · mean, or attention received ≥ factor · mean. The paper's
+    # 1.5 / 1.45 (from span tails) select ~27% of a 256-token span on the embedded pair; 2.0 / 2.5 from the
+    # prompt's tail keep reuse ≥ 0.8 at every span length at the same KL (README, RelayCaching).
+    deviation_factor: float = 2.0
+    influence_factor: float = 2.5
+    influence_window: int = 10  # relaycaching: how many tokens' attention measures influence
+    influence_from: Literal["span", "prompt"] = "prompt"  # ... the last tokens of the whole prompt, or of each span
     check_layers: tuple[int, ...] = (1,)  # layers where every span row is run afresh and compared
     min_span_tokens: int = 16  # shorter matches are prefilled as usual
 
@@ -56,6 +60,8 @@ class RelayConfig:
             raise ConfigError(f"relay recompute ratio must be within [0, 1], got {self.recompute_ratio}")
         if self.deviation_factor < 0 or self.influence_factor < 0:
             raise ConfigError("relay deviation and influence factors must be non-negative")
+        if self.influence_from not in ("span", "prompt"):
+            raise ConfigError(f"relay influence_from must be 'span' or 'prompt', got {self.influence_from!r}")
         if self.influence_window < 1 or self.min_span_tokens < 1:
             raise ConfigError("relay influence window and minimum span length must be positive")
         if self.method != "naive" and (not self.check_layers or min(self.check_layers) < 0):
@@ -241,18 +247,24 @@ class _RelayForward:
 
     def _measure_influence(self, layer: int, q: torch.Tensor, rows: torch.Tensor, k_cache: torch.Tensor,
                            scale: float) -> None:
-        """Attention each span token receives from its span's last `influence_window` tokens, at this layer."""
+        """Attention each span token receives from the last `influence_window` tokens of its span (or of the
+        prompt: influence_from), at this layer."""
         if self.config.method != "relaycaching" or not self.num_span_tokens:
             return
         kv_len = self.context_len + self.n
         keys = k_cache[self.block_table[0].long()].flatten(0, 1)[:kv_len]  # [kv_len, H_kv, D]
         key_positions = torch.arange(kv_len, device=self.device)
-        offset = 0
+        offset, window = 0, self.config.influence_window
+        if self.config.influence_from == "prompt":  # the tokens the answer is generated from
+            w_rows = torch.arange(max(0, self.n - window), self.n, device=self.device)
+            prompt_score = relay_select.influence(q[w_rows], keys, self.positions[w_rows], key_positions, scale)
         for s in self.spans:
             m = len(s.kv)
-            w_rows = torch.arange(s.start + max(0, m - self.config.influence_window), s.start + m,
-                                  device=self.device)
-            score = relay_select.influence(q[w_rows], keys, self.positions[w_rows], key_positions, scale)
+            if self.config.influence_from == "prompt":
+                score = prompt_score
+            else:
+                w_rows = torch.arange(s.start + max(0, m - window), s.start + m, device=self.device)
+                score = relay_select.influence(q[w_rows], keys, self.positions[w_rows], key_positions, scale)
             begin = self.context_len + s.start
             self.influence[offset : offset + m] += score[begin : begin + m]
             offset += m

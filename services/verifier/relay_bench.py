@@ -39,8 +39,10 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per prefill, methods interleaved, median kept (default 5)")
     parser.add_argument("--recompute-ratio", type=float, default=0.15, help="CacheBlend's r (default 0.15)")
-    parser.add_argument("--deviation-factor", type=float, default=1.5, help="RelayCaching's α (default 1.5)")
-    parser.add_argument("--influence-factor", type=float, default=1.45, help="RelayCaching's β (default 1.45)")
+    parser.add_argument("--deviation-factor", type=float, default=2.0, help="RelayCaching's α (default 2.0)")
+    parser.add_argument("--influence-factor", type=float, default=2.5, help="RelayCaching's β (default 2.5)")
+    parser.add_argument("--influence-from", choices=("prompt", "span"), default="prompt",
+                        help="RelayCaching's influence: attention from the prompt's last tokens, or each span's")
     parser.add_argument("--check-layers", type=str, default="1", help="check layers, comma-separated (default 1)")
     parser.add_argument("--greedy-tokens", type=int, default=64, help="answer tokens compared, greedy and by KL "
                         "(default 64)")
@@ -75,7 +77,8 @@ def main_relay(args: argparse.Namespace) -> int:
         "naive_reuse": RelayConfig(method="naive"),
         "cacheblend": RelayConfig(method="cacheblend", recompute_ratio=args.recompute_ratio, **common),
         "relaycaching": RelayConfig(method="relaycaching", deviation_factor=args.deviation_factor,
-                                    influence_factor=args.influence_factor, **common),
+                                    influence_factor=args.influence_factor, influence_from=args.influence_from,
+                                    **common),
     }
     model = load_model(args.model, device=args.device)
     cfg = model.config
@@ -93,7 +96,8 @@ def main_relay(args: argparse.Namespace) -> int:
     report = {"model": str(args.model), "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
               "num_layers": cfg.num_layers, "pipelines": pipelines, "repeats": repeats,
               "settings": {"recompute_ratio": args.recompute_ratio, "deviation_factor": args.deviation_factor,
-                           "influence_factor": args.influence_factor, "check_layers": list(check),
+                           "influence_factor": args.influence_factor, "influence_from": args.influence_from,
+                           "check_layers": list(check),
                            "greedy_tokens": args.greedy_tokens},
               "spans": {}}
     for span_len in spans:

@@ -116,8 +116,12 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--relay", action=argparse.BooleanOptionalAction, default=True, help="on by default")
     group.add_argument("--relay-method", choices=RELAY_METHODS, default="relaycaching")
     group.add_argument("--relay-recompute-ratio", type=float, default=0.15, help="cacheblend: share recomputed")
-    group.add_argument("--relay-deviation-factor", type=float, default=1.5, help="relaycaching: deviation ≥ α·mean")
-    group.add_argument("--relay-influence-factor", type=float, default=1.45, help="relaycaching: influence ≥ β·mean")
+    group.add_argument("--relay-deviation-factor", type=float, default=2.0,
+                       help="relaycaching: deviation ≥ α·mean (default 2.0; the paper's 1.5)")
+    group.add_argument("--relay-influence-factor", type=float, default=2.5,
+                       help="relaycaching: influence ≥ β·mean (default 2.5; the paper's 1.45)")
+    group.add_argument("--relay-influence-from", choices=("prompt", "span"), default="prompt",
+                       help="relaycaching: influence is attention from the prompt's last tokens, or each span's")
     group.add_argument("--relay-check-layers", default="1", help="comma-separated layer indices (default 1)")
     group.add_argument("--relay-min-tokens", type=int, default=16, help="shortest quote reused (default 16)")
 
@@ -130,4 +134,5 @@ def relay_config(args: argparse.Namespace) -> RelayConfig:
                           f"{args.relay_check_layers!r}") from None
     return RelayConfig(enabled=args.relay, method=args.relay_method, recompute_ratio=args.relay_recompute_ratio,
                        deviation_factor=args.relay_deviation_factor, influence_factor=args.relay_influence_factor,
+                       influence_from=args.relay_influence_from,
                        check_layers=check, min_span_tokens=args.relay_min_tokens)

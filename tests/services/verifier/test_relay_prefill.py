@@ -147,6 +147,25 @@ def test_cacheblend_recomputes_the_top_share_and_relaycaching_a_sparse_set(runne
         assert got.num_reused_kv == got.num_reused_tokens * (NUM_LAYERS - 2)
 
 
+def test_influence_comes_from_the_prompt_tail_or_each_span_tail(runner, pipeline):
+    """With deviation out of play, what is recomputed is what the chosen tail attends to: two different sparse sets
+    (the prompt's tail reads the span from 9 tokens past its end; the span's tail reads it from inside)."""
+    _, _, span, prompt_b, start = pipeline
+    chosen = {}
+    for source in ("prompt", "span"):
+        table = BlockTable()
+        try:
+            got = relay_prefill(runner.model, runner.cache, table, prompt_b, [PlacedSpan(start, span)],
+                                RelayConfig(deviation_factor=1e9, influence_from=source))
+        finally:
+            runner.release(table)
+        assert 0 < got.num_recomputed_tokens < len(span) // 2
+        chosen[source] = set(got.selected_rows)
+    assert chosen["prompt"] != chosen["span"]
+    with pytest.raises(ConfigError, match="influence_from"):
+        RelayConfig(influence_from="suffix")
+
+
 def test_selective_recompute_is_closer_to_full_prefill_than_naive_reuse(runner, pipeline):
     _, _, span, prompt_b, start = pipeline
     rows = list(range(len(prompt_b) - 8, len(prompt_b)))
