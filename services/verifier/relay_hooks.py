@@ -7,6 +7,10 @@ and the counters behind usage and /metrics.
     ...
     await publish_output(runner, store, model_id, table, prompt_len=len(prompt), output=output)
 
+`VerifierRelay` bundles the two for the verifier service (service.py): `admit` relays all of the prompt but its last
+token, which the engine prefills as usual for the first output token's logits, and returns the `RelayUsage` that
+goes into the request's usage; `publish` runs when a turn finishes, before its KV is freed or held.
+
 `model_id` must name everything that changes the K/V of the same tokens (weights revision, KV dtype), as for the
 prefix cache.
 """
