@@ -67,6 +67,10 @@ class Continue(msgspec.Struct, frozen=True, tag=True):
 
 class Cancel(msgspec.Struct, frozen=True, tag=True):
     request_id: str
+    # Set when a held turn ended with calls to the client's own tools: the client will come back with the whole
+    # conversation and the tools' answers. The verifier's retention policy (verifier/client_retention.py) then
+    # keeps, offloads or drops the KV instead of simply freeing it, and learns the pause per tool name.
+    tool_names: list[str] = msgspec.field(default_factory=list)
 
 
 class RelayUsage(msgspec.Struct):

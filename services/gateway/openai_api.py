@@ -38,7 +38,7 @@ from specrelay.services.gateway.schemas import (
 )
 from specrelay.services.gateway.sse import ClientGone, SseWriter, client_gone
 from specrelay.services.gateway.state import GATEWAY, Gateway
-from specrelay.services.gateway.tool_rounds import ChatTurns
+from specrelay.services.gateway.tool_rounds import CLIENT_TOOL_HOLD_S, ChatTurns
 from specrelay.shared.messages import Continue, Generate, SamplingSpec
 from specrelay.shared.tokenizer import TemplateError
 
@@ -232,6 +232,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     prep = _prepare(gw, request, req, await _encode(gw, prompt_text), max_tokens, "chatcmpl", timing)
     if server is not None and server.max_rounds > 0:  # keep the turn's KV for a tool round (tool_rounds.py)
         prep.generate = msgspec.structs.replace(prep.generate, hold_s=server.hold_s)
+    elif client_tools:  # until the turn is parsed: a client tool pause hands the KV to the retention policy
+        prep.generate = msgspec.structs.replace(prep.generate, hold_s=CLIENT_TOOL_HOLD_S)
     async with _admitted(gw, prep.ticket):
         turns = ChatTurns(first=_generation(gw, request, prep),
                           make_generation=lambda generate, resume: _generation(gw, request, prep, generate, resume),

@@ -66,6 +66,10 @@ class ServerTools:
         return [*(client_tools or []), *extra] or None
 
 
+# A turn offered client tools is held until the gateway has parsed it (moments after its last token): if it called
+# them, the hold is handed to the verifier's retention policy with the tools' names; if not, it is released.
+CLIENT_TOOL_HOLD_S = 10.0
+
 MakeGeneration = Callable[[Generate, "tuple[str, Continue] | None"], Generation]
 Events = Callable[[Generation], AsyncIterator[str]]
 
@@ -154,6 +158,7 @@ class ChatTurns:
                 continue
             self.gen, self.parser = gen, parser
             if parser is None or self.server is None:
+                await self._release(gen, self._client_call_names())
                 return
             server_calls, client_calls = split_calls(parser.result.tool_calls, self.server.registry,
                                                      self.client_tools)
@@ -169,7 +174,7 @@ class ChatTurns:
             if not server_calls or why_not is not None:
                 self.server_calls += [{**c.to_openai(), "round": round_no + 1, "output": None,
                                        "not_run": why_not} for c in server_calls]
-                await self._release(gen)
+                await self._release(gen, self._client_call_names())
                 return
             outcomes = await run_tool_calls(server_calls, self.server.runner, self.tokenizer, self.server.trim)
             generated = (self.forced if first else "") + "".join(parts)
@@ -212,11 +217,19 @@ class ChatTurns:
         return self._make(msgspec.structs.replace(generate, prompt_token_ids=prompt_ids, evicted_tokens=evicted),
                           None)
 
+    def _client_call_names(self) -> list[str]:
+        """The client tools the last turn called (the turn ends with finish_reason "tool_calls" if any)."""
+        if self.parser is None:
+            return []
+        return [c.name for c in self.parser.result.tool_calls if c.name not in self.server_names]
+
     @staticmethod
-    async def _release(gen: Generation) -> None:
-        """The last turn's KV is no longer needed for a Continue: free it now rather than when the hold ends."""
+    async def _release(gen: Generation, client_tools: list[str]) -> None:
+        """The last turn's KV is no longer needed for a Continue: release the hold now rather than when it ends.
+        If the turn called client tools, their names go along: the verifier's retention policy then keeps,
+        offloads or drops the KV for the conversation's next request (verifier/client_retention.py)."""
         if gen.finish is not None and gen.finish.holder is not None:
-            await gen.bus.publish(CANCEL_STREAM, Cancel(gen.generate.request_id))
+            await gen.bus.publish(CANCEL_STREAM, Cancel(gen.generate.request_id, tool_names=client_tools))
 
     # --- the response ------------------------------------------------------------------------------------------
     def message(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from specrelay.services.toolcoord.retention import Retention
 from specrelay.services.verifier.held import HeldRequests, Ledger
 from specrelay.services.verifier.relay import RelayConfig
 from specrelay.shared.bus import Bus, Delivery, make_bus
@@ -57,6 +58,8 @@ class VerifierConfig:
     report_kv: bool = True  # publish KvReports for gateways in other processes (serve shares the cache directly)
     pte_profile: str | None = None  # usage.pte's profile file; None: the calibrated one, else analytic (calibrate.py)
     max_hold_s: float = 300.0  # the longest a finished request's KV is held for a Continue (held.py)
+    client_retention: bool = True  # keep / offload / drop KV across client tool pauses (client_retention.py)
+    kvstore_bytes_per_s: float = 2e9  # what that policy prices an offload and reload at (in-process store: ~2 GB/s)
 
 
 @dataclass
@@ -100,6 +103,14 @@ class VerifierService:
         self.pte_profile, self.pte_source = find_profile(cfg.pte_profile, cfg.model_dir or None, cfg.device,
                                                          engine.runner.model)
         self.held = HeldRequests()
+        self.retention = None
+        if cfg.client_retention:
+            from specrelay.services.verifier.client_retention import ClientRetention
+
+            self.retention = ClientRetention.for_cache(engine.runner.cache, self.pte_profile, self.prefix is not None,
+                                                       cfg.kvstore_bytes_per_s)
+        self.paused_tools: dict[str, tuple[str, ...]] = {}  # from Cancel(tool_names), until the admit pass
+        self.claimed: dict[str, BlockTable] = {}  # kept KV a waiting Generate has claimed by prefix
         self.continues: list[Delivery] = []
         self.drafter = RemoteDrafter(bus, cfg.draft_timeout_s) if cfg.speculate else None
         self.inbox: asyncio.Queue[Delivery] = asyncio.Queue()
@@ -154,6 +165,8 @@ class VerifierService:
     def _take(self, delivery: Delivery) -> None:
         if isinstance(delivery.msg, Cancel):
             self.cancelled.add(delivery.msg.request_id)
+            if delivery.msg.tool_names:
+                self.paused_tools[delivery.msg.request_id] = tuple(delivery.msg.tool_names)
             asyncio.ensure_future(delivery.ack())
         elif isinstance(delivery.msg, Continue):
             self.continues.append(delivery)
@@ -166,14 +179,19 @@ class VerifierService:
                 live = self.live.pop(rid)
                 await self._finish(live, "cancelled", self.engine.cancel(live.request_id))
             self.waiting = [d for d in self.waiting if d.msg.request_id != rid]
+            if (table := self.claimed.pop(rid, None)) is not None:
+                self.engine.runner.release(table)
             if (held := self.held.take(rid)) is not None:
-                await self._release(held.req)
+                await self._pause_or_release(rid, held.req)
             for d in [d for d in self.continues if d.msg.request_id == rid]:
                 self.continues.remove(d)
                 await d.ack()
         self.cancelled.clear()
+        self.paused_tools.clear()  # a Cancel(tool_names) for a request not held here
         for held in self.held.expired():
             await self._release(held.req)
+        for req, action in self.retention.due() if self.retention is not None else ():
+            await self._let_go(req, action)
         await self._resume_held()
         cache = self.engine.runner.cache
         while self.waiting and len(self.live) < self.cfg.max_batch:
@@ -184,13 +202,13 @@ class VerifierService:
                 await self.waiting.pop(0).ack()
                 continue
             need = -(-(len(msg.prompt_token_ids) + self.cfg.max_nodes + 1) // cache.block_size)
-            if need > cache.num_free_blocks - len(self.live) * 2:
+            if not await self._room(msg, need):
                 break  # wait for running requests to free blocks
             delivery = self.waiting.pop(0)
             s = msg.sampling
             params = _params(s)
-            table = BlockTable()
-            if self.prefix is not None:
+            table = self.claimed.pop(msg.request_id, None) or BlockTable()
+            if self.prefix is not None and table.num_tokens == 0:
                 await self.prefix.load(table, msg.prompt_token_ids)
             cached = table.num_tokens
             relay = await self.relay.admit(table, msg.prompt_token_ids) if self.relay is not None else None
@@ -200,6 +218,38 @@ class VerifierService:
                         ledger=Ledger(self.pte_profile, self.pte_source))
             self.live[msg.request_id] = live
             await self._publish(live, req)
+
+    async def _room(self, msg: Generate, need: int) -> bool:
+        """Whether `need` blocks (less those of KV kept for this conversation) fit beside the running requests;
+        kept conversations are evicted for it, as the retention policy orders (client_retention.py)."""
+        cache = self.engine.runner.cache
+        if self.retention is not None and msg.request_id not in self.claimed:
+            if (kept := self.retention.claim(msg.prompt_token_ids)) is not None:
+                self.claimed[msg.request_id] = kept
+        if msg.request_id in self.claimed:
+            need -= len(self.claimed[msg.request_id].blocks)
+        short = need - (cache.num_free_blocks - len(self.live) * 2)
+        if short > 0 and self.retention is not None:
+            for req, action in self.retention.evict(short):
+                await self._let_go(req, action)
+            short = need - (cache.num_free_blocks - len(self.live) * 2)
+        return short <= 0
+
+    async def _pause_or_release(self, rid: str, req) -> None:
+        """A held request released. With client tool names the retention policy decides where its KV waits for
+        the conversation's next request; otherwise it is published and freed."""
+        tools = self.paused_tools.pop(rid, ())
+        if not tools or self.retention is None:
+            await self._release(req)
+        elif (action := self.retention.pause(rid, req, tools)) is not Retention.KEEP:
+            await self._let_go(req, action)
+
+    async def _let_go(self, req, action: Retention) -> None:
+        """OFFLOAD: to the kvstore, then freed; DROP: freed unpublished."""
+        if action is Retention.OFFLOAD:
+            await self._release(req)
+        else:
+            self.engine.release(req)
 
     async def _resume_held(self) -> None:
         """Continues extend held requests: only their new tokens are prefilled, on the held table (held.py)."""
