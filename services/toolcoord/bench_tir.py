@@ -61,9 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from specrelay.services.kvstore import make_store
-    from specrelay.services.toolcoord.retention import RetentionConfig
-    from specrelay.services.toolcoord.tir_run import POLICIES, TirRun, make_policy
+    from specrelay.services.toolcoord.tir_run import POLICIES
     from specrelay.services.toolcoord.tir_workload import WorkloadConfig, make_workload
     from specrelay.services.verifier.prefix_cache import model_id
     from specrelay.shared.errors import ConfigError
@@ -71,12 +69,7 @@ def main(args: argparse.Namespace) -> int:
     from specrelay.shared.modeling.runner import ModelRunner
     from specrelay.shared.pte import PteProfile
 
-    chosen = args.policies or ("drop,keep,pte" if args.quick else ",".join(POLICIES))
-    policies = [p.strip() for p in chosen.split(",") if p.strip()]
-    unknown = sorted(set(policies) - set(POLICIES))
-    if unknown:
-        raise ConfigError(f"--policies: unknown {', '.join(unknown)} (choose from {', '.join(POLICIES)})")
-    policies = ["keep", "drop"] + [p for p in POLICIES if p in policies and p not in ("keep", "drop")]
+    policies = _policies(args.policies or ("drop,keep,pte" if args.quick else ",".join(POLICIES)))
     if not (args.model / "config.json").is_file():
         raise ConfigError(f"{args.model}: no model there (train the embedded pair with `specrelay models train`, "
                           "or pass --model DIR)")
@@ -92,7 +85,6 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed)
     trajectories = make_workload(workload_cfg)
     longest = max(-(-t.total_tokens // BLOCK_SIZE) for t in trajectories)
-    unbounded = sum(-(-t.total_tokens // BLOCK_SIZE) for t in trajectories) + 1
     if args.kv_budget_blocks is not None and args.kv_budget_blocks < longest + 2:
         raise ConfigError(f"--kv-budget-blocks {args.kv_budget_blocks} cannot hold this workload's longest "
                           f"trajectory ({longest} blocks and a 2-block margin)")
@@ -111,22 +103,8 @@ def main(args: argparse.Namespace) -> int:
     offload_bps, reload_bps = measure_store_bandwidth(runner(2 * 1024 // BLOCK_SIZE + 4), mid, cfg.vocab_size)
 
     bpb = runner(1).cache.bytes_per_block()
-    results = {}
-    budget_blocks = args.kv_budget_blocks
-    for name in policies:
-        bounded = name != "keep"
-        if bounded and budget_blocks is None:
-            budget_blocks = max(longest + 2, round(args.budget_fraction * results["keep"].peak_kv_bytes / bpb))
-        num_blocks = budget_blocks if bounded else unbounded
-        retention = RetentionConfig(kv_budget_bytes=(budget_blocks or unbounded) * bpb,
-                                    kv_bytes_per_token=bpb // BLOCK_SIZE, offload_bytes_per_s=offload_bps,
-                                    reload_bytes_per_s=reload_bps, offload_stall_fraction=1.0)
-        store = make_store(None, 4 * unbounded * bpb)
-        run = TirRun(runner(num_blocks), store, mid, name, make_policy(name, profile, retention), profile,
-                     num_blocks)
-        t0 = time.perf_counter()
-        results[name] = asyncio.run(run.run(trajectories))
-        print(f"  {name}: wall {results[name].wall_s:.2f} s (ran {time.perf_counter() - t0:.1f} s)", flush=True)
+    results, budget_blocks = run_policies(policies, trajectories, runner, mid, profile, (offload_bps, reload_bps),
+                                          args.kv_budget_blocks, args.budget_fraction)
     report = build_report(results, trajectories, budget_blocks, bpb, profile,
                           workload_cfg, (offload_bps, reload_bps))
     print(table(report))
@@ -137,6 +115,46 @@ def main(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def _policies(text: str) -> list[str]:
+    """keep first (an unset budget is a fraction of its peak), then drop (the baseline), then the rest."""
+    from specrelay.services.toolcoord.tir_run import POLICIES
+    from specrelay.shared.errors import ConfigError
+
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = sorted(set(chosen) - set(POLICIES))
+    if unknown:
+        raise ConfigError(f"--policies: unknown {', '.join(unknown)} (choose from {', '.join(POLICIES)})")
+    return ["keep", "drop"] + [p for p in POLICIES if p in chosen and p not in ("keep", "drop")]
+
+
+def run_policies(policies, trajectories, runner, mid: str, profile, bandwidths: tuple[float, float],
+                 budget_blocks: int | None, budget_fraction: float):
+    """Each policy over the same trajectories on a fresh cache and kvstore: keep unbounded, the others with a
+    cache of exactly the budget. Returns (results by policy, budget in blocks)."""
+    from specrelay.services.kvstore import make_store
+    from specrelay.services.toolcoord.retention import RetentionConfig
+    from specrelay.services.toolcoord.tir_run import TirRun, make_policy
+
+    bpb = runner(1).cache.bytes_per_block()
+    longest = max(-(-t.total_tokens // BLOCK_SIZE) for t in trajectories)
+    unbounded = sum(-(-t.total_tokens // BLOCK_SIZE) for t in trajectories) + 1
+    results = {}
+    for name in policies:
+        bounded = name != "keep"
+        if bounded and budget_blocks is None:
+            budget_blocks = max(longest + 2, round(budget_fraction * results["keep"].peak_kv_bytes / bpb))
+        num_blocks = budget_blocks if bounded else unbounded
+        retention = RetentionConfig(kv_budget_bytes=num_blocks * bpb, kv_bytes_per_token=bpb // BLOCK_SIZE,
+                                    offload_bytes_per_s=bandwidths[0], reload_bytes_per_s=bandwidths[1],
+                                    offload_stall_fraction=1.0)  # the copy-out is synchronous in this loop
+        run = TirRun(runner(num_blocks), make_store(None, 4 * unbounded * bpb), mid, name,
+                     make_policy(name, profile, retention), profile, num_blocks)
+        t0 = time.perf_counter()
+        results[name] = asyncio.run(run.run(trajectories))
+        print(f"  {name}: wall {results[name].wall_s:.2f} s (ran {time.perf_counter() - t0:.1f} s)", flush=True)
+    return results, budget_blocks
 
 
 def measure_tir_profile(runner, vocab_size: int, quick: bool, device: str, model: str, batch: int = 8):
@@ -247,6 +265,12 @@ def build_report(results, trajectories, budget_blocks, bpb, profile, workload_cf
                           "reload_bytes_per_s": round(bandwidths[1])},
               "workload": {**asdict(workload_cfg), "tool_calls": sum(len(t.turns) for t in trajectories),
                            "total_tokens": sum(tokens.values())},
+              "trajectories": [
+                  {"trajectory_id": t.trajectory_id, "tool_calls": [turn.tool for turn in t.turns],
+                   "total_tokens": t.total_tokens,
+                   "latency_s": {n: round(r.trajectories[i].latency_s, 4) for n, r in results.items()},
+                   "pte": {n: round(r.trajectories[i].pte, 1) for n, r in results.items()}}
+                  for i, t in enumerate(trajectories)],
               "clock": "virtual: measured compute time, plus jumps over stretches where every trajectory was in a "
                        "tool pause; per-trajectory latency excludes its own pauses",
               "speculation": "off"}

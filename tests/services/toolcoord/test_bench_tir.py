@@ -25,15 +25,21 @@ def parse(*argv: str) -> argparse.Namespace:
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("tir") / "tir.json"
-    assert main(parse("--quick", "--trajectories", "4", "--json", str(out))) == 0
+    assert main(parse("--quick", "--trajectories", "4", "--policies", "drop,keep,pte,infercept", "--json",
+                      str(out))) == 0
     return json.loads(out.read_text())
 
 
 def test_quick_report_has_the_documented_shape(quick_report):
-    assert set(quick_report["policies"]) == {"drop", "keep", "pte"}
+    assert set(quick_report["policies"]) == {"drop", "keep", "pte", "infercept"}
     for row in quick_report["policies"].values():
         assert {"wall_s", "pte", "recomputed_tokens", "peak_kv_bytes"} <= set(row)
         assert row["wall_s"] >= row["compute_s"] > 0 and row["pte"] > 0
+    rows = quick_report["trajectories"]
+    assert len(rows) == 4 and all(set(r["latency_s"]) == set(quick_report["policies"]) for r in rows)
+    assert sum(len(r["tool_calls"]) for r in rows) == quick_report["workload"]["tool_calls"]
+    for name, row in quick_report["policies"].items():
+        assert sum(r["pte"][name] for r in rows) == pytest.approx(row["pte"], abs=1)
     for key in ("corr_wall_pte", "corr_wall_tokens"):
         assert quick_report[key] is None or -1 <= quick_report[key] <= 1
     assert set(quick_report["goals"]) == {"pte_wall_30pct_below_drop", "pte_peak_kv_within_budget",
@@ -50,15 +56,16 @@ def test_policies_keep_their_promises(quick_report):
     assert p["pte"]["recomputed_tokens"] < p["drop"]["recomputed_tokens"]
     # The budget binds: keep-everything goes past it (it was sized at half keep's peak), the others stay within.
     assert p["keep"]["peak_kv_bytes"] > budget
-    assert p["drop"]["peak_kv_bytes"] <= budget and p["pte"]["peak_kv_bytes"] <= budget
-    assert p["pte"]["within_budget"] and not p["keep"]["within_budget"]
+    for name in ("drop", "pte", "infercept"):
+        assert p[name]["peak_kv_bytes"] <= budget and p[name]["within_budget"]
+    assert not p["keep"]["within_budget"]
     # The recompute is PTE the other policies do not pay.
     assert p["drop"]["pte"] > p["keep"]["pte"] and p["drop"]["pte"] > p["pte"]["pte"]
 
 
 def test_reused_kv_gives_the_same_greedy_tokens(quick_report):
     """Kept and reloaded KV are the KV the context had: every turn generates what drop-and-recompute does."""
-    for name in ("keep", "pte"):
+    for name in ("keep", "pte", "infercept"):
         same, total = quick_report["policies"][name]["outputs_same_as_drop"].split("/")
         assert same == total
 
