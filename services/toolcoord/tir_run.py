@@ -178,8 +178,8 @@ class TirRun:
             c = ready[0]
             bs = self.cache.block_size
             need = -(-(len(c.context) + c.decode_tokens) // bs) - (len(c.table.blocks) if c.table else 0)
-            if need > self._free_blocks(running, admitted) and not await self._evict(need, paused, c, running,
-                                                                                      admitted):
+            if need > self._free_blocks(running, admitted, tables) and not await self._evict(
+                    need, paused, running, admitted, tables):
                 break
             ready.pop(0)
             table, cached = c.table or BlockTable(), 0
@@ -203,27 +203,26 @@ class TirRun:
                 running[req.request_id] = c
         return admitted
 
-    def _free_blocks(self, running: dict[int, _Conv], admitted: list[_Conv]) -> int:
-        """Free blocks less what running and just-admitted turns will still claim as they decode."""
+    def _free_blocks(self, running: dict[int, _Conv], admitted: list[_Conv], tables: list[BlockTable]) -> int:
+        """Free blocks less what running and just-admitted turns will still claim as they prefill and decode."""
         bs = self.cache.block_size
         owed = sum(-(-(len(c.request.prompt) + c.decode_tokens) // bs) - len(c.request.table.blocks)
                    for c in running.values())
-        owed += sum(-(-(len(c.context) + c.decode_tokens) // bs) - (len(c.table.blocks) if c.table else 0)
-                    for c in admitted)
+        owed += sum(-(-(len(c.context) + c.decode_tokens) // bs) - len(t.blocks) for c, t in zip(admitted, tables))
         return self.cache.num_free_blocks - owed
 
-    async def _evict(self, need: int, paused: list[_Conv], asking: _Conv, running, admitted) -> bool:
+    async def _evict(self, need: int, paused: list[_Conv], running, admitted, tables) -> bool:
         """Free blocks held by paused, kept conversations until `need` fit; False if they cannot."""
         kept = [c for c in paused if c.table is not None]
-        short = need - self._free_blocks(running, admitted)
+        short = need - self._free_blocks(running, admitted, tables)
         if sum(len(c.table.blocks) for c in kept) < short:
             return False
         by_id = {str(c.traj.trajectory_id): c for c in kept}
         for d in self._evictions(kept, short * self.bytes_per_block):
             await self._apply(by_id[d.conversation_id], d.action, evicted=True)
-            if self._free_blocks(running, admitted) >= need:
+            if self._free_blocks(running, admitted, tables) >= need:
                 return True
-        return self._free_blocks(running, admitted) >= need
+        return self._free_blocks(running, admitted, tables) >= need
 
     def _evictions(self, kept: list[_Conv], bytes_needed: int) -> list[RetentionDecision]:
         paused = [self._paused(c) for c in kept]
