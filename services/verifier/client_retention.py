@@ -45,6 +45,7 @@ MAX_TRACKED_PAUSES = 1024  # paused conversations remembered for learning their 
 class Paused:
     key: str  # the request id of the turn that paused
     tokens: list[int]  # the conversation so far (prompt + output), for matching the next request
+    prompt_len: int  # the paused turn's prompt: the next request of the same conversation repeats all of it
     tool_names: tuple[str, ...]
     paused_at: float
     req: object | None = None  # kept: the engine's finished request, whose table holds the KV
@@ -93,7 +94,7 @@ class ClientRetention:
     def pause(self, key: str, req, tool_names: tuple[str, ...]) -> Retention:
         """A held turn ended with client tool calls: decide now. KEEP: the table stays here (do not free it);
         OFFLOAD / DROP: the caller publishes and/or frees it."""
-        p = Paused(key, list(req.tokens), tuple(tool_names), self.clock(), req)
+        p = Paused(key, list(req.tokens), len(req.prompt), tuple(tool_names), self.clock(), req)
         self.paused.pop(key, None)
         decision = self.policy.decide(self._conversation(p), self._memory(p))
         if decision.action is Retention.KEEP:
@@ -111,15 +112,16 @@ class ClientRetention:
 
     def claim(self, prompt: list[int]) -> BlockTable | None:
         """The next request of a paused conversation: observe its pause, and hand over the kept KV of the longest
-        common prefix (None if nothing kept matches by at least one block). The last prompt token is never
-        covered: its forward yields the first new token's logits."""
+        common prefix (None if nothing kept matches). A match repeats the paused turn's whole prompt and at least
+        a block — another conversation that merely shares the system prompt is not one. The last prompt token is
+        never covered: its forward yields the first new token's logits."""
         bs = self.cache.block_size
         best, best_len = None, 0
         for p in self.paused.values():
             if p.tokens[:bs] != prompt[:bs]:
                 continue
             n = common_prefix(p.tokens, prompt[: len(prompt) - 1])
-            if n >= bs and n > best_len:
+            if n >= max(bs, p.prompt_len) and n > best_len:
                 best, best_len = p, n
         if best is None:
             return None

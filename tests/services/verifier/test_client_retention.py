@@ -71,8 +71,8 @@ def retention(num_blocks=64, offload=True, **pauses_s) -> tuple[ClientRetention,
     return r, cache, clock
 
 
-def finished(cache: PagedKVCache, n: int, first: int = 1000) -> Finished:
-    req = Finished(list(range(first, first + n - 4)), [7, 8, 9, 2])
+def finished(cache: PagedKVCache, n: int, first: int = 1000, output_len: int = 4) -> Finished:
+    req = Finished(list(range(first, first + n - output_len)), list(range(500, 500 + output_len)))
     cache.reserve(req.table, n - 1)
     req.table.num_tokens = n - 1
     return req
@@ -98,13 +98,14 @@ def test_a_short_pause_keeps_the_kv_and_the_next_request_claims_all_of_it():
 
 def test_a_next_request_that_diverges_gets_the_common_prefix_only():
     r, cache, _ = retention(calculator=0.02)
-    req = finished(cache, 100)
+    req = finished(cache, 100, output_len=40)  # a 60-token prompt, a 40-token call
     assert r.pause("t1", req, ("calculator",)) is Retention.KEEP
     assert r.claim([1, 2, 3] * 30) is None  # another conversation: not even one block in common
-    prompt = req.tokens[:40] + [5] * 30  # the template rendered the call differently from token 40 on
+    assert r.claim(req.tokens[:40] + [5] * 30) is None  # the same system prompt, but not this conversation
+    prompt = req.tokens[:70] + [5] * 30  # the template rendered the call differently from token 70 on
     free = cache.num_free_blocks
     table = r.claim(prompt)
-    assert table.num_tokens == 40 and len(table.blocks) == 3 and cache.num_free_blocks == free + 4
+    assert table.num_tokens == 70 and len(table.blocks) == 5 and cache.num_free_blocks == free + 2
 
 
 def test_a_long_pause_on_a_busy_cache_offloads_or_drops():
