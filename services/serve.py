@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pte-profile", default=None, metavar="FILE",
                         help="PTE profile for usage.pte (default: what `specrelay calibrate` cached, else analytic)")
+    parser.add_argument("--no-client-retention", action="store_true",
+                        help="at a client tool pause, publish and free the turn's KV as before, instead of "
+                             "letting the retention policy keep, offload or drop it")
     from specrelay.services.verifier.relay_hooks import add_relay_options
 
     add_relay_options(parser)
@@ -50,7 +53,8 @@ async def serve(args: argparse.Namespace) -> None:
                                                   max_nodes=args.max_nodes, num_blocks=args.num_blocks,
                                                   device=args.device, report_kv=False,
                                                   relay=relay_config(args), pte_profile=args.pte_profile,
-                                                  max_hold_s=max(300.0, args.tool_hold_s)), bus)
+                                                  max_hold_s=max(300.0, args.tool_hold_s),
+                                                  client_retention=not args.no_client_retention), bus)
         cache = verifier.engine.runner.cache
         kv_stats = lambda: KvStats(cache.allocator.num_blocks - cache.num_free_blocks,  # noqa: E731
                                    cache.allocator.num_blocks)

@@ -366,6 +366,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-capacity", default=os.environ.get("SPECRELAY_KV_CAPACITY", "512M"), metavar="SIZE",
                         help="bytes the prefix KV store may hold (e.g. 2G); the same value for every process "
                              "sharing one store")
+    parser.add_argument("--no-client-retention", action="store_true",
+                        help="at a client tool pause, publish and free the turn's KV as before, instead of "
+                             "letting the retention policy keep, offload or drop it")
     from specrelay.services.verifier.relay_hooks import add_relay_options
 
     add_relay_options(parser)
@@ -381,7 +384,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = VerifierConfig(args.model, args.redis, speculate=not args.no_speculate, max_nodes=args.max_nodes,
                          num_blocks=args.num_blocks, device=args.device, kvstore=args.kvstore,
                          kvstore_capacity_bytes=parse_bytes(args.kv_capacity), relay=relay_config(args),
-                         pte_profile=args.pte_profile)
+                         pte_profile=args.pte_profile, client_retention=not args.no_client_retention)
     logging.basicConfig(level=logging.INFO)
 
     async def go():
