@@ -25,8 +25,8 @@ def parse(*argv: str) -> argparse.Namespace:
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("tir") / "tir.json"
-    assert main(parse("--quick", "--trajectories", "4", "--policies", "drop,keep,pte,infercept", "--json",
-                      str(out))) == 0
+    assert main(parse("--quick", "--trajectories", "4", "--max-turns", "2", "--policies", "drop,keep,pte,infercept",
+                      "--json", str(out))) == 0
     return json.loads(out.read_text())
 
 
