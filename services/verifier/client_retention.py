@@ -118,10 +118,11 @@ class ClientRetention:
         bs = self.cache.block_size
         best, best_len = None, 0
         for p in self.paused.values():
-            if p.tokens[:bs] != prompt[:bs]:
-                continue
+            need = max(bs, p.prompt_len)
+            if len(prompt) - 1 < need or p.tokens[:need] != prompt[:need]:
+                continue  # one slice comparison rules out every other conversation
             n = common_prefix(p.tokens, prompt[: len(prompt) - 1])
-            if n >= max(bs, p.prompt_len) and n > best_len:
+            if n > best_len:
                 best, best_len = p, n
         if best is None:
             return None
