@@ -15,8 +15,12 @@ different policies, which a token count cannot see.
 KV budget: `--kv-budget-blocks`, or by default `--budget-fraction` of the peak that keep-everything reached on the
 same workload (keep runs first, unbounded). drop, pte and infercept run with a cache of exactly the budget.
 
-PTE profile: `--profile FILE` (what `specrelay calibrate` writes), else measured here first (pte.measure_profile:
-prefill time against prompt length, decode step time against context length, this model on this machine).
+PTE profile: `--profile FILE` (what `specrelay calibrate` writes), else measured here first exactly as `specrelay
+calibrate` measures it (services/calibrate.py: prefill time against prompt length, one sequence's decode step
+against context length, this model on this machine), so that the bench's PTE is the PTE the server reports in
+usage.pte. `--profile-decode-batch N` times the decode step in a batch of N instead and divides by N: a
+per-sequence share of the step, the better figure for throughput cost; for a trajectory's latency the whole step
+is what it waits per token (README: it correlates less).
 """
 
 from __future__ import annotations
@@ -51,7 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-budget-blocks", type=int, default=None, help=f"device KV budget in {BLOCK_SIZE}-token "
                         "blocks (default: --budget-fraction of keep's peak)")
     parser.add_argument("--budget-fraction", type=float, default=0.5)
-    parser.add_argument("--profile", type=Path, default=None, help="a PTE profile JSON (default: measure one now)")
+    parser.add_argument("--profile", type=Path, default=None, help="a PTE profile JSON (default: measure one now, "
+                        "as `specrelay calibrate` does)")
+    parser.add_argument("--profile-decode-batch", type=int, default=1, metavar="N", help="measure the decode step "
+                        "in a batch of N sequences, per sequence (default 1: as `specrelay calibrate`)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: two shared "
                         "cores)")
     parser.add_argument("--device", default="cpu")
@@ -75,6 +82,8 @@ def main(args: argparse.Namespace) -> int:
                           "or pass --model DIR)")
     if not 0 < args.budget_fraction <= 1:
         raise ConfigError(f"--budget-fraction must be in (0, 1], got {args.budget_fraction}")
+    if args.profile_decode_batch < 1:
+        raise ConfigError(f"--profile-decode-batch must be at least 1, got {args.profile_decode_batch}")
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device)
     cfg = model.config
@@ -95,9 +104,15 @@ def main(args: argparse.Namespace) -> int:
 
     if args.profile:
         profile = PteProfile.load(args.profile)
+    elif args.profile_decode_batch == 1:
+        from specrelay.services.calibrate import FULL_LENGTHS, QUICK_LENGTHS, calibrate
+
+        lengths = QUICK_LENGTHS if args.quick else FULL_LENGTHS
+        profile = calibrate(runner(4 * cfg.max_model_len // BLOCK_SIZE), lengths, lengths, 2 if args.quick else 3,
+                            device=str(model.device), model=args.model.name)
     else:
         profile = measure_tir_profile(runner(4 * cfg.max_model_len // BLOCK_SIZE), cfg.vocab_size, args.quick,
-                                      str(model.device), args.model.name)
+                                      str(model.device), args.model.name, batch=args.profile_decode_batch)
     print(f"profile: p={profile.prefill_s_per_token * 1e6:.1f} us/token, gamma={profile.gamma:.4g}, "
           f"beta={profile.beta:.1f} ({'loaded' if args.profile else 'measured'})", flush=True)
     offload_bps, reload_bps = measure_store_bandwidth(runner(2 * 1024 // BLOCK_SIZE + 4), mid, cfg.vocab_size)
@@ -157,11 +172,11 @@ def run_policies(policies, trajectories, runner, mid: str, profile, bandwidths: 
     return results, budget_blocks
 
 
-def measure_tir_profile(runner, vocab_size: int, quick: bool, device: str, model: str, batch: int = 8):
+def measure_tir_profile(runner, vocab_size: int, quick: bool, device: str, model: str, batch: int):
     """pte.measure_profile on this runner: prefill seconds against prompt length, and a decode step's seconds per
-    sequence against context length in a batch of `batch` sequences (each a fork of one prefilled context): the
-    bench decodes its trajectories together, and this runtime's batched attention reads every sequence's KV, so a
-    lone sequence's step would understate γ and overstate β."""
+    sequence against context length in a batch of `batch` sequences (each a fork of one prefilled context). This
+    runtime's batched attention reads every sequence's KV, so the per-sequence share has a larger γ and a smaller
+    β than a lone sequence's step."""
     import torch
 
     from specrelay.shared.modeling.kv_cache import BlockTable

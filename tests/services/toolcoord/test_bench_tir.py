@@ -93,6 +93,7 @@ def test_pearson():
     (("--policies", "drop,lru"), "unknown lru"),
     (("--kv-budget-blocks", "3"), "cannot hold this workload's longest trajectory"),
     (("--budget-fraction", "1.5"), "--budget-fraction"),
+    (("--profile-decode-batch", "0"), "--profile-decode-batch"),
     (("--model", "/nonexistent/model"), "no model there"),
 ])
 def test_user_mistakes_are_clear_errors(argv, message, tmp_path):
