@@ -45,11 +45,15 @@ class RelayConfig:
     recompute_ratio: float = 0.15  # cacheblend: the top-r share of span tokens recomputed
     # relaycaching: recompute when deviation ≥ factor · mean, or attention received ≥ factor · mean. The paper's
     # 1.5 / 1.45 (from span tails) select ~27% of a 256-token span on the embedded pair; 2.0 / 2.5 from the
-    # prompt's tail keep reuse ≥ 0.8 at every span length at the same KL (README, RelayCaching).
+    # prompt's tail keep reuse ≥ 0.8 at every span length at about the same KL (README, RelayCaching).
     deviation_factor: float = 2.0
     influence_factor: float = 2.5
     influence_window: int = 10  # relaycaching: how many tokens' attention measures influence
     influence_from: Literal["span", "prompt"] = "prompt"  # ... the last tokens of the whole prompt, or of each span
+    # "check": attention at the check layers only. "all": the prompt's tail attention summed over every layer (the
+    # paper's Σ over layers), from a probe pass of the rows outside spans over the relayed K/V: about half the KL
+    # at 1k-token spans, but the probe costs 10-30% of TTFT on this CPU (README, RelayCaching)
+    influence_layers: Literal["all", "check"] = "check"
     check_layers: tuple[int, ...] = (1,)  # layers where every span row is run afresh and compared
     min_span_tokens: int = 16  # shorter matches are prefilled as usual
 
@@ -62,6 +66,8 @@ class RelayConfig:
             raise ConfigError("relay deviation and influence factors must be non-negative")
         if self.influence_from not in ("span", "prompt"):
             raise ConfigError(f"relay influence_from must be 'span' or 'prompt', got {self.influence_from!r}")
+        if self.influence_layers not in ("all", "check"):
+            raise ConfigError(f"relay influence_layers must be 'all' or 'check', got {self.influence_layers!r}")
         if self.influence_window < 1 or self.min_span_tokens < 1:
             raise ConfigError("relay influence window and minimum span length must be positive")
         if self.method != "naive" and (not self.check_layers or min(self.check_layers) < 0):
@@ -164,11 +170,17 @@ class _RelayForward:
         self.last_check = max(check, default=-1)
         self.deviation = torch.zeros(self.num_span_tokens, device=self.device)  # summed over check layers
         self.influence = torch.zeros(self.num_span_tokens, device=self.device)
+        self.probe = (config.method == "relaycaching" and config.influence_from == "prompt"
+                      and config.influence_layers == "all" and self.num_span_tokens > 0)
 
     def run(self) -> RelayPrefill:
         self._load_spans()
+        if self.probe:
+            self._probe_influence()
         must = torch.zeros(self.n, dtype=torch.bool, device=self.device)
         must[self.rows_wanted] = True
+        if self.probe:  # the probe computed the tail rows over relayed K/V: recompute any that sit in a span
+            must[max(0, self.n - self.config.influence_window):] = True
         keep = ~self.span_rows | must  # rows active past the check layers whatever the rule says
         active = torch.ones(self.n, dtype=torch.bool, device=self.device) if self.last_check >= 0 else keep
         selected = must[self.span_rows]  # a span row that wants logits is always recomputed
@@ -194,7 +206,7 @@ class _RelayForward:
             k_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, slots, k)
             v_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, slots, v)
             num_reused_kv += self.num_span_tokens - int(self.span_rows[rows].sum())
-            if i in self.check_layers:
+            if i in self.check_layers and not self.probe:
                 self._measure_influence(i, q, rows, k_cache, attn.scale)
             if i == self.last_check:
                 selected = self._select() | must[self.span_rows]
@@ -218,6 +230,42 @@ class _RelayForward:
         return RelayPrefill(logits=logits, num_prompt_tokens=self.n, num_span_tokens=self.num_span_tokens,
                             num_recomputed_tokens=int(selected.sum()), num_reused_kv=num_reused_kv,
                             selected_rows=span_rows[selected].tolist())
+
+    def _probe_influence(self) -> None:
+        """The rows outside spans, and the prompt's last `influence_window` rows, run through every layer over the
+        relayed K/V (a naive-reuse pass); the attention the last rows pay each span token is summed over layers and
+        heads into `influence`. The prefill after this overwrites every K/V the probe wrote: rows outside spans and
+        the tail rows are recomputed in every layer.
+
+        Why sum over layers: deep layers attend to other span tokens than the check layer does. On the embedded
+        pair it halves the KL at 1k-token spans (README), but the probe adds 10-30% to TTFT on a CPU."""
+        window = self.config.influence_window
+        probe = ~self.span_rows
+        probe[max(0, self.n - window):] = True
+        rows = probe.nonzero().squeeze(1)
+        tail = torch.arange(rows.numel() - min(window, self.n), rows.numel(), device=self.device)
+        x = self.model.model.embed_tokens(self.input_ids[rows])
+        cos, sin = rope_cos_sin(self.model.inv_freq, self.positions[rows], x.dtype)
+        kv_len = self.context_len + self.n
+        key_positions = torch.arange(kv_len, device=self.device)
+        for i, layer in enumerate(self.model.model.layers):
+            attn = layer.self_attn
+            q, k, v = attn.qkv_proj(layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], -1)
+            q = q.view(-1, attn.num_heads, attn.head_dim)
+            k = k.view(-1, attn.num_kv_heads, attn.head_dim)
+            v = v.view(-1, attn.num_kv_heads, attn.head_dim)
+            if attn.q_norm is not None:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k_cache, v_cache = self.cache.k[i], self.cache.v[i]
+            k_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, self.slots[rows], k)
+            v_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, self.slots[rows], v)
+            keys = k_cache[self.block_table[0].long()].flatten(0, 1)[:kv_len]  # [kv_len, H_kv, D]
+            score = relay_select.influence(q[tail], keys, self.positions[rows[tail]], key_positions, attn.scale)
+            self.influence += score[self.context_len + self.span_rows.nonzero().squeeze(1)]
+            out = paged_attention(q, k_cache, v_cache, self._batch(rows), attn.scale)
+            x = x + attn.o_proj(out.reshape(-1, attn.q_size))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
 
     def _load_spans(self) -> None:
         """Relayed K/V into the span rows' slots (every layer), keys re-rotated from relative to new positions."""

@@ -126,6 +126,9 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
                        help="relaycaching: influence ≥ β·mean (default 2.5; the paper's 1.45)")
     group.add_argument("--relay-influence-from", choices=("prompt", "span"), default="prompt",
                        help="relaycaching: influence is attention from the prompt's last tokens, or each span's")
+    group.add_argument("--relay-influence-layers", choices=("check", "all"), default="check",
+                       help="relaycaching: influence at the check layers, or summed over all layers (a probe pass: "
+                            "lower KL, slower)")
     group.add_argument("--relay-check-layers", default="1", help="comma-separated layer indices (default 1)")
     group.add_argument("--relay-min-tokens", type=int, default=16, help="shortest quote reused (default 16)")
 
@@ -138,5 +141,5 @@ def relay_config(args: argparse.Namespace) -> RelayConfig:
                           f"{args.relay_check_layers!r}") from None
     return RelayConfig(enabled=args.relay, method=args.relay_method, recompute_ratio=args.relay_recompute_ratio,
                        deviation_factor=args.relay_deviation_factor, influence_factor=args.relay_influence_factor,
-                       influence_from=args.relay_influence_from,
+                       influence_from=args.relay_influence_from, influence_layers=args.relay_influence_layers,
                        check_layers=check, min_span_tokens=args.relay_min_tokens)

@@ -9,9 +9,10 @@ value vector can be compared with the relayed one:
 - RelayCaching (Geng et al., arXiv 2603.13289): deviation of token j = 1 − cos(V_fresh[j], V_relayed[j]); the
   deviations caused by the new prefix are sparse, so a token is recomputed when its deviation is ≥ α·mean (α = 1.5),
   or when it matters downstream: its influence, the attention it receives from the last w "suffix" tokens
-  (w ≈ 10), is ≥ β·mean (β = 1.45). The union of both sets is recomputed. (Thresholds second-hand, from PAPERS.md
-  and a re-implementation citing §4.3 and §5.5; whose tail the suffix is — each span's, or the prompt's, which the
-  answer is generated from — is not settled there. RelayConfig offers both; the prompt's is the default, and the
+  (w ≈ 10), summed over layers and heads, is ≥ β·mean (β = 1.45). The union of both sets is recomputed.
+  (Thresholds second-hand, from PAPERS.md and a re-implementation citing §4.3 and §5.5; whose tail the suffix is —
+  each span's, or the prompt's, which the answer is generated from — is not settled there. RelayConfig offers both,
+  at the check layer only or summed over all layers; the prompt's tail over all layers is the default, and the
   factors are re-tuned for the embedded pair, see RelayConfig.)
 """
 

@@ -55,6 +55,8 @@ def kv_of(runner, table, num_tokens):
 
 @pytest.mark.parametrize("config", [RelayConfig(method="cacheblend", recompute_ratio=1.0),
                                     RelayConfig(method="relaycaching", deviation_factor=0.0),
+                                    # the probe pass writes K/V before the prefill: none of it may survive
+                                    RelayConfig(method="relaycaching", deviation_factor=0.0, influence_layers="all"),
                                     RelayConfig(method="cacheblend", recompute_ratio=1.0, check_layers=(0, 2))])
 def test_full_recompute_is_exactly_a_full_prefill(runner, pipeline, config):
     _, _, span, prompt_b, start = pipeline
@@ -152,18 +154,20 @@ def test_influence_comes_from_the_prompt_tail_or_each_span_tail(runner, pipeline
     (the prompt's tail reads the span from 9 tokens past its end; the span's tail reads it from inside)."""
     _, _, span, prompt_b, start = pipeline
     chosen = {}
-    for source in ("prompt", "span"):
+    for source, layers in (("prompt", "all"), ("prompt", "check"), ("span", "check")):
         table = BlockTable()
         try:
             got = relay_prefill(runner.model, runner.cache, table, prompt_b, [PlacedSpan(start, span)],
-                                RelayConfig(deviation_factor=1e9, influence_from=source))
+                                RelayConfig(deviation_factor=1e9, influence_from=source, influence_layers=layers))
         finally:
             runner.release(table)
         assert 0 < got.num_recomputed_tokens < len(span) // 2
-        chosen[source] = set(got.selected_rows)
-    assert chosen["prompt"] != chosen["span"]
+        chosen[source, layers] = set(got.selected_rows)
+    assert len({frozenset(c) for c in chosen.values()}) == 3  # the probe's sum over layers picks its own set
     with pytest.raises(ConfigError, match="influence_from"):
         RelayConfig(influence_from="suffix")
+    with pytest.raises(ConfigError, match="influence_layers"):
+        RelayConfig(influence_layers="deep")
 
 
 def test_selective_recompute_is_closer_to_full_prefill_than_naive_reuse(runner, pipeline):
