@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@touch $@
 
 serve: setup
+	$(VENV)/bin/specrelay calibrate --if-missing   # the PTE profile of this machine, once (~6 s)
 	$(VENV)/bin/specrelay serve
 
 test: setup

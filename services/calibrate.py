@@ -125,6 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="FILE",
                         help="where to write the profile (default: the cache the server reads, see --help text)")
     parser.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS}, 2 runs each")
+    parser.add_argument("--if-missing", action="store_true",
+                        help="do nothing when the output profile exists already (`make serve` calibrates once)")
     parser.add_argument("--lengths", default=None, metavar="N,N,...",
                         help=f"prompt and context lengths to measure (default {FULL_LENGTHS})")
     parser.add_argument("--repeats", type=int, default=None, help="runs per point, the median is kept (default 3)")
@@ -163,6 +165,10 @@ def main(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else profile_path(model_dir, args.device)
+    if args.if_missing and out.is_file():
+        print(f"{out} exists; not measuring again (run without --if-missing to)")
+        return 0
     model = load_model(model_dir, device=args.device)
     limit = model.config.max_model_len
     lengths = _lengths(args.lengths, QUICK_LENGTHS if args.quick else FULL_LENGTHS, limit)
@@ -170,7 +176,6 @@ def main(args: argparse.Namespace) -> int:
     num_blocks = 2 * sum(-(-(n + 1) // block_size) for n in lengths) + 8  # every decode context stays resident
     runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
     profile = calibrate(runner, lengths, lengths, repeats, device=args.device, model=model_dir.resolve().name)
-    out = Path(args.out) if args.out else profile_path(model_dir, args.device)
     out.parent.mkdir(parents=True, exist_ok=True)
     profile.save(out)
     print(f"prefill: {profile.prefill_s_per_token * 1e6:.2f} us/token; decode step: "

@@ -59,3 +59,15 @@ def test_the_analytic_fallback_is_the_papers_gamma(tiny_dir, tmp_path, monkeypat
     # 2 layers, d_model 64, 2 of 4 heads share K/V, HOI 756.5 FLOP/B (module docstring of shared/pte.py)
     assert source == "analytic" and profile.beta == 0
     assert profile.gamma == pytest.approx(2 * 2 * 64 * 0.5 * 756.5 / n)
+
+
+def test_if_missing_keeps_an_existing_profile(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    PteProfile(gamma=0.5, prefill_s_per_token=1e-3).save(out)
+    before = out.read_text()
+    assert main(["calibrate", "--model", str(tiny_dir), "--out", str(out), "--if-missing"]) == 0
+    assert out.read_text() == before and "not measuring again" in capsys.readouterr().out
+    out.unlink()
+    assert main(["calibrate", "--model", str(tiny_dir), "--lengths", "16,64", "--repeats", "1", "--threads", "1",
+                 "--out", str(out), "--if-missing"]) == 0
+    assert PteProfile.load(out).gamma != 0.5
