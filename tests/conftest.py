@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 
@@ -14,6 +15,9 @@ import torch
 
 # Tiny models on a small shared CPU: one intra-op thread is several times faster than two fighting for cores.
 torch.set_num_threads(1)
+
+# Hermetic: servers the tests start (and their children) neither read nor write the user's PTE profile cache.
+os.environ["SPECRELAY_CACHE_DIR"] = tempfile.mkdtemp(prefix="specrelay-test-cache-")
 
 
 def _free_port() -> int:
