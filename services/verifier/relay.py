@@ -42,7 +42,7 @@ RELAY_METHODS: tuple[str, ...] = ("relaycaching", "cacheblend", "naive")
 class RelayConfig:
     enabled: bool = True
     method: RelayMethod = "relaycaching"
-    recompute_ratio: float = 0.15  # cacheblend: the top-r share of span tokens recomputed
+    recompute_ratio: float = 0.15  # cacheblend, and relaycaching with select="top": the share recomputed
     # relaycaching: recompute when deviation ≥ factor · mean, or attention received ≥ factor · mean. The paper's
     # 1.5 / 1.45 (from span tails) select ~27% of a 256-token span on the embedded pair; 2.0 / 2.5 from the
     # prompt's tail keep reuse ≥ 0.8 at every span length at about the same KL (README, RelayCaching).
@@ -54,6 +54,10 @@ class RelayConfig:
     # paper's Σ over layers), from a probe pass of the rows outside spans over the relayed K/V: about half the KL
     # at 1k-token spans, but the probe costs 10-30% of TTFT on this CPU (README, RelayCaching)
     influence_layers: Literal["all", "check"] = "check"
+    # relaycaching: "threshold" recomputes influence ≥ β·mean; "top" the recompute_ratio share of span tokens with
+    # the largest influence (over all spans of the prompt, so a fixed budget), either way ∪ deviation ≥ α·mean.
+    # With influence_layers="all" the ranking is close to the best one by true deep-layer error (README)
+    select: Literal["threshold", "top"] = "threshold"
     check_layers: tuple[int, ...] = (1,)  # layers where every span row is run afresh and compared
     min_span_tokens: int = 16  # shorter matches are prefilled as usual
 
@@ -68,6 +72,8 @@ class RelayConfig:
             raise ConfigError(f"relay influence_from must be 'span' or 'prompt', got {self.influence_from!r}")
         if self.influence_layers not in ("all", "check"):
             raise ConfigError(f"relay influence_layers must be 'all' or 'check', got {self.influence_layers!r}")
+        if self.select not in ("threshold", "top"):
+            raise ConfigError(f"relay select must be 'threshold' or 'top', got {self.select!r}")
         if self.influence_window < 1 or self.min_span_tokens < 1:
             raise ConfigError("relay influence window and minimum span length must be positive")
         if self.method != "naive" and (not self.check_layers or min(self.check_layers) < 0):
@@ -322,6 +328,9 @@ class _RelayForward:
         cfg = self.config
         if cfg.method == "cacheblend":
             return relay_select.top_ratio(self.deviation, cfg.recompute_ratio)
+        if cfg.select == "top":  # influence ranked over every span: one budget, spent where the answer reads
+            return relay_select.top_influence_select(self.deviation, self.influence, self._span_ids(),
+                                                     cfg.recompute_ratio, cfg.deviation_factor)
         chosen, offset = [], 0
         for s in self.spans:  # each span against its own mean: prefix effects differ from span to span
             m = len(s.kv)
@@ -330,6 +339,11 @@ class _RelayForward:
                 cfg.deviation_factor, cfg.influence_factor))
             offset += m
         return torch.cat(chosen) if chosen else self.deviation.bool()
+
+    def _span_ids(self) -> torch.Tensor:
+        """[num_span_tokens] int64: which span (in prompt order) each span token belongs to."""
+        lengths = torch.tensor([len(s.kv) for s in self.spans], device=self.device)
+        return torch.repeat_interleave(torch.arange(len(self.spans), device=self.device), lengths)
 
     def _batch(self, rows: torch.Tensor) -> ForwardBatch:
         """One sequence; queries `rows` of the prompt see every cached key at or before their position."""

@@ -38,13 +38,16 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipelines", type=int, default=None, help="pipelines per span length (default 3)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per prefill, methods interleaved, median kept (default 5)")
-    parser.add_argument("--recompute-ratio", type=float, default=0.15, help="CacheBlend's r (default 0.15)")
+    parser.add_argument("--recompute-ratio", type=float, default=0.15,
+                        help="CacheBlend's r, and RelayCaching's with --select top (default 0.15)")
     parser.add_argument("--deviation-factor", type=float, default=2.0, help="RelayCaching's α (default 2.0)")
     parser.add_argument("--influence-factor", type=float, default=2.5, help="RelayCaching's β (default 2.5)")
     parser.add_argument("--influence-from", choices=("prompt", "span"), default="prompt",
                         help="RelayCaching's influence: attention from the prompt's last tokens, or each span's")
     parser.add_argument("--influence-layers", choices=("check", "all"), default="check",
                         help="RelayCaching's influence: at the check layers, or summed over all layers (a probe pass)")
+    parser.add_argument("--select", choices=("threshold", "top"), default="threshold",
+                        help="RelayCaching's influence rule: ≥ β·mean, or the top --recompute-ratio share")
     parser.add_argument("--check-layers", type=str, default="1", help="check layers, comma-separated (default 1)")
     parser.add_argument("--greedy-tokens", type=int, default=64, help="answer tokens compared, greedy and by KL "
                         "(default 64)")
@@ -80,7 +83,7 @@ def main_relay(args: argparse.Namespace) -> int:
         "cacheblend": RelayConfig(method="cacheblend", recompute_ratio=args.recompute_ratio, **common),
         "relaycaching": RelayConfig(method="relaycaching", deviation_factor=args.deviation_factor,
                                     influence_factor=args.influence_factor, influence_from=args.influence_from,
-                                    influence_layers=args.influence_layers, **common),
+                                    influence_layers=args.influence_layers, select=args.select, **common),
     }
     model = load_model(args.model, device=args.device)
     cfg = model.config
@@ -99,7 +102,7 @@ def main_relay(args: argparse.Namespace) -> int:
               "num_layers": cfg.num_layers, "pipelines": pipelines, "repeats": repeats,
               "settings": {"recompute_ratio": args.recompute_ratio, "deviation_factor": args.deviation_factor,
                            "influence_factor": args.influence_factor, "influence_from": args.influence_from,
-                           "influence_layers": args.influence_layers,
+                           "influence_layers": args.influence_layers, "select": args.select,
                            "check_layers": list(check),
                            "greedy_tokens": args.greedy_tokens},
               "spans": {}}

@@ -119,7 +119,8 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("relay (reuse of upstream agents' decode-phase KV)")
     group.add_argument("--relay", action=argparse.BooleanOptionalAction, default=True, help="on by default")
     group.add_argument("--relay-method", choices=RELAY_METHODS, default="relaycaching")
-    group.add_argument("--relay-recompute-ratio", type=float, default=0.15, help="cacheblend: share recomputed")
+    group.add_argument("--relay-recompute-ratio", type=float, default=0.15,
+                       help="cacheblend, and relaycaching with --relay-select top: share recomputed (default 0.15)")
     group.add_argument("--relay-deviation-factor", type=float, default=2.0,
                        help="relaycaching: deviation ≥ α·mean (default 2.0; the paper's 1.5)")
     group.add_argument("--relay-influence-factor", type=float, default=2.5,
@@ -129,6 +130,9 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--relay-influence-layers", choices=("check", "all"), default="check",
                        help="relaycaching: influence at the check layers, or summed over all layers (a probe pass: "
                             "lower KL, slower)")
+    group.add_argument("--relay-select", choices=("threshold", "top"), default="threshold",
+                       help="relaycaching: recompute influence ≥ β·mean, or the top --relay-recompute-ratio share "
+                            "by influence (either way ∪ deviation ≥ α·mean)")
     group.add_argument("--relay-check-layers", default="1", help="comma-separated layer indices (default 1)")
     group.add_argument("--relay-min-tokens", type=int, default=16, help="shortest quote reused (default 16)")
 
@@ -142,4 +146,5 @@ def relay_config(args: argparse.Namespace) -> RelayConfig:
     return RelayConfig(enabled=args.relay, method=args.relay_method, recompute_ratio=args.relay_recompute_ratio,
                        deviation_factor=args.relay_deviation_factor, influence_factor=args.relay_influence_factor,
                        influence_from=args.relay_influence_from, influence_layers=args.relay_influence_layers,
+                       select=args.relay_select,
                        check_layers=check, min_span_tokens=args.relay_min_tokens)

@@ -14,6 +14,9 @@ value vector can be compared with the relayed one:
   each span's, or the prompt's, which the answer is generated from — is not settled there. RelayConfig offers both,
   at the check layer only or summed over all layers; the prompt's tail over all layers is the default, and the
   factors are re-tuned for the embedded pair, see RelayConfig.)
+- A fixed-budget variant (`select="top"`): the r·n span tokens of largest influence, ranked across all spans, ∪ the
+  deviation rule. A threshold β·mean recomputes a share that swings with how peaked the attention is; a fixed share
+  spends the budget the same way CacheBlend does, but ranked by what the answer reads rather than by change.
 """
 
 from __future__ import annotations
@@ -71,3 +74,14 @@ def relaycaching_select(deviation: torch.Tensor, influence_score: torch.Tensor, 
                         influence_factor: float) -> torch.Tensor:
     """Deviation-based ∪ influence-based selection over one span's tokens. [n], [n] -> [n] bool."""
     return above_mean(deviation, deviation_factor) | above_mean(influence_score, influence_factor)
+
+
+def top_influence_select(deviation: torch.Tensor, influence_score: torch.Tensor, span_ids: torch.Tensor,
+                         ratio: float, deviation_factor: float) -> torch.Tensor:
+    """The ceil(ratio·n) tokens of largest influence over all spans (influence is attention from the same queries,
+    so it compares across spans) ∪ each span's deviation ≥ factor·mean. [n], [n], [n] span index -> [n] bool."""
+    chosen = top_ratio(influence_score, ratio)
+    for span in span_ids.unique():
+        rows = span_ids == span
+        chosen[rows] |= above_mean(deviation[rows], deviation_factor)
+    return chosen

@@ -89,6 +89,9 @@ def test_settings_from_the_command_line():
                                           "--relay-check-layers", "1,2"]))
     assert (cfg.enabled, cfg.method, cfg.recompute_ratio, cfg.check_layers) == (True, "cacheblend", 0.3, (1, 2))
     assert relay_config(parser.parse_args(["--no-relay"])).enabled is False
+    cfg = relay_config(parser.parse_args(["--relay-select", "top", "--relay-recompute-ratio", "0.2"]))
+    assert (cfg.method, cfg.select, cfg.recompute_ratio) == ("relaycaching", "top", 0.2)
+    assert relay_config(parser.parse_args([])).select == "threshold"
     with pytest.raises(ConfigError, match="check-layers"):
         relay_config(parser.parse_args(["--relay-check-layers", "one"]))
     with pytest.raises(ConfigError, match="recompute ratio"):

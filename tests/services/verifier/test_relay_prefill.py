@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from specrelay.kernels.rope_shift import rope_shift_
+from specrelay.services.verifier import relay_select
 from specrelay.services.verifier.relay import PlacedSpan, RelayConfig, relay_prefill
 from specrelay.shared.errors import ConfigError
 from specrelay.shared.modeling.kv_cache import BlockTable
@@ -57,7 +58,8 @@ def kv_of(runner, table, num_tokens):
                                     RelayConfig(method="relaycaching", deviation_factor=0.0),
                                     # the probe pass writes K/V before the prefill: none of it may survive
                                     RelayConfig(method="relaycaching", deviation_factor=0.0, influence_layers="all"),
-                                    RelayConfig(method="cacheblend", recompute_ratio=1.0, check_layers=(0, 2))])
+                                    RelayConfig(method="cacheblend", recompute_ratio=1.0, check_layers=(0, 2)),
+                                    RelayConfig(select="top", recompute_ratio=1.0, influence_layers="all")])
 def test_full_recompute_is_exactly_a_full_prefill(runner, pipeline, config):
     _, _, span, prompt_b, start = pipeline
     ref_table, ref_logits = full_prefill(runner, prompt_b)
@@ -168,6 +170,45 @@ def test_influence_comes_from_the_prompt_tail_or_each_span_tail(runner, pipeline
         RelayConfig(influence_from="suffix")
     with pytest.raises(ConfigError, match="influence_layers"):
         RelayConfig(influence_layers="deep")
+
+
+@pytest.mark.parametrize("layers", ["check", "all"])
+def test_top_select_recomputes_the_share_by_influence_plus_the_deviation_rule(runner, pipeline, layers):
+    """select="top": exactly ceil(r·n) span tokens by influence when the deviation rule is off; with it on, the
+    union of that set and what the deviation rule alone picks. (A window of 8 < the 9-token suffix: the probe
+    recomputes the prompt's tail rows on top of any rule, and none of them may sit in the span here.)"""
+    _, _, span, prompt_b, start = pipeline
+
+    def picked(**kw):
+        table = BlockTable()
+        try:
+            got = relay_prefill(runner.model, runner.cache, table, prompt_b, [PlacedSpan(start, span)],
+                                RelayConfig(influence_layers=layers, influence_window=8, **kw))
+        finally:
+            runner.release(table)
+        assert got.num_reused_tokens == len(span) - got.num_recomputed_tokens
+        return set(got.selected_rows)
+
+    for ratio in (0.1, 0.3):
+        by_influence = picked(select="top", recompute_ratio=ratio, deviation_factor=1e9)
+        assert len(by_influence) == math.ceil(ratio * len(span))
+        by_deviation = picked(select="threshold", influence_factor=1e9)
+        assert picked(select="top", recompute_ratio=ratio) == by_influence | by_deviation
+    assert picked(select="top", recompute_ratio=0.1, deviation_factor=1e9) < by_influence  # nested by rank
+    with pytest.raises(ConfigError, match="select"):
+        RelayConfig(select="best")
+
+
+def test_top_influence_budget_is_shared_across_spans():
+    """Influence is attention from the same queries, so the top share is ranked over all spans together: a span
+    the answer does not read gets none of the budget (the deviation rule still runs per span)."""
+    influence = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.01, 0.02, 0.03, 0.04])
+    span_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    deviation = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9])
+    chosen = relay_select.top_influence_select(deviation, influence, span_ids, 0.25, 1e9)
+    assert chosen.tolist() == [True, True, False, False, False, False, False, False]
+    chosen = relay_select.top_influence_select(deviation, influence, span_ids, 0.25, 2.0)
+    assert chosen.tolist() == [True, True, False, False, False, False, False, True]
 
 
 def test_selective_recompute_is_closer_to_full_prefill_than_naive_reuse(runner, pipeline):
