@@ -48,6 +48,8 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
                         help="RelayCaching's influence: at the check layers, or summed over all layers (a probe pass)")
     parser.add_argument("--select", choices=("threshold", "top"), default="threshold",
                         help="RelayCaching's influence rule: ≥ β·mean, or the top --recompute-ratio share")
+    parser.add_argument("--select-ratio", type=float, default=None,
+                        help="RelayCaching's share with --select top (default: --recompute-ratio)")
     parser.add_argument("--check-layers", type=str, default="1", help="check layers, comma-separated (default 1)")
     parser.add_argument("--greedy-tokens", type=int, default=64, help="answer tokens compared, greedy and by KL "
                         "(default 64)")
@@ -83,7 +85,9 @@ def main_relay(args: argparse.Namespace) -> int:
         "cacheblend": RelayConfig(method="cacheblend", recompute_ratio=args.recompute_ratio, **common),
         "relaycaching": RelayConfig(method="relaycaching", deviation_factor=args.deviation_factor,
                                     influence_factor=args.influence_factor, influence_from=args.influence_from,
-                                    influence_layers=args.influence_layers, select=args.select, **common),
+                                    influence_layers=args.influence_layers, select=args.select,
+                                    recompute_ratio=(args.select_ratio if args.select_ratio is not None
+                                                     else args.recompute_ratio), **common),
     }
     model = load_model(args.model, device=args.device)
     cfg = model.config
@@ -103,6 +107,7 @@ def main_relay(args: argparse.Namespace) -> int:
               "settings": {"recompute_ratio": args.recompute_ratio, "deviation_factor": args.deviation_factor,
                            "influence_factor": args.influence_factor, "influence_from": args.influence_from,
                            "influence_layers": args.influence_layers, "select": args.select,
+                           "select_ratio": args.select_ratio,
                            "check_layers": list(check),
                            "greedy_tokens": args.greedy_tokens},
               "spans": {}}
