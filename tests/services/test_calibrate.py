@@ -68,6 +68,6 @@ def test_if_missing_keeps_an_existing_profile(tiny_dir, tmp_path, capsys):
     assert main(["calibrate", "--model", str(tiny_dir), "--out", str(out), "--if-missing"]) == 0
     assert out.read_text() == before and "not measuring again" in capsys.readouterr().out
     out.unlink()
-    assert main(["calibrate", "--model", str(tiny_dir), "--lengths", "16,64", "--repeats", "1", "--threads", "1",
-                 "--out", str(out), "--if-missing"]) == 0
+    assert main(["calibrate", "--model", str(tiny_dir), "--quick", "--threads", "1", "--out", str(out),
+                 "--if-missing"]) == 0
     assert PteProfile.load(out).gamma != 0.5
