@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import sys
+from pathlib import Path
 
 # name -> (module, add-arguments function, main function, help)
 BENCHES = {
@@ -30,3 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     return args._bench_main(args)
+
+
+def finish_report(report: dict, json_path: Path | None) -> None:
+    """The common tail of a bench: each goal met or not, then the report as JSON where asked."""
+    for name, met in report["goals"].items():
+        print(f"goal {name}: {'met' if met else 'NOT met'}")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {json_path}", file=sys.stderr)

@@ -43,7 +43,7 @@ async def serve(args: argparse.Namespace) -> None:
     from specrelay.services.verifier.relay_hooks import relay_config
     from specrelay.services.verifier.service import VerifierConfig, VerifierService
     from specrelay.shared.bus import make_bus
-    from specrelay.shared.errors import ConfigError
+    from specrelay.shared.http import listen
     from specrelay.shared.tokenizer import Tokenizer
 
     config = gateway.build_config(args)
@@ -78,10 +78,7 @@ async def serve(args: argparse.Namespace) -> None:
                                           server_tools=server_tools))
         await runner.setup()
         try:
-            try:
-                await web.TCPSite(runner, args.host, args.port).start()
-            except OSError as e:
-                raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+            await listen(runner, args.host, args.port)
             print(f"specrelay serve: {gateway_config.model_name!r} (draft: {args.proposer}) on "
                   f"http://{args.host}:{args.port}/v1, bus: {args.redis or 'in-process'}, schedule: "
                   f"{gateway_config.policy} ({gateway_config.max_running} running)", flush=True)

@@ -106,6 +106,7 @@ async def serve(config: ServiceConfig) -> None:
 
     from specrelay.services.gateway.app import create_app
     from specrelay.shared.bus import make_bus
+    from specrelay.shared.http import listen
     from specrelay.shared.tokenizer import Tokenizer
 
     from specrelay.services.gateway.kv_reports import VerifierKvReports
@@ -119,11 +120,7 @@ async def serve(config: ServiceConfig) -> None:
                                           server_tools=server_tools))
         await runner.setup()
         try:
-            site = web.TCPSite(runner, config.host, config.port)
-            try:
-                await site.start()
-            except OSError as e:
-                raise ConfigError(f"cannot listen on {config.host}:{config.port}: {e.strerror}") from None
+            await listen(runner, config.host, config.port)
             print(f"specrelay gateway: serving {config.gateway.model_name!r} on "
                   f"http://{config.host}:{config.port}/v1", flush=True)
             await asyncio.Event().wait()

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 from specrelay.shared.errors import ConfigError
+from specrelay.shared.http import listen
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +184,7 @@ async def serve(config: KeeperConfig) -> None:
     await runner.setup()
     task = asyncio.create_task(keeper.run())
     try:
-        try:
-            await web.TCPSite(runner, config.host, config.port).start()
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {config.host}:{config.port}: {e.strerror}") from None
+        await listen(runner, config.host, config.port)
         print(f"specrelay kvstore: keeping {config.prefix}{{kv}} within {config.capacity_bytes} bytes; "
               f"http://{config.host}:{config.port}/health", flush=True)
         await task

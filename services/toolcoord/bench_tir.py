@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+from specrelay.services.bench import finish_report
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "target"
 BLOCK_SIZE = 16
@@ -123,12 +123,7 @@ def main(args: argparse.Namespace) -> int:
     report = build_report(results, trajectories, budget_blocks, bpb, profile,
                           workload_cfg, (offload_bps, reload_bps))
     print(table(report))
-    for goal, met in report["goals"].items():
-        print(f"goal {goal}: {'met' if met else 'NOT met'}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+    finish_report(report, args.json)
     return 0
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import sys
 from pathlib import Path
+
+from specrelay.services.bench import finish_report
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "target"
 SPANS = (256, 512, 1024, 2048)
@@ -120,12 +120,7 @@ def main_relay(args: argparse.Namespace) -> int:
         report["spans"][str(span_len)] = {"num_prompts": len(rows), "methods": _aggregate(rows)}
         print(_table(span_len, report["spans"][str(span_len)]["methods"]), flush=True)
     report["goals"] = _goals(report["spans"])
-    for name, met in report["goals"].items():
-        print(f"goal {name}: {'met' if met else 'NOT met'}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+    finish_report(report, args.json)
     return 0
 
 

@@ -15,26 +15,9 @@ from specrelay.shared.modeling.runner import ModelRunner
 from specrelay.shared.pte import PteProfile
 from specrelay.shared.sampling import SamplingParams
 
-from specrelay.services.verifier.service import VerifierConfig, VerifierService
-from specrelay.shared.bus import make_bus
-from specrelay.shared.messages import TokenChunk
-
-from .test_held_service import PROMPT, TOOL_ANSWER, Stack, model_dir, stop_token, tokens  # noqa: F401
+from .test_held_service import PROMPT, TOOL_ANSWER, _with_stack, model_dir, stop_token, tokens  # noqa: F401
 
 PROFILE = PteProfile(gamma=0.002, prefill_s_per_token=1e-4, decode_a_s=5e-4)
-
-
-async def _with_stack(model_dir, body, num_blocks=128, **config):
-    async with make_bus(None) as bus:
-        cfg = VerifierConfig(str(model_dir), speculate=False, num_blocks=num_blocks, report_kv=False,
-                             consumer="v-held", **config)
-        service = VerifierService(cfg, bus)
-        task = asyncio.create_task(service.run())
-        try:
-            return await body(Stack(service, bus, bus.open_reply_channel(TokenChunk)))
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
 
 class Clock:

@@ -69,10 +69,10 @@ class Stack:
         return await _turn(self.channel)
 
 
-async def _with_stack(model_dir, body, **config):
+async def _with_stack(model_dir, body, num_blocks=128, **config):
     async with make_bus(None) as bus:
-        cfg = VerifierConfig(str(model_dir), speculate=False, num_blocks=128, report_kv=False, consumer="v-held",
-                             **config)
+        cfg = VerifierConfig(str(model_dir), speculate=False, num_blocks=num_blocks, report_kv=False,
+                             consumer="v-held", **config)
         service = VerifierService(cfg, bus)
         task = asyncio.create_task(service.run())
         try:
