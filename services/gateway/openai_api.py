@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,13 +35,11 @@ from specrelay.services.gateway.schemas import (
     stop_strings,
     tools_for_template,
 )
-from specrelay.services.gateway.sse import ClientGone, SseWriter, client_gone
+from specrelay.services.gateway.sse import SseWriter, client_gone, drain, stream
 from specrelay.services.gateway.state import GATEWAY, Gateway
 from specrelay.services.gateway.tool_rounds import CLIENT_TOOL_HOLD_S, ChatTurns
 from specrelay.shared.messages import Continue, Generate, SamplingSpec
 from specrelay.shared.tokenizer import TemplateError
-
-log = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": only ever seen in logs and metrics
 LONG_PROMPT_CHARS = 16_384
@@ -169,32 +166,6 @@ async def _events(gw: Gateway, gen: Generation) -> AsyncIterator[str]:
         gw.admission.finished(request_id, gen.text.num_tokens, completed)
 
 
-async def _collect(gw: Gateway, gen: Generation) -> str | None:
-    """The whole text of a non-streamed generation; None when the client went away (already cancelled)."""
-    try:
-        async with contextlib.aclosing(_events(gw, gen)) as events:
-            return "".join([piece async for piece in events])
-    except ClientGone:
-        _observe_failure(gw, gen.finish, "client_gone")
-        return None
-    except asyncio.CancelledError:  # aiohttp cancels the handler of a client that went away
-        _observe_failure(gw, gen.finish, "client_gone")
-        raise
-
-
-async def _stream_failed(gw: Gateway, sse: SseWriter, gen: Generation) -> web.StreamResponse:
-    """An unexpected error after the stream began: the status line is gone, so end the stream with an error
-    event (before it began, the error middleware answers 500)."""
-    if not sse.started:
-        raise
-    log.exception("gateway: stream %s failed", gen.generate.request_id)
-    _observe_failure(gw, gen.finish, "error")
-    with contextlib.suppress(ClientGone):
-        await sse.send(ApiError(500, "internal server error", code="internal_error").body())
-        return await sse.done()
-    return sse.response
-
-
 def _observe_failure(gw: Gateway, finish: Finish | None, reason: str) -> None:
     gw.metrics.finished.inc(reason=finish.reason if finish is not None else reason)
 
@@ -255,16 +226,8 @@ def _chat_usage(gw: Gateway, prep: Prepared, turns: ChatTurns) -> dict[str, Any]
 
 
 async def _complete_chat(gw: Gateway, model: str, prep: Prepared, turns: ChatTurns) -> web.StreamResponse:
-    try:
-        async with contextlib.aclosing(turns.deltas()) as deltas:
-            async for _ in deltas:
-                pass
-    except ClientGone:
-        _observe_failure(gw, turns.gen.finish, "client_gone")
+    if await drain(turns.deltas(), lambda why: _observe_failure(gw, turns.gen.finish, why)) is None:
         return web.Response(status=CLIENT_CLOSED)
-    except asyncio.CancelledError:  # aiohttp cancels the handler of a client that went away
-        _observe_failure(gw, turns.gen.finish, "client_gone")
-        raise
     gen = turns.gen
     try:
         message = turns.message()
@@ -284,7 +247,7 @@ async def _stream_chat(gw: Gateway, request: web.Request, model: str, prep: Prep
     def chunk(delta: dict[str, Any] | None, finish: str | None = None, usage: dict | None = None) -> dict:
         return R.chat_chunk(prep.request_id, model, prep.created, delta, finish, usage, prep.include_usage)
 
-    try:
+    async def send_events() -> None:
         await sse.send(chunk({"role": "assistant", "content": ""}))
         async with contextlib.aclosing(turns.deltas()) as deltas:
             async for delta in deltas:
@@ -295,21 +258,14 @@ async def _stream_chat(gw: Gateway, request: web.Request, model: str, prep: Prep
         except ApiError as e:
             _observe_failure(gw, gen.finish, "error")
             await sse.send(e.body())
-            return await sse.done()
+            return
         usage = _chat_usage(gw, prep, turns)
         _observe(gw, gen, reason, usage)
         await sse.send(chunk({}, reason))
         if prep.include_usage:
             await sse.send(chunk(None, usage=usage))
-        return await sse.done()
-    except ClientGone:
-        _observe_failure(gw, turns.gen.finish, "client_gone")
-        return sse.response
-    except asyncio.CancelledError:  # aiohttp cancels the handler of a client that went away
-        _observe_failure(gw, turns.gen.finish, "client_gone")
-        raise
-    except Exception:
-        return await _stream_failed(gw, sse, turns.gen)
+
+    return await stream(sse, send_events, lambda why: _observe_failure(gw, turns.gen.finish, why), prep.request_id)
 
 
 # --- completions -------------------------------------------------------------------------------------------------
@@ -333,8 +289,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         gen = _generation(gw, request, prep)
         if req.stream:
             return await _stream_completion(gw, request, req.model, prep, gen)
-        text = await _collect(gw, gen)
-        if text is None:
+        pieces = await drain(_events(gw, gen), lambda why: _observe_failure(gw, gen.finish, why))
+        if pieces is None:
             return web.Response(status=CLIENT_CLOSED)
         try:
             reason = R.finish_reason(gen.finish, False)
@@ -343,7 +299,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
             raise
         usage = R.usage_to_openai(gen.finish.usage, len(prompt_ids), gen.finish)
         _observe(gw, gen, reason, usage)
-        return web.json_response(R.text_completion(prep.request_id, req.model, prep.created, text, reason, usage))
+        return web.json_response(R.text_completion(prep.request_id, req.model, prep.created, "".join(pieces), reason,
+                                                   usage))
 
 
 async def _stream_completion(gw: Gateway, request: web.Request, model: str, prep: Prepared,
@@ -354,7 +311,7 @@ async def _stream_completion(gw: Gateway, request: web.Request, model: str, prep
         return R.text_completion(prep.request_id, model, prep.created, text, finish, usage, prep.include_usage,
                                  chunk=True)
 
-    try:
+    async def send_events() -> None:
         await sse.start()
         async with contextlib.aclosing(_events(gw, gen)) as events:
             async for text in events:
@@ -364,21 +321,14 @@ async def _stream_completion(gw: Gateway, request: web.Request, model: str, prep
         except ApiError as e:
             _observe_failure(gw, gen.finish, "error")
             await sse.send(e.body())
-            return await sse.done()
+            return
         usage = R.usage_to_openai(gen.finish.usage, len(prep.generate.prompt_token_ids), gen.finish)
         _observe(gw, gen, reason, usage)
         await sse.send(chunk("", reason))
         if prep.include_usage:
             await sse.send(chunk(None, usage=usage))
-        return await sse.done()
-    except ClientGone:
-        _observe_failure(gw, gen.finish, "client_gone")
-        return sse.response
-    except asyncio.CancelledError:  # aiohttp cancels the handler of a client that went away
-        _observe_failure(gw, gen.finish, "client_gone")
-        raise
-    except Exception:
-        return await _stream_failed(gw, sse, gen)
+
+    return await stream(sse, send_events, lambda why: _observe_failure(gw, gen.finish, why), prep.request_id)
 
 
 # --- models, health, metrics -------------------------------------------------------------------------------------

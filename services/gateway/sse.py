@@ -1,17 +1,28 @@
 """Server-sent events as the OpenAI streaming API writes them: `data: <json>\\n\\n` per chunk, `data: [DONE]` last.
 
 A write to a client that has gone away raises `ClientGone`, which the generation loop turns into a `Cancel` so the
-verifier stops and frees the request's KV blocks.
+verifier stops and frees the request's KV blocks. `stream` and `drain` end a response however it ends (the client
+left, the handler was cancelled, an unexpected error mid-stream), so a handler states only what it sends.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 import msgspec
 from aiohttp import web
 
+from specrelay.services.gateway.errors import ApiError
+
+log = logging.getLogger(__name__)
+
 _encoder = msgspec.json.Encoder()
+
+T = TypeVar("T")
+Ended = Callable[[str], None]  # told why a response ended early: "client_gone" | "error"
 
 
 class ClientGone(Exception):
@@ -58,3 +69,43 @@ class SseWriter:
             await self._response.write(data)
         except (ConnectionError, RuntimeError) as e:  # aiohttp: ClientConnectionResetError / "cannot write"
             raise ClientGone() from e
+
+
+@contextlib.contextmanager
+def _departure(ended: Ended) -> Iterator[None]:
+    try:
+        yield
+    except (ClientGone, asyncio.CancelledError):  # aiohttp cancels the handler of a client that went away
+        ended("client_gone")
+        raise
+
+
+async def drain(events: AsyncIterator[T], ended: Ended) -> list[T] | None:
+    """Every item of `events` (a non-streamed response), or None when the client went away."""
+    try:
+        with _departure(ended):
+            async with contextlib.aclosing(events) as items:
+                return [item async for item in items]
+    except ClientGone:
+        return None
+
+
+async def stream(sse: SseWriter, send_events: Callable[[], Awaitable[None]], ended: Ended,
+                 request_id: str) -> web.StreamResponse:
+    """`send_events()` writes a response's events to `sse`; `[DONE]` follows. An unexpected error after the stream
+    began ends it with an error event instead: the status line is gone (before, the error middleware answers 500)."""
+    try:
+        with _departure(ended):
+            await send_events()
+            return await sse.done()
+    except ClientGone:
+        return sse.response
+    except Exception:
+        if not sse.started:
+            raise
+        log.exception("gateway: stream %s failed", request_id)
+        ended("error")
+        with contextlib.suppress(ClientGone):
+            await sse.send(ApiError(500, "internal server error", code="internal_error").body())
+            return await sse.done()
+        return sse.response
