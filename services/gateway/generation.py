@@ -36,6 +36,9 @@ POLL_S = 0.25  # how often a wait for tokens looks at the client's connection
 class Timeouts:
     chunk_s: float = 300.0  # longest silence from the verifier before the request fails (queueing included)
     cancel_grace_s: float = 1.0  # after a stop string: how long to wait for the verifier's final usage
+    # A Continue's first chunk: its holder may be gone (crashed, stopped) and nobody else reads its stream. The
+    # turn then ends "timeout" with no tokens and the sender falls back to a fresh Generate. None: chunk_s.
+    continue_s: float | None = None
 
 
 @dataclass
@@ -83,7 +86,7 @@ class Generation:
             else:
                 holder, resume = self.resume
                 await self.bus.publish(continue_stream(holder), _with_reply_to(resume, channel.name))
-            idle_s = 0.0
+            idle_s, limit_s = 0.0, self._first_chunk_s()
             while self.finish is None:
                 try:
                     chunk = await _get(channel, POLL_S)
@@ -91,20 +94,26 @@ class Generation:
                     if self.client_gone():
                         raise ClientGone() from None
                     idle_s += POLL_S
-                    if idle_s >= self.timeouts.chunk_s:
+                    if idle_s >= limit_s:
+                        who = "the verifier" if self.resume is None else f"the verifier holding it ({holder})"
                         self.finish = Finish("timeout", self.text.num_tokens,
-                                             error=f"the verifier sent nothing for {self.timeouts.chunk_s:g} s")
+                                             error=f"{who} sent nothing for {limit_s:g} s")
                     continue
                 if chunk is None:  # the bus closed under us (shutdown)
                     self.finish = Finish("error", self.text.num_tokens, error="the gateway is shutting down")
                     break
-                idle_s = 0.0
+                idle_s, limit_s = 0.0, self.timeouts.chunk_s
                 async for text in self._on_chunk(chunk, channel):
                     yield text
         finally:
             if not self._verifier_done:
                 await self._cancel()
             channel.close()
+
+    def _first_chunk_s(self) -> float:
+        if self.resume is None or self.timeouts.continue_s is None:
+            return self.timeouts.chunk_s
+        return min(self.timeouts.continue_s, self.timeouts.chunk_s)
 
     async def _cancel(self) -> None:
         if not self._cancelled:

@@ -154,6 +154,16 @@ class GatewayMetrics:
                                         "Relayed tokens selected for recomputation")
         self.pte = Counter("specrelay_pte_total", "Prefill token equivalents of finished generations, by part",
                            ("part",))
+        self.tool_rounds = Counter("specrelay_tool_rounds_total",
+                                   "Server-side tool rounds: the turn's tools ran and the model went on")
+        self.server_tool_calls = Counter("specrelay_server_tool_calls_total",
+                                         "Server-side tool calls run, by tool and outcome (ok | error)",
+                                         ("tool", "outcome"))  # tool: a name of the server's registry
+        self.tool_call_errors = Counter("specrelay_tool_call_errors_total",
+                                        "Malformed tool calls, reported in message.tool_call_errors")
+        self.tool_fallbacks = Counter("specrelay_tool_fallbacks_total",
+                                      "Tool rounds sent as a fresh Generate of the whole conversation, by reason "
+                                      "(continue_error | continue_timeout | not_held)", ("reason",))
         self.acceptance = Gauge("specrelay_spec_acceptance_rate", "Accepted / drafted tokens since start")
         self.reuse = Gauge("specrelay_kv_reuse_rate", "Cached / prompt tokens since start")
         self.running = Gauge("specrelay_requests_running", "Requests admitted and generating")

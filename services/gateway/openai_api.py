@@ -123,7 +123,8 @@ async def _admitted(gw: Gateway, ticket: Ticket):
 def _generation(gw: Gateway, request: web.Request, prep: Prepared, generate: Generate | None = None,
                 resume: tuple[str, Continue] | None = None) -> Generation:
     """A generation of the request (`generate`: a later turn's; `resume`: go on with a held turn's KV)."""
-    timeouts = Timeouts(gw.config.chunk_timeout_s, gw.config.cancel_grace_s)
+    continue_s = gw.server_tools.continue_timeout_s if gw.server_tools is not None else None
+    timeouts = Timeouts(gw.config.chunk_timeout_s, gw.config.cancel_grace_s, continue_s)
     return Generation(gw.bus, gw.tokenizer, generate or prep.generate, prep.stops, lambda: client_gone(request),
                       timeouts, prep.timing, resume=resume)
 
@@ -152,10 +153,11 @@ def _observe(gw: Gateway, gen: Generation, reason: str, usage: dict[str, Any]) -
             m.pte.inc(pte[part], part=part)
 
 
-async def _events(gw: Gateway, gen: Generation) -> AsyncIterator[str]:
+async def _events(gw: Gateway, request_id: str, gen: Generation) -> AsyncIterator[str]:
     """`gen`'s text deltas, with the tokens behind them reported to the scheduler as they arrive: the SLO policy
-    learns time per token and output lengths from them."""
-    request_id, completed = gen.generate.request_id, False
+    learns time per token and output lengths from them. `request_id`: the admission ticket's (a tool round's
+    fallback may run under another id at the verifier)."""
+    completed = False
     try:
         async with contextlib.aclosing(gen.events()) as events:
             async for text in events:
@@ -208,10 +210,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     async with _admitted(gw, prep.ticket):
         turns = ChatTurns(first=_generation(gw, request, prep),
                           make_generation=lambda generate, resume: _generation(gw, request, prep, generate, resume),
-                          events=lambda gen: _events(gw, gen), encode=gw.tokenizer.encode,
+                          events=lambda gen: _events(gw, prep.request_id, gen), encode=gw.tokenizer.encode,
                           render=gw.tokenizer.render_chat, messages=messages, tools=tools,
                           client_tools={t["function"]["name"] for t in client_tools or []}, fmt=fmt, forced=forced,
-                          server=server, max_model_len=gw.config.max_model_len, tokenizer=gw.tokenizer)
+                          server=server, max_model_len=gw.config.max_model_len, tokenizer=gw.tokenizer,
+                          metrics=gw.metrics)
         if req.stream:
             return await _stream_chat(gw, request, req.model, prep, turns)
         return await _complete_chat(gw, req.model, prep, turns)
@@ -289,7 +292,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         gen = _generation(gw, request, prep)
         if req.stream:
             return await _stream_completion(gw, request, req.model, prep, gen)
-        pieces = await drain(_events(gw, gen), lambda why: _observe_failure(gw, gen.finish, why))
+        pieces = await drain(_events(gw, prep.request_id, gen), lambda why: _observe_failure(gw, gen.finish, why))
         if pieces is None:
             return web.Response(status=CLIENT_CLOSED)
         try:
@@ -313,7 +316,7 @@ async def _stream_completion(gw: Gateway, request: web.Request, model: str, prep
 
     async def send_events() -> None:
         await sse.start()
-        async with contextlib.aclosing(_events(gw, gen)) as events:
+        async with contextlib.aclosing(_events(gw, prep.request_id, gen)) as events:
             async for text in events:
                 await sse.send(chunk(text))
         try:

@@ -8,9 +8,10 @@ verifier already holds, until the model answers (or calls the client's tools).
     end       the turn that answers, calls a client tool, writes a malformed call, or comes after `max_rounds`
               rounds; a KV still held is released (Cancel)
 
-Fallback: a Continue answered with an error (the hold expired, the verifier restarted) becomes a fresh Generate of
-the whole rendered conversation, `evicted_tokens` set so that usage.pte books the context as recomputed. Correct,
-only slower.
+Fallback: a Continue answered with an error (the hold expired, the verifier restarted) or not answered at all within
+`continue_timeout_s` (the holder is gone) becomes a fresh Generate of the whole rendered conversation,
+`evicted_tokens` set so that usage.pte books the context as recomputed. Correct, only slower. The verifier books no
+tool response tokens in a Generate's prompt, so the gateway adds that round's to usage.pte itself.
 
 Tools run in this process (`ToolRegistry`, what `specrelay serve` does) or in `specrelay toolcoord` processes over
 the bus (`RemoteTools`, `--remote-tools`); both answer `call(name, arguments) -> ToolResult` and never raise. The
@@ -31,6 +32,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 import msgspec
 
 from specrelay.services.gateway.generation import Generation
+from specrelay.services.gateway.metrics import GatewayMetrics
 from specrelay.services.toolcoord.parser import StreamingToolParser
 from specrelay.services.toolcoord.server_tools import build_continuation, run_tool_calls, split_calls
 from specrelay.services.toolcoord.toolcalls import StreamDelta
@@ -52,12 +54,15 @@ class ServerTools:
     trim: TrimConfig = field(default_factory=TrimConfig)
     max_rounds: int = 4  # server-side rounds in one request
     hold_s: float = 30.0  # how long the verifier keeps a turn's KV for the round's Continue (tool time included)
+    continue_timeout_s: float = 5.0  # no first chunk of a Continue by then: its holder is gone, fall back
 
     def __post_init__(self) -> None:
         if self.max_rounds < 0:
             raise ConfigError(f"--max-tool-rounds {self.max_rounds}: must be >= 0")
         if not self.hold_s > 0:
             raise ConfigError(f"--tool-hold-s {self.hold_s}: must be > 0")
+        if not self.continue_timeout_s > 0:
+            raise ConfigError(f"--tool-continue-timeout-s {self.continue_timeout_s}: must be > 0")
 
     def template_tools(self, client_tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
         """The client's tools, then the server's under names the client did not take."""
@@ -112,17 +117,21 @@ class ChatTurns:
 
     def __init__(self, *, first: Generation, make_generation: MakeGeneration, events: Events, encode, render,
                  messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, client_tools: set[str],
-                 fmt: str, forced: str, server: ServerTools | None, max_model_len: int, tokenizer):
+                 fmt: str, forced: str, server: ServerTools | None, max_model_len: int, tokenizer,
+                 metrics: GatewayMetrics):
         self.gen = first
         self._make, self._events, self._encode, self._render = make_generation, events, encode, render
         self.messages, self.tools, self.client_tools, self.fmt, self.forced = messages, tools, client_tools, fmt, forced
-        self.server, self.max_model_len, self.tokenizer = server, max_model_len, tokenizer
+        self.server, self.max_model_len, self.tokenizer, self.metrics = server, max_model_len, tokenizer, metrics
         self.parser: StreamingToolParser | None = None
         self.contents: list[str] = []  # each turn's content
         self.server_calls: list[dict[str, Any]] = []
         self.rounds = 0
         self.trimmed_tokens = 0
         self._earlier_usage: Usage | None = None  # usage of a chain of turns a fallback replaced
+        # Tool answers that reached the verifier inside a fresh Generate's prompt, which it books as plain prompt:
+        # one round's per fallback (the answers of earlier rounds are in `_earlier_usage` already).
+        self._fallback_tool_tokens = 0
 
     @property
     def server_names(self) -> set[str]:
@@ -150,13 +159,22 @@ class ChatTurns:
             if parser is not None and (d := view.delta(parser.finish())):
                 yield self._content(d, content_before)
             finish = gen.finish
-            if gen.resume is not None and finish.reason == "error" and gen.text.num_tokens == 0:
-                # The hold had expired: the whole conversation again; what the turns before had held is evicted.
+            if gen.resume is not None and finish.reason in ("error", "timeout") and gen.text.num_tokens == 0:
+                # The hold had expired or its holder is gone: the whole conversation again; what the turns before
+                # had held is evicted.
                 self._earlier_usage = add_usage(self._earlier_usage, self.gen.finish.usage)
-                gen = self._fresh(gen.generate, context - len(gen.resume[1].token_ids))
+                resume, generate = gen.resume[1], gen.generate
+                if finish.reason == "timeout":
+                    # The Continue was cancelled, but a holder still alive may read that Cancel after a Generate
+                    # of the same id (another stream) and cancel it too: the fresh turn goes under a new id.
+                    generate = msgspec.structs.replace(generate, request_id=f"{generate.request_id}-r{self.rounds}")
+                gen = self._fresh(generate, context - len(resume.token_ids), resume.tool_response_tokens,
+                                  "continue_error" if finish.reason == "error" else "continue_timeout")
                 self.contents.pop()
                 continue
             self.gen, self.parser = gen, parser
+            if parser is not None:
+                self.metrics.tool_call_errors.inc(len(parser.result.errors))
             if parser is None or self.server is None:
                 await self._release(gen, self._client_call_names())
                 return
@@ -182,6 +200,9 @@ class ChatTurns:
             self.messages = cont.messages
             cont_ids = self._encode(cont.text)
             self.rounds += 1
+            self.metrics.tool_rounds.inc()
+            for o in outcomes:
+                self.metrics.server_tool_calls.inc(tool=o.call.name, outcome="error" if o.result.is_error else "ok")
             self.trimmed_tokens += cont.trimmed_tokens
             ran = [{**o.call.to_openai(), "round": self.rounds, "output": o.content, "is_error": o.result.is_error}
                    for o in outcomes]
@@ -207,12 +228,15 @@ class ChatTurns:
         holder = gen.finish.holder
         if holder is None:  # the verifier did not hold this turn: the conversation goes again as a whole
             self._earlier_usage = add_usage(self._earlier_usage, gen.finish.usage)
-            return self._fresh(generate, context - len(cont_ids))
+            return self._fresh(generate, context - len(cont_ids), tool_tokens, "not_held")
         resume = Continue(generate.request_id, cont_ids, sampling, "", hold_s=hold_s,
                           tool_response_tokens=tool_tokens)
         return self._make(generate, (holder, resume))
 
-    def _fresh(self, generate: Generate, evicted: int) -> Generation:
+    def _fresh(self, generate: Generate, evicted: int, tool_tokens: int, why: str) -> Generation:
+        """The round as a fresh Generate of the whole conversation (`tool_tokens`: the round's tool answers)."""
+        self.metrics.tool_fallbacks.inc(reason=why)
+        self._fallback_tool_tokens += tool_tokens
         prompt_ids = self._encode(self._render(self.messages, tools=self.tools, add_generation_prompt=True))
         return self._make(msgspec.structs.replace(generate, prompt_token_ids=prompt_ids, evicted_tokens=evicted),
                           None)
@@ -252,7 +276,12 @@ class ChatTurns:
         return self.parser is not None and any(c.name not in self.server_names for c in self.parser.result.tool_calls)
 
     def usage(self) -> Usage | None:
-        return add_usage(self._earlier_usage, self.gen.finish.usage if self.gen.finish is not None else None)
+        usage = add_usage(self._earlier_usage, self.gen.finish.usage if self.gen.finish is not None else None)
+        if usage is None or usage.pte is None or not self._fallback_tool_tokens:
+            return usage
+        pte = msgspec.structs.replace(usage.pte,
+                                      tool_response_tokens=usage.pte.tool_response_tokens + self._fallback_tool_tokens)
+        return msgspec.structs.replace(usage, pte=pte)
 
 
 def add_usage(a: Usage | None, b: Usage | None) -> Usage | None:
@@ -278,6 +307,7 @@ class ToolOptions:
     max_rounds: int = 4
     hold_s: float = 30.0
     max_response_tokens: int = 2048  # each tool answer trimmed to this many tokens (head and tail kept)
+    continue_timeout_s: float = 5.0
 
     def build(self, bus) -> ServerTools | None:
         """Loads the registry now, so a bad config file stops the server at start."""
@@ -293,7 +323,7 @@ class ToolOptions:
             return None
         runner = RemoteTools(bus, timeout_s=self.hold_s) if self.remote else registry
         return ServerTools(registry, runner, TrimConfig(default_max_tokens=self.max_response_tokens),
-                           self.max_rounds, self.hold_s)
+                           self.max_rounds, self.hold_s, self.continue_timeout_s)
 
 
 def add_tool_arguments(parser) -> None:
@@ -311,6 +341,9 @@ def add_tool_arguments(parser) -> None:
     group.add_argument("--max-tool-rounds", type=int, default=4, help="server-side tool rounds per request")
     group.add_argument("--tool-hold-s", type=float, default=30.0,
                        help="how long the verifier keeps a turn's KV while its tools run")
+    group.add_argument("--tool-continue-timeout-s", type=float, default=5.0,
+                       help="a round's Continue unanswered this long (the verifier holding the KV is gone): send "
+                            "the whole conversation as a fresh request instead")
     group.add_argument("--tool-response-max-tokens", type=int, default=2048,
                        help="longest tool answer appended (head and tail kept, the middle elided)")
 
@@ -319,4 +352,5 @@ def tool_options(args) -> ToolOptions:
     if args.remote_tools and not args.redis:
         raise ConfigError("--remote-tools needs --redis: the toolcoord processes take calls from the bus")
     return ToolOptions(args.tools_config, args.server_tools or args.tools_config is not None, args.remote_tools,
-                       args.max_tool_rounds, args.tool_hold_s, args.tool_response_max_tokens)
+                       args.max_tool_rounds, args.tool_hold_s, args.tool_response_max_tokens,
+                       args.tool_continue_timeout_s)

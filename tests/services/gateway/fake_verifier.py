@@ -8,6 +8,8 @@ The "model" reads the decoded prompt and answers by rule (deterministic, like gr
   * "FAIL" in the last turn -> two tokens, then an error chunk; "SILENT" -> no answer at all;
   * "BROKEN" with tools offered -> a call that is not valid JSON;
   * otherwise `STORY` (non-ASCII on purpose), repeated.
+With `holder` set it claims to hold every turn that asked for `hold_s` and ended by its stop token, yet never reads
+that holder's Continue stream: a replica that died while holding a tool round's KV.
 KV blocks are counted like a paged cache (a block per `block_size` tokens of prompt + output, freed at the end or
 on Cancel), so tests can check that a cancelled request gives its blocks back.
 """
@@ -42,6 +44,7 @@ class FakeVerifier:
     blocks_total: int = 4096
     cached_tokens: int = 8  # reported as reused prompt tokens (usage pass-through)
     replay_at: int | None = None  # after this many tokens, send them all again from offset 0 (a redelivery)
+    holder: str | None = None  # named on the last chunk of a held turn; nobody answers its Continues
     generates: list[Generate] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     finished: dict[str, str] = field(default_factory=dict)  # request id -> finish reason sent
@@ -139,5 +142,6 @@ class FakeVerifier:
         self.blocks.pop(g.request_id, None)
         self.finished[g.request_id] = reason
         piece = piece or []
+        holder = self.holder if reason == "stop" and g.hold_s > 0 else None
         await self.bus.reply(g.reply_to, TokenChunk(g.request_id, piece, offset=len(out) - len(piece),
-                                                    finish_reason=reason, usage=usage))
+                                                    finish_reason=reason, usage=usage, holder=holder))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
+from dataclasses import replace
 
 from specrelay.services.gateway import create_app
 from specrelay.services.gateway.tool_rounds import ServerTools
@@ -23,9 +25,11 @@ CLIENT_TOOL = {"type": "function", "function": {"name": "get_weather", "descript
                                                 "parameters": PARAMS}}
 
 
-def _registry(calls: list[dict]) -> ToolRegistry:
+def _registry(calls: list[dict], down: bool = False) -> ToolRegistry:
     def get_weather(city: str) -> str:
         calls.append({"city": city})
+        if down:
+            raise ConnectionError("the weather service is down")
         return '{"temperature": 18}'
 
     registry = ToolRegistry()
@@ -34,14 +38,16 @@ def _registry(calls: list[dict]) -> ToolRegistry:
 
 
 @contextlib.asynccontextmanager
-async def served(tokenizer, config, calls):
+async def served(tokenizer, config, calls, registry: ToolRegistry | None = None, continue_timeout_s: float = 5.0,
+                 **fake_settings):
     from aiohttp.test_utils import TestClient, TestServer
 
     bus = LocalBus()
-    fake = fake_verifier.FakeVerifier(bus, tokenizer)
+    fake = fake_verifier.FakeVerifier(bus, tokenizer, **fake_settings)
     task = asyncio.create_task(fake.run())
-    registry = _registry(calls)
-    app = create_app(config, bus, tokenizer, server_tools=ServerTools(registry, registry, max_rounds=2))
+    registry = registry or _registry(calls)
+    app = create_app(config, bus, tokenizer, server_tools=ServerTools(registry, registry, max_rounds=2,
+                                                                      continue_timeout_s=continue_timeout_s))
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     try:
@@ -52,6 +58,12 @@ async def served(tokenizer, config, calls):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def _metrics(text: str) -> dict[str, float]:
+    """`name{labels}` -> value, from a Prometheus text exposition."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
 
 
 def _events(text: str) -> list[dict]:
@@ -156,3 +168,52 @@ async def test_tools_can_run_in_a_toolcoord_process_over_the_bus(tokenizer, base
         await asyncio.gather(*tasks, return_exceptions=True)
     assert calls == [{"city": "Paris"}]
     assert data["choices"][0]["message"]["content"] == 'The weather in Paris: {"temperature": 18}.'
+
+
+async def test_metrics_count_tool_rounds_calls_malformed_calls_and_fallbacks(tokenizer, base_config):
+    calls: list[dict] = []
+    async with served(tokenizer, base_config, calls) as (client, _):
+        for content in ("What's the weather in Paris?", "BROKEN weather", "What's the weather in Paris?"):
+            response = await client.post("/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": content}]})
+            assert response.status == 200
+        metrics = _metrics(await (await client.get("/metrics")).text())
+    assert metrics["specrelay_tool_rounds_total"] == 2 and len(calls) == 2
+    assert metrics['specrelay_server_tool_calls_total{tool="get_weather",outcome="ok"}'] == 2
+    assert metrics["specrelay_tool_call_errors_total"] == 1  # the BROKEN call
+    # the fake verifier holds no KV: each round went again as a whole
+    assert metrics['specrelay_tool_fallbacks_total{reason="not_held"}'] == 2
+
+    async with served(tokenizer, base_config, [], registry=_registry([], down=True)) as (client, _):
+        data = await (await client.post("/v1/chat/completions", json={"model": MODEL, "messages": WEATHER})).json()
+        metrics = _metrics(await (await client.get("/metrics")).text())
+    [ran] = data["choices"][0]["message"]["server_tool_calls"]
+    assert ran["is_error"] and "the weather service is down" in ran["output"]
+    assert metrics['specrelay_server_tool_calls_total{tool="get_weather",outcome="error"}'] == 1
+    assert 'specrelay_server_tool_calls_total{tool="get_weather",outcome="ok"}' not in metrics
+    assert metrics["specrelay_tool_rounds_total"] == 1 and metrics["specrelay_tool_call_errors_total"] == 0
+
+
+async def test_a_continue_nobody_answers_falls_back_to_a_fresh_generate(tokenizer, base_config):
+    """The verifier that held the turn is gone: nothing reads its Continue stream. After --tool-continue-timeout-s
+    the gateway cancels the Continue and sends the whole conversation as a fresh Generate."""
+    config = replace(base_config, chunk_timeout_s=60.0)  # the wait is the Continue's own, not any chunk's
+    async with served(tokenizer, config, [], continue_timeout_s=0.3, holder="verifier-gone") as (client, fake):
+        started = time.monotonic()
+        response = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": WEATHER})
+        assert response.status == 200, await response.text()
+        assert time.monotonic() - started < 10.0
+        data = await response.json()
+        metrics = _metrics(await (await client.get("/metrics")).text())
+    choice = data["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["message"]["content"] == 'The weather in Paris: {"temperature": 18}.'
+    assert data["usage"]["tool_rounds"] == 1
+    first, fresh = fake.generates
+    assert data["id"] == first.request_id
+    assert "<tool_response>" in tokenizer.decode(fresh.prompt_token_ids) and fresh.evicted_tokens > 0
+    # The unanswered Continue was cancelled (a holder still alive lets the KV go); the fresh turn runs under its
+    # own id, out of that Cancel's reach, and is released at the end.
+    assert fresh.request_id != first.request_id and fake.cancels == [first.request_id, fresh.request_id]
+    assert metrics['specrelay_tool_fallbacks_total{reason="continue_timeout"}'] == 1
+    assert 'specrelay_tool_fallbacks_total{reason="not_held"}' not in metrics

@@ -55,6 +55,19 @@ def test_bad_flags_are_one_line_errors(model_dir, argv, message):
         service.build_config(args)
 
 
+def test_tool_flags_become_the_server_tools(model_dir):
+    from specrelay.services.gateway.tool_rounds import tool_options
+    from specrelay.shared.bus import LocalBus
+
+    tools = tool_options(parse("--model", str(model_dir), "--server-tools", "--tool-hold-s", "20",
+                               "--tool-continue-timeout-s", "2.5")).build(LocalBus())
+    assert (tools.hold_s, tools.continue_timeout_s) == (20.0, 2.5)
+    assert tool_options(parse("--model", str(model_dir), "--server-tools")).build(LocalBus()).continue_timeout_s == 5
+    with pytest.raises(ConfigError, match="--tool-continue-timeout-s 0.0: must be > 0"):
+        tool_options(parse("--model", str(model_dir), "--server-tools", "--tool-continue-timeout-s", "0")).build(
+            LocalBus())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

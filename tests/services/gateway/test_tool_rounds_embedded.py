@@ -140,9 +140,11 @@ async def test_an_expired_hold_falls_back_to_a_fresh_generate_with_the_same_answ
     slow.register(Tool("calculator", calculator_mod.DESCRIPTION, calculator_mod.SCHEMA, slow_calculator))
     async with stack(tmp_path, calculator_only(), prefix_caching=False) as (client, _, _):
         held = await ask(client, QUESTION)
+        held_metrics = await (await client.get("/metrics")).text()
     async with stack(tmp_path, slow, hold_s=0.05, prefix_caching=False) as (client, verifier, tokenizer):
         data = await ask(client, QUESTION)
         assert len(verifier.held) == 0 and verifier.engine.runner.cache.num_free_blocks == 256
+        metrics = await (await client.get("/metrics")).text()
     message, usage = data["choices"][0]["message"], data["usage"]
     assert message["content"] == held["choices"][0]["message"]["content"]
     assert usage["tool_rounds"] == 1
@@ -151,3 +153,9 @@ async def test_an_expired_hold_falls_back_to_a_fresh_generate_with_the_same_answ
     pte = usage["pte"]
     assert pte["turns"] == 2 and pte["recompute"] > len(prompt_ids)
     assert pte["total"] > held["usage"]["pte"]["total"] + len(prompt_ids) * 0.9
+    # The calculator's answer is counted once, whether it went in a Continue or in the fresh Generate's prompt.
+    assert pte["tool_response_tokens"] == held["usage"]["pte"]["tool_response_tokens"] > 0
+    for text, fallbacks in ((held_metrics, 0), (metrics, 1)):
+        assert "specrelay_tool_rounds_total 1\n" in text
+        assert 'specrelay_server_tool_calls_total{tool="calculator",outcome="ok"} 1\n' in text
+        assert ('specrelay_tool_fallbacks_total{reason="continue_error"} 1\n' in text) == bool(fallbacks)
