@@ -14,6 +14,12 @@ l' = l·2^(m−m') + Σ 2^(S−m'), acc' = acc·2^(m−m') + 2^(S−m')·V, with
 One program owns one kv head and a block of queries of one request, with all GROUP query heads that share that kv
 head stacked as rows, so each K/V tile is read once per group (GQA, arXiv 2305.13245). With few requests the
 keys are also split across programs and the partial softmaxes merged after (split-KV, as in flash-decoding).
+
+Sliding window w (Mistral; transformers shows key position j to query position i iff i - w < j <= i): a query at
+position p sees only the keys at positions p-w+1 .. p. Keys before the mask start (every key, without a mask) sit
+at their cache index, so they are cut by position here. Keys from the mask start on are tree nodes, whose cache
+index is not their position; `window_mask` cuts the mask itself, once per forward, and the kernel only reads it.
+The kernel starts its key loop at the window's first key, so a windowed layer reads O(w) keys, not the whole cache.
 """
 
 from __future__ import annotations
@@ -39,11 +45,33 @@ def tree_attention(
     scale: float,
     max_query_len: int | None = None,  # saves the kernel a host sync when tree_mask is None
     mask_starts: torch.Tensor | None = None,  # [num_seqs] int32: tree_mask's column 0 is this key position
+    window: int = 0,  # sliding window in positions; 0: none. With a tree_mask, cut it by `window_mask` first
+    positions: torch.Tensor | None = None,  # [num_tokens] query positions; None: context_len + index (causal)
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     args = (q, k_cache, v_cache, block_tables, context_lens, cu_query_lens, tree_mask, scale)
+    window_args = dict(mask_starts=mask_starts, window=window, positions=positions)
     if use_triton(q, k_cache, v_cache):
-        return tree_attention_triton(*args, max_query_len=max_query_len, mask_starts=mask_starts)
-    return tree_attention_reference(*args, mask_starts=mask_starts)
+        return tree_attention_triton(*args, max_query_len=max_query_len, **window_args)
+    return tree_attention_reference(*args, **window_args)
+
+
+def window_mask(mask: torch.Tensor, window: int) -> torch.Tensor:
+    """[..., num_keys] bool -> each row keeps only its last `window` visible keys (the sliding window).
+
+    Masks here are ancestors-only (causal, or a token tree): a query at position p sees one key per position, its
+    prefix 0 .. start-1 and then one ancestor per depth up to itself, so the k-th visible key from the row's end
+    sits k-1 positions behind it and "p - pos < window" is "fewer than `window` visible keys at or after it".
+    Cutting a cut mask again changes nothing."""
+    after = mask.flip(-1).cumsum(-1).flip(-1)  # visible keys at or after each column
+    return mask & (after <= window)
+
+
+def default_positions(context_lens: torch.Tensor, cu_query_lens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[num_tokens] int64: new token i of request s at context_lens[s] + i (prefill, decode)."""
+    query_lens = (cu_query_lens[1:] - cu_query_lens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(len(query_lens), device=context_lens.device), query_lens,
+                                  output_size=num_tokens)  # fmt: skip
+    return context_lens.long()[seq] - cu_query_lens.long()[seq] + torch.arange(num_tokens, device=context_lens.device)
 
 
 def tree_attention_reference(
@@ -56,6 +84,8 @@ def tree_attention_reference(
     tree_mask: torch.Tensor | None,  # [num_tokens, max_query_len] bool
     scale: float,
     mask_starts: torch.Tensor | None = None,  # [num_seqs] int32
+    window: int = 0,  # with a tree_mask, already cut by window_mask
+    positions: torch.Tensor | None = None,  # [num_tokens]
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Plain torch, one request at a time, softmax in fp32. Queries that see no key at all get zeros."""
     num_tokens, num_heads, head_dim = q.shape
@@ -67,6 +97,9 @@ def tree_attention_reference(
     assert cu[-1] == num_tokens, f"cu_query_lens ends at {cu[-1]}, q has {num_tokens} tokens"
     out = torch.zeros_like(q)
     starts = (mask_starts if mask_starts is not None else context_lens).tolist()
+    if window:
+        assert positions is not None or tree_mask is None, "a tree under a sliding window needs its query positions"
+        positions = positions if positions is not None else default_positions(context_lens, cu_query_lens, num_tokens)
     for s, ctx in enumerate(context_lens.tolist()):
         q_begin, q_end = cu[s], cu[s + 1]
         query_len = q_end - q_begin
@@ -78,11 +111,15 @@ def tree_attention_reference(
         v = v_slots[slots].float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[q_begin:q_end].float(), k) * scale
         visible = torch.ones(query_len, ctx + query_len, dtype=torch.bool, device=q.device)
+        start = ctx if tree_mask is None else starts[s]
         if tree_mask is None:
             visible[:, ctx:] = torch.ones(query_len, query_len, dtype=torch.bool, device=q.device).tril()
         else:
-            start = starts[s]
             visible[:, start:] = tree_mask[q_begin:q_end, : ctx + query_len - start]
+        if window:  # keys that sit at their own index: the whole row when causal, else the part before the mask
+            by_index = pos if tree_mask is None else pos[:start]
+            in_window = by_index[None, :] > positions[q_begin:q_end, None] - window
+            visible[:, : by_index.numel()] &= in_window
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
         out[q_begin:q_end] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
     return out
@@ -99,6 +136,8 @@ def tree_attention_triton(
     scale: float,
     max_query_len: int | None = None,
     mask_starts: torch.Tensor | None = None,  # [num_seqs] int32; None: context_lens (the mask covers new tokens)
+    window: int = 0,  # sliding window in positions; 0: none. A tree_mask must already be cut by window_mask
+    positions: torch.Tensor | None = None,  # [num_tokens] int32/int64 query positions; None: context_len + index
     block_rows: int = 64,  # query rows (query tokens x heads of one group) per program
     block_keys: int = 64,
     num_splits: int | None = None,  # key-range splits per query block; None: enough to fill the GPU
@@ -124,6 +163,12 @@ def tree_attention_triton(
             max_query_len = tree_mask.shape[1]
     if max_query_len is None:
         max_query_len = int((cu_query_lens[1:] - cu_query_lens[:-1]).max()) if num_seqs else 0
+    assert window >= 0, f"window must be >= 0, got {window}"
+    if window and positions is None:
+        assert tree_mask is None, "a tree under a sliding window needs its query positions"
+        positions = default_positions(context_lens, cu_query_lens, num_tokens)
+    if positions is not None:
+        assert positions.shape == (num_tokens,) and positions.dtype in (torch.int32, torch.int64), positions.shape
     out = torch.empty_like(q)
     if num_seqs == 0 or num_tokens == 0 or max_query_len == 0:
         return out
@@ -134,8 +179,10 @@ def tree_attention_triton(
     mask = tree_mask.view(torch.uint8) if tree_mask is not None else q  # q: a placeholder pointer, never read
     num_q_blocks = triton_cdiv(max_query_len, block_q)
     if num_splits is None:
-        num_splits = default_num_splits(q.device, num_seqs * num_q_blocks * num_kv_heads,
-                                        block_tables.shape[1] * block_size, block_keys)  # fmt: skip
+        max_keys = block_tables.shape[1] * block_size
+        if window:  # the key loop starts at the window
+            max_keys = min(max_keys, window + max_query_len)
+        num_splits = default_num_splits(q.device, num_seqs * num_q_blocks * num_kv_heads, max_keys, block_keys)
     # Split-KV (flash-decoding): with few requests, each query block's keys are cut into num_splits ranges run
     # by separate programs, which leave unnormalised partial results (acc, m, l) for a combine pass.
     partial_acc = partial_ml = out  # placeholders, never touched when num_splits == 1
@@ -146,7 +193,8 @@ def tree_attention_triton(
     attention_kernel[(num_seqs, num_q_blocks, num_kv_heads * num_splits)](
         q, k_cache, v_cache, out, block_tables, context_lens, cu_query_lens, mask,
         mask_starts if mask_starts is not None else context_lens, partial_acc, partial_ml,
-        scale * math.log2(math.e), num_tokens, num_heads, num_splits * num_tokens * num_heads,
+        positions if positions is not None else context_lens,  # read only with a window
+        scale * math.log2(math.e), window, num_tokens, num_heads, num_splits * num_tokens * num_heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0), mask.stride(0) if tree_mask is not None else 0, block_size,
@@ -193,8 +241,8 @@ def _build(interpret: bool):
     @triton.jit
     def tree_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, cu_query_lens_ptr, mask_ptr,
-        mask_starts_ptr, partial_acc_ptr, partial_ml_ptr,
-        scale_log2, num_tokens, num_heads, ml_half,
+        mask_starts_ptr, partial_acc_ptr, partial_ml_ptr, positions_ptr,
+        scale_log2, window, num_tokens, num_heads, ml_half,
         stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ot, stride_oh,
         stride_bt, stride_mt, block_size,
         GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -223,6 +271,10 @@ def _build(interpret: bool):
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
         if DOT_IN_FP32:
             q = q.to(tl.float32)
+        # Sliding window: a key sitting at its index (before mask_start) is visible iff index >= key_floor
+        windowed = tl.full([BLOCK_R], window, tl.int32) > 0
+        q_pos = tl.load(positions_ptr + token, mask=row_ok & windowed, other=0).to(tl.int32)
+        key_floor = tl.where(windowed, q_pos - window + 1, 0)  # [BLOCK_R]
 
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -239,8 +291,12 @@ def _build(interpret: bool):
             num_keys = context_len + query_len
         else:
             num_keys = context_len + tl.minimum(query_len, q_start + BLOCK_Q)
-        keys_per_split = tl.cdiv(tl.cdiv(num_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        lo = split * keys_per_split
+        # Keys below every row's key_floor are skipped (with a mask, not those from mask_start: the mask decides).
+        first_key = tl.maximum(tl.min(tl.where(row_ok, key_floor, num_keys), 0), 0)
+        if HAS_MASK:
+            first_key = tl.minimum(first_key, mask_start)
+        keys_per_split = tl.cdiv(tl.cdiv(num_keys - first_key, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = first_key + split * keys_per_split
         hi = tl.minimum(num_keys, lo + keys_per_split)
         for start in range(lo, hi, BLOCK_N):
             pos = start + keys
@@ -255,7 +311,11 @@ def _build(interpret: bool):
                 j = pos - context_len  # index among the new tokens; negative in the cached prefix
                 is_new = (j >= 0)[None, :]
                 new_visible = j[None, :] <= q_idx[:, None]
-            visible = row_ok[:, None] & pos_ok[None, :] & (~is_new | new_visible)
+            in_window = pos[None, :] >= key_floor[:, None]
+            if HAS_MASK:
+                visible = row_ok[:, None] & pos_ok[None, :] & ((~is_new & in_window) | new_visible)
+            else:
+                visible = row_ok[:, None] & pos_ok[None, :] & (~is_new | new_visible) & in_window
 
             # Key at logical position p lives in block block_tables[seq, p // block_size] at offset p % block_size.
             block = tl.load(bt_row_ptr + pos // block_size, mask=pos_ok, other=0)

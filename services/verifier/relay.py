@@ -213,7 +213,7 @@ class _RelayForward:
             v_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, slots, v)
             num_reused_kv += self.num_span_tokens - int(self.span_rows[rows].sum())
             if i in self.check_layers and not self.probe:
-                self._measure_influence(i, q, rows, k_cache, attn.scale)
+                self._measure_influence(i, q, rows, k_cache, attn.scale, attn.window)
             if i == self.last_check:
                 selected = self._select() | must[self.span_rows]
                 after = keep.clone()
@@ -223,7 +223,7 @@ class _RelayForward:
                     x, q = x[keep_in_active], q[keep_in_active]
                     rows = rows[keep_in_active]
                 active = after
-            out = paged_attention(q, k_cache, v_cache, self._batch(rows), attn.scale)
+            out = paged_attention(q, k_cache, v_cache, self._batch(rows), attn.scale, windowed=attn.window > 0)
             x = x + attn.o_proj(out.reshape(-1, attn.q_size))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         # rows_wanted are active throughout, so they sit in x in row order among the active rows
@@ -267,9 +267,10 @@ class _RelayForward:
             k_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, self.slots[rows], k)
             v_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, self.slots[rows], v)
             keys = k_cache[self.block_table[0].long()].flatten(0, 1)[:kv_len]  # [kv_len, H_kv, D]
-            score = relay_select.influence(q[tail], keys, self.positions[rows[tail]], key_positions, attn.scale)
+            score = relay_select.influence(q[tail], keys, self.positions[rows[tail]], key_positions, attn.scale,
+                                           attn.window)
             self.influence += score[self.context_len + self.span_rows.nonzero().squeeze(1)]
-            out = paged_attention(q, k_cache, v_cache, self._batch(rows), attn.scale)
+            out = paged_attention(q, k_cache, v_cache, self._batch(rows), attn.scale, windowed=attn.window > 0)
             x = x + attn.o_proj(out.reshape(-1, attn.q_size))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
 
@@ -300,7 +301,7 @@ class _RelayForward:
             self.deviation += relay_select.cosine_deviation(v_span, v_relayed)
 
     def _measure_influence(self, layer: int, q: torch.Tensor, rows: torch.Tensor, k_cache: torch.Tensor,
-                           scale: float) -> None:
+                           scale: float, sliding_window: int) -> None:
         """Attention each span token receives from the last `influence_window` tokens of its span (or of the
         prompt: influence_from), at this layer."""
         if self.config.method != "relaycaching" or not self.num_span_tokens:
@@ -311,14 +312,16 @@ class _RelayForward:
         offset, window = 0, self.config.influence_window
         if self.config.influence_from == "prompt":  # the tokens the answer is generated from
             w_rows = torch.arange(max(0, self.n - window), self.n, device=self.device)
-            prompt_score = relay_select.influence(q[w_rows], keys, self.positions[w_rows], key_positions, scale)
+            prompt_score = relay_select.influence(q[w_rows], keys, self.positions[w_rows], key_positions, scale,
+                                                  sliding_window)
         for s in self.spans:
             m = len(s.kv)
             if self.config.influence_from == "prompt":
                 score = prompt_score
             else:
                 w_rows = torch.arange(s.start + max(0, m - window), s.start + m, device=self.device)
-                score = relay_select.influence(q[w_rows], keys, self.positions[w_rows], key_positions, scale)
+                score = relay_select.influence(q[w_rows], keys, self.positions[w_rows], key_positions, scale,
+                                               sliding_window)
             begin = self.context_len + s.start
             self.influence[offset : offset + m] += score[begin : begin + m]
             offset += m
@@ -346,10 +349,14 @@ class _RelayForward:
         return torch.repeat_interleave(torch.arange(len(self.spans), device=self.device), lengths)
 
     def _batch(self, rows: torch.Tensor) -> ForwardBatch:
-        """One sequence; queries `rows` of the prompt see every cached key at or before their position."""
+        """One sequence; queries `rows` of the prompt see every cached key at or before their position (and, in
+        the model's windowed layers, after their position - window, as its own forward does)."""
         kv_len = self.context_len + self.n
         num_q = rows.numel()
-        mask = torch.arange(kv_len, device=self.device)[None, :] <= self.positions[rows][:, None]
+        key_positions = torch.arange(kv_len, device=self.device)[None, :]
+        mask = key_positions <= self.positions[rows][:, None]
+        window = self.model.config.sliding_window or 0
+        in_window = mask & (key_positions > self.positions[rows][:, None] - window) if window else None
         empty = torch.zeros(0, dtype=torch.int64, device=self.device)
         return ForwardBatch(
             input_ids=empty, positions=self.positions[rows], slot_mapping=self.slots[rows],
@@ -358,6 +365,7 @@ class _RelayForward:
             logits_indices=empty, query_index=torch.arange(num_q, device=self.device)[None, :],
             query_valid=torch.ones(1, num_q, dtype=torch.bool, device=self.device),
             attn_mask=mask[None, None], max_kv_len=kv_len,
+            window=window, window_attn_mask=None if in_window is None else in_window[None, None],
         )
 
 

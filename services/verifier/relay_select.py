@@ -39,8 +39,9 @@ def cosine_deviation(v_fresh: torch.Tensor, v_relayed: torch.Tensor) -> torch.Te
 
 
 def influence(q_window: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
-              key_positions: torch.Tensor, scale: float) -> torch.Tensor:
-    """Mean attention probability each key receives from the window's queries (causal, all heads averaged).
+              key_positions: torch.Tensor, scale: float, sliding_window: int = 0) -> torch.Tensor:
+    """Mean attention probability each key receives from the window's queries (causal, all heads averaged; keys
+    `sliding_window` or more positions behind a query get none from it, as in the model's windowed layers).
 
     q_window: [w, num_heads, head_dim] rotated queries; keys: [kv_len, num_kv_heads, head_dim] rotated keys;
     query_positions: [w]; key_positions: [kv_len] -> [kv_len] float32.
@@ -49,6 +50,8 @@ def influence(q_window: torch.Tensor, keys: torch.Tensor, query_positions: torch
     k = keys.float().repeat_interleave(num_heads // num_kv_heads, dim=1)  # [kv_len, H, D]
     scores = torch.einsum("whd,khd->hwk", q_window.float(), k) * scale  # [H, w, kv_len]
     visible = key_positions[None, :] <= query_positions[:, None]  # [w, kv_len]
+    if sliding_window:
+        visible &= key_positions[None, :] > query_positions[:, None] - sliding_window
     scores = scores.masked_fill(~visible[None], float("-inf"))
     return scores.softmax(-1).mean(dim=(0, 1))
 

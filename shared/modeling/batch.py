@@ -4,7 +4,8 @@ A forward runs the *new* tokens of several sequences at once (ragged). Each sequ
 in the paged cache; its new tokens are written at logical positions context_len .. context_len + query_len - 1 and
 attend to the whole cached context plus the new tokens their mask allows: causal for prefill and decode, ancestors
 only for a token tree (SpecInfer's tree attention). Positions are explicit, so a tree node sits at context_len + its
-depth even though its KV slot is elsewhere.
+depth even though its KV slot is elsewhere. Layers under a sliding window get the same masks cut to the window (keys
+before a mask by their index, a mask's own keys by kernels/tree_attention.window_mask), built once here for all.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from specrelay.kernels.tree_attention import window_mask
 
 
 @dataclass
@@ -31,6 +34,9 @@ class ForwardBatch:
     query_valid: torch.Tensor  # [num_seqs, max_query_len] bool
     attn_mask: torch.Tensor  # [num_seqs, 1, max_query_len, max_kv_len] bool, True = may attend
     max_kv_len: int
+    window: int = 0  # the sliding window of the windowed layers (ModelConfig.sliding_window); 0: none
+    window_tree_mask: torch.Tensor | None = None  # tree_mask cut to the window, for the windowed layers
+    window_attn_mask: torch.Tensor | None = None  # attn_mask cut to the window
 
     @property
     def num_seqs(self) -> int:
@@ -40,11 +46,13 @@ class ForwardBatch:
     def build(cls, token_ids: list[list[int]], context_lens: list[int], slots: list[list[int]],
               block_tables: list[list[int]], positions: list[list[int]] | None = None,
               tree_masks: list[torch.Tensor | None] | None = None, mask_starts: list[int | None] | None = None,
-              logits_rows: list[list[int]] | None = None, device: str | torch.device = "cpu") -> ForwardBatch:
+              logits_rows: list[list[int]] | None = None, window: int = 0,
+              device: str | torch.device = "cpu") -> ForwardBatch:
         """token_ids[s]: new tokens of sequence s; slots[s]: their cache slots; tree_masks[s]: None (causal) or
         [n_s, context_len - mask_start + n_s] bool over the cached tokens from mask_starts[s] (default:
         context_len, i.e. the mask covers only the new tokens) and the new tokens; positions[s]: default
-        context_len + arange; logits_rows[s]: sequence-local rows wanting logits (default: the last new token)."""
+        context_len + arange; logits_rows[s]: sequence-local rows wanting logits (default: the last new token);
+        window: the sliding window of the model's windowed layers (0: none)."""
         num_seqs = len(token_ids)
         query_lens = [len(t) for t in token_ids]
         max_q = max(max(query_lens), 1)
@@ -69,19 +77,30 @@ class ForwardBatch:
         masks_context = any(start < c for start, c in zip(starts, context_lens))
         width = max(c + n - start for c, n, start in zip(context_lens, query_lens, starts)) if masks_context else max_q
         flat_tree = torch.zeros(cu[-1], max(width, 1), dtype=torch.bool) if any_tree else None
+        window_attn = torch.zeros_like(attn_mask) if window else None
+        window_tree = torch.zeros_like(flat_tree) if window and flat_tree is not None else None
+
+        def place(s: int, attn: torch.Tensor, tree: torch.Tensor | None, prefix: torch.Tensor | bool,
+                  mask: torch.Tensor) -> None:
+            c, n, start = context_lens[s], query_lens[s], starts[s]
+            attn[s, 0, :n, :start] = prefix
+            attn[s, 0, :n, start : c + n] = mask
+            attn[s, 0, n:, 0] = True  # padded query rows attend somewhere so softmax stays finite
+            if tree is not None:
+                tree[cu[s] : cu[s] + n, : c + n - start] = mask if masks_context else mask[:, mask.shape[1] - n :]
+
         for s in range(num_seqs):
-            c, n = context_lens[s], query_lens[s]
+            n = query_lens[s]
             query_index[s, :n] = torch.arange(cu[s], cu[s] + n)
             query_valid[s, :n] = True
             mask = tree_masks[s] if tree_masks is not None else None
             if mask is None:
                 mask = torch.ones(n, n, dtype=torch.bool).tril()
-            start = starts[s]
-            attn_mask[s, 0, :n, :start] = True
-            attn_mask[s, 0, :n, start : c + n] = mask
-            attn_mask[s, 0, n:, 0] = True  # padded query rows attend somewhere so softmax stays finite
-            if flat_tree is not None:
-                flat_tree[cu[s] : cu[s] + n, : c + n - start] = mask if masks_context else mask[:, mask.shape[1] - n :]
+            place(s, attn_mask, flat_tree, True, mask)
+            if window:  # cached keys before the mask sit at their index; the mask's own keys are cut by rank
+                query_pos = torch.tensor(positions[s], dtype=torch.int64)
+                near = torch.arange(starts[s])[None, :] > query_pos[:, None] - window
+                place(s, window_attn, window_tree, near, window_mask(mask, window))
         rows = logits_rows if logits_rows is not None else [[n - 1] if n else [] for n in query_lens]
         logits_indices = [cu[s] + r for s in range(num_seqs) for r in rows[s]]
 
@@ -103,4 +122,7 @@ class ForwardBatch:
             query_valid=query_valid.to(device),
             attn_mask=attn_mask.to(device),
             max_kv_len=max_kv,
+            window=window,
+            window_tree_mask=None if window_tree is None else window_tree.to(device),
+            window_attn_mask=None if window_attn is None else window_attn.to(device),
         )

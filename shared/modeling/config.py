@@ -2,6 +2,10 @@
 
 Supported: Llama 2/3 (rope_scaling `llama3`, `linear`), Mistral, Qwen2/2.5 (qkv bias, tied embeddings), Qwen3 (q/k
 RMSNorm). Both the transformers 4.x (`rope_theta` + `rope_scaling`) and 5.x (`rope_parameters`) spellings are read.
+
+Sliding-window attention as transformers applies it: Mistral windows every layer whenever `sliding_window` is set;
+Qwen2/Qwen3 only with `use_sliding_window`, and then only the layers `layer_types` marks "sliding_attention"
+(by default those from `max_window_layers` on); Llama never.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ FAMILIES = {
 }
 ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 ROPE_TYPES = {"default", "linear", "llama3"}
+LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
 @dataclass(frozen=True)
@@ -42,15 +47,14 @@ class ModelConfig:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k before RoPE
-    sliding_window: int | None
+    sliding_window: int | None  # keys visible to a query: the last `sliding_window` positions; None: every layer full
+    layer_windows: tuple[int, ...]  # per layer: sliding_window, or 0 for full attention
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
 
     @property
     def max_model_len(self) -> int:
-        """Longest sequence served: sliding-window attention is not implemented, so a window caps the length."""
-        if self.sliding_window:
-            return min(self.max_position_embeddings, self.sliding_window)
+        """Longest sequence served (a sliding window limits what a layer attends to, not the length)."""
         return self.max_position_embeddings
 
     @property
@@ -81,14 +85,15 @@ class ModelConfig:
             attention_bias = bool(raw.get("attention_bias", False))
             eos = raw.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-            window = raw.get("sliding_window") if raw.get("use_sliding_window", model_type == "mistral") else None
+            num_layers = int(raw["num_hidden_layers"])
+            window, layer_windows = _sliding_windows(raw, model_type, num_layers, source)
             theta, scaling = _rope_settings(raw, source)
             cfg = cls(
                 model_type=model_type,
                 vocab_size=int(raw["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(raw["intermediate_size"]),
-                num_layers=int(raw["num_hidden_layers"]),
+                num_layers=num_layers,
                 num_heads=heads,
                 num_kv_heads=int(raw.get("num_key_value_heads") or heads),
                 head_dim=int(raw.get("head_dim") or hidden // heads),
@@ -101,7 +106,8 @@ class ModelConfig:
                 o_bias=attention_bias and model_type in ("llama", "qwen3"),
                 mlp_bias=bool(raw.get("mlp_bias", False)),
                 qk_norm=qk_norm,
-                sliding_window=int(window) if window else None,
+                sliding_window=window,
+                layer_windows=layer_windows,
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
             )
@@ -128,6 +134,28 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise ModelLoadError(f"{path}: expected a JSON object")
         return cls.from_dict(raw, source=str(path))
+
+
+def _sliding_windows(raw: dict, model_type: str, num_layers: int, source: str) -> tuple[int | None, tuple[int, ...]]:
+    """(window, per-layer windows) the way transformers reads them; (None, all zeros) when no layer is windowed."""
+    window = raw.get("sliding_window")
+    if model_type == "mistral":  # MistralConfig has no use_sliding_window: a window applies to every layer
+        windowed = [True] * num_layers
+    elif model_type in ("qwen2", "qwen3") and raw.get("use_sliding_window", False):
+        types = raw.get("layer_types") or ["sliding_attention" if i >= int(raw.get("max_window_layers", 28))
+                                           else "full_attention" for i in range(num_layers)]  # fmt: skip
+        if len(types) != num_layers or not set(types) <= LAYER_TYPES:
+            raise ModelLoadError(f"{source}: layer_types must list {num_layers} of "
+                                 f"{', '.join(sorted(LAYER_TYPES))}, got {types!r}")
+        windowed = [t == "sliding_attention" for t in types]
+    else:
+        windowed = [False] * num_layers
+    if window is None or not any(windowed):
+        return None, (0,) * num_layers
+    window = int(window)
+    if window < 1:
+        raise ModelLoadError(f"{source}: sliding_window must be a positive number of tokens, got {window}")
+    return window, tuple(window if w else 0 for w in windowed)
 
 
 def _rope_settings(raw: dict, source: str) -> tuple[float, dict | None]:

@@ -43,6 +43,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
+        self.window = cfg.layer_windows[layer]  # 0: full attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 cache: PagedKVCache) -> torch.Tensor:
@@ -57,17 +58,21 @@ class Attention(nn.Module):
         k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # [num_blocks, block_size, H_kv, D]
         k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k)
         v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, v)
+        assert not self.window or batch.window == self.window, f"batch window {batch.window}, layer's {self.window}"
         if runtime_uses_triton(q):
+            tree_mask = batch.window_tree_mask if self.window else batch.tree_mask
             out = tree_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.cu_query_lens,
-                                 batch.tree_mask, self.scale, batch.query_index.shape[1], batch.mask_starts)
+                                 tree_mask, self.scale, batch.query_index.shape[1], batch.mask_starts,
+                                 window=self.window, positions=batch.positions)  # fmt: skip
         else:
-            out = paged_attention(q, k_cache, v_cache, batch, self.scale)
+            out = paged_attention(q, k_cache, v_cache, batch, self.scale, windowed=self.window > 0)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
-                    scale: float) -> torch.Tensor:
-    """The torch path: gather each sequence's blocks, pad the queries, one SDPA call with the batch mask.
+                    scale: float, windowed: bool = False) -> torch.Tensor:
+    """The torch path: gather each sequence's blocks, pad the queries, one SDPA call with the batch mask (cut to
+    the sliding window when `windowed`).
 
     q: [num_tokens, H, D]; k_cache, v_cache: [num_blocks, block_size, H_kv, D] -> [num_tokens, H, D]
     """
@@ -78,7 +83,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     keys = keys[:, : batch.max_kv_len].transpose(1, 2)  # [num_seqs, H_kv, max_kv_len, D]
     values = values[:, : batch.max_kv_len].transpose(1, 2)
     queries = q[batch.query_index].transpose(1, 2)  # [num_seqs, H, max_query_len, D]
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.attn_mask, scale=scale,
+    attn_mask = batch.window_attn_mask if windowed else batch.attn_mask
+    assert attn_mask is not None, "a windowed layer needs a batch built with its window"
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=attn_mask, scale=scale,
                                          enable_gqa=q.shape[1] != k_cache.shape[2])
     return out.transpose(1, 2)[batch.query_valid]  # [num_tokens, H, D]
 

@@ -53,6 +53,7 @@ class ModelRunner:
             tree_masks=[s.tree_mask for s in steps],
             mask_starts=[s.mask_start for s in steps],
             logits_rows=[s.logits_rows if s.logits_rows is not None else [len(s.token_ids) - 1] for s in steps],
+            window=self.model.config.sliding_window or 0,
             device=self.model.device,
         )
         logits = self.model(batch, self.cache)

@@ -37,7 +37,8 @@ def main() -> int:
         for has_mask in (True, False):
             types = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
             types.update(block_tables_ptr="*i32", context_lens_ptr="*i32", cu_query_lens_ptr="*i32",
-                         mask_ptr="*u8", mask_starts_ptr="*i32", partial_acc_ptr="*fp32", partial_ml_ptr="*fp32", scale_log2="fp32")
+                         mask_ptr="*u8", mask_starts_ptr="*i32", partial_acc_ptr="*fp32", partial_ml_ptr="*fp32",
+                         positions_ptr="*i64", scale_log2="fp32")  # fmt: skip
             for num_splits in (1, 4):
                 consts = dict(GROUP=4, BLOCK_Q=16, BLOCK_R=64, BLOCK_N=64, HEAD_DIM=64, BLOCK_D=64,
                               HAS_MASK=has_mask, DOT_PRECISION=precision, DOT_IN_FP32=False, NUM_SPLITS=num_splits)

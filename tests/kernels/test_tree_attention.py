@@ -205,3 +205,139 @@ def test_mask_over_cached_keys_matches_sdpa(group):
     want = paged_attention(q, k_cache, v_cache, batch, head_dim**-0.5)
     torch.testing.assert_close(tree_attention_reference(**args), want, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(tree_attention_triton(**args, max_query_len=6), want, atol=2e-5, rtol=1e-4)
+
+
+def dense_attention(q, keys, values, visible, scale):  # [n, H, D], [k, H_kv, D] x2, [n, k] -> [n, H, D]
+    group = q.shape[1] // keys.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1).transpose(0, 1) for t in (keys, values))  # [H, k, D]
+    return torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=visible,
+                                                            scale=scale).transpose(0, 1)  # fmt: skip
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("window", [1, 4, 5, 16])
+def test_sliding_window_prefill_and_decode(window, num_splits):
+    """A causal window against its definition (key j visible to query i iff i - window < j <= i), with contexts
+    and windows that start and end on block boundaries (block_size 4, 16 keys a kernel block) and off them."""
+    context_lens, query_lens = [0, 16, 13, 3, 40], [21, 1, 8, 4, 7]
+    batch = make_batch(context_lens, query_lens, num_heads=8, num_kv_heads=2, tree=False, seed=window)
+    block_size = batch["k_cache"].shape[1]
+    got = tree_attention_triton(**batch, window=window, num_splits=num_splits, block_keys=16)
+    want = tree_attention_reference(**batch, window=window)
+    unwindowed = tree_attention_reference(**batch)
+    for s, (ctx, n) in enumerate(zip(context_lens, query_lens)):
+        q0 = sum(query_lens[:s])
+        pos = torch.arange(ctx + n)
+        slots = batch["block_tables"][s, pos // block_size].long() * block_size + pos % block_size
+        query_pos = ctx + torch.arange(n)
+        visible = (pos[None, :] <= query_pos[:, None]) & (pos[None, :] > query_pos[:, None] - window)
+        truth = dense_attention(batch["q"][q0 : q0 + n], batch["k_cache"].flatten(0, 1)[slots],
+                                batch["v_cache"].flatten(0, 1)[slots], visible, batch["scale"])  # fmt: skip
+        torch.testing.assert_close(want[q0 : q0 + n], truth, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert (unwindowed - want).abs().max() > 0.1  # the window really hides keys here
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("window", [2, 3, 6])
+def test_sliding_window_over_trees(window, num_splits):
+    """Token trees deeper than the window, as the verifier (mask over the new tokens) and the drafter (earlier
+    levels cached: mask_starts) run them: kernel, reference and the runtime's SDPA path, each with ForwardBatch's
+    window masks, against attention by position (node at prefix + depth; ancestors only; within the window)."""
+    from specrelay.shared.modeling.batch import ForwardBatch
+    from specrelay.shared.modeling.llama import paged_attention
+
+    gen = torch.Generator().manual_seed(window)
+    block_size, num_kv_heads, head_dim, group = 4, 2, 16, 4
+    # (committed prefix, tree nodes, of which already cached): a verifier tree, drafter trees with cached levels
+    seqs = [(9, 14, 0), (16, 16, 5), (3, 10, 4)]
+    tables, masks, slots, positions, parents_of, next_block = [], [], [], [], [], 0
+    for prefix, nodes, cached in seqs:
+        # each node hangs under one of the two before it: a bushy tree about nodes/2 deep
+        parents = [-1] + [max(0, i - 1 - int(torch.randint(2, (1,), generator=gen))) for i in range(1, nodes)]
+        depth = [0] * nodes
+        for i in range(1, nodes):
+            depth[i] = depth[parents[i]] + 1
+        assert max(depth) >= window  # some tree ancestors fall out of the window too, not only the prefix
+        nb = math.ceil((prefix + nodes) / block_size)
+        tables.append(list(range(next_block, next_block + nb)))
+        next_block += nb
+        slots.append([tables[-1][p // block_size] * block_size + p % block_size
+                      for p in range(prefix + cached, prefix + nodes)])  # fmt: skip
+        masks.append(ancestor_mask(parents)[cached:])  # [new nodes, all nodes]: columns from the mask start
+        positions.append([prefix + depth[i] for i in range(cached, nodes)])
+        parents_of.append((parents, depth))
+    batch = ForwardBatch.build([[1] * (n - c) for _, n, c in seqs], [p + c for p, _, c in seqs], slots, tables,
+                               positions=positions, tree_masks=masks, mask_starts=[p for p, _, _ in seqs],
+                               window=window)  # fmt: skip
+    k_cache = torch.randn(next_block, block_size, num_kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(next_block, block_size, num_kv_heads, head_dim, generator=gen)
+    q = torch.randn(sum(n - c for _, n, c in seqs), num_kv_heads * group, head_dim, generator=gen)
+    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=batch.block_tables,
+                context_lens=batch.context_lens, cu_query_lens=batch.cu_query_lens,
+                tree_mask=batch.window_tree_mask, scale=head_dim**-0.5, mask_starts=batch.mask_starts,
+                window=window, positions=batch.positions)  # fmt: skip
+
+    truth, unwindowed, row = [], [], 0
+    for s, (prefix, nodes, cached) in enumerate(seqs):
+        parents, depth = parents_of[s]
+        idx = torch.arange(prefix + nodes)
+        key_pos = torch.tensor(list(range(prefix)) + [prefix + d for d in depth])
+        slots_all = torch.tensor(tables[s])[idx // block_size] * block_size + idx % block_size
+        keys, values = k_cache.flatten(0, 1)[slots_all], v_cache.flatten(0, 1)[slots_all]
+        tree = ancestor_mask(parents)
+        for i in range(cached, nodes):
+            sees = torch.cat([torch.ones(prefix, dtype=torch.bool), tree[i]])
+            near = key_pos > prefix + depth[i] - window
+            truth.append(dense_attention(q[row : row + 1], keys, values, (sees & near)[None], head_dim**-0.5))
+            unwindowed.append(dense_attention(q[row : row + 1], keys, values, sees[None], head_dim**-0.5))
+            row += 1
+    truth, unwindowed = torch.cat(truth), torch.cat(unwindowed)
+    assert (truth - unwindowed).abs().max() > 0.1  # the window really hides keys here
+    torch.testing.assert_close(tree_attention_reference(**args), truth, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(paged_attention(q, k_cache, v_cache, batch, head_dim**-0.5, windowed=True), truth,
+                               atol=2e-5, rtol=1e-4)  # fmt: skip
+    got = tree_attention_triton(**args, num_splits=num_splits, block_keys=16)
+    torch.testing.assert_close(got, truth, atol=2e-5, rtol=1e-4)
+
+
+def test_windowed_model_kernel_path_equals_torch_path(tmp_path):
+    """A tiny Mistral with a 4-token window under speculative decoding (drafts grown over cached levels, verified
+    6 deep, so the tree's own root falls out of the window): with SPECRELAY_KERNELS=triton its attention runs the
+    kernel with the window, and greedy output equals the torch (SDPA) path token for token."""
+    from unittest import mock
+
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    import specrelay.kernels.tree_attention as module
+    from specrelay.kernels.dispatch import set_kernel_mode
+    from specrelay.services.drafter.draft_model import DraftModelProposer
+    from specrelay.services.verifier.engine import SpecEngine
+    from specrelay.shared.modeling.loader import load_model
+    from specrelay.shared.modeling.runner import ModelRunner
+    from specrelay.shared.sampling import SamplingParams
+
+    torch.manual_seed(8)
+    config = MistralConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           initializer_range=0.2, sliding_window=4)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    target, draft = load_model(tmp_path), load_model(tmp_path)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.003 * torch.randn(p.shape, generator=gen))
+    prompts = [torch.randint(0, 101, (n,), generator=gen).tolist() for n in (5, 21)]
+
+    def generate():
+        engine = SpecEngine(ModelRunner(target, num_blocks=64, prefill_chunk=8),
+                            DraftModelProposer.chain(ModelRunner(draft, num_blocks=64, prefill_chunk=8), length=6),
+                            max_nodes=8)  # fmt: skip
+        return [r.output for r in engine.generate(prompts, SamplingParams(max_tokens=12))]
+
+    set_kernel_mode("torch")
+    expected = generate()
+    set_kernel_mode("triton")
+    with mock.patch.object(module, "tree_attention_triton", wraps=module.tree_attention_triton) as calls:
+        assert generate() == expected
+    assert calls.call_count > 0 and all(c.kwargs["window"] == 4 for c in calls.call_args_list)
