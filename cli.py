@@ -14,7 +14,7 @@ from specrelay.shared.errors import SpecrelayError
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("specrelay.services.serve", "start every service in one process (the embedded default)"),
     "gateway": ("specrelay.services.gateway.service", "the OpenAI-compatible gateway alone (verifiers over --redis)"),
-    "verifier": ("specrelay.services.verifier.service", "the target-model verifier alone (over --redis)"),
+    "verifier": ("specrelay.services.verifier.cli", "the target-model verifier alone (over --redis)"),
     "drafter": ("specrelay.services.drafter.service", "the draft proposer alone (over --redis)"),
     "kvstore": ("specrelay.services.kvstore.service", "keep the shared Redis KV store within its capacity"),
     "toolcoord": ("specrelay.services.toolcoord.service", "run server-side tool calls from the bus (over --redis)"),

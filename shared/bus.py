@@ -10,7 +10,9 @@ embedded or distributed:
   A restarted consumer with the same name first gets its own pending messages back;
 - a message delivered `max_deliveries` times without an ack (it crashes every handler) or that does not decode as
   the consumer's type is moved to the dead-letter stream `<stream>.dead` and acknowledged, so it cannot block the
-  group forever.
+  group forever;
+- streams and groups stay until deleted: a service that names one for itself (a verifier replica's Continue stream,
+  its own Cancel group) deletes it when it stops (`delete_stream`, `delete_group`), never one another service reads.
 Reply channels (`open_reply_channel` / `reply`) stream results back to one waiting caller (the gateway's per-request
 token stream): ordered, one reader, no redelivery. See bus_redis.py for why they are streams and not pub/sub.
 
@@ -152,6 +154,17 @@ class Bus(ABC):
         """Entries the stream retains (acknowledged or not): a cheap queue-depth signal for admission."""
 
     @abstractmethod
+    async def delete_stream(self, stream: str) -> None:
+        """Remove `stream` with its consumer groups, pending entries and dead letters (`<stream>.dead`); nothing if
+        it does not exist. Only for a stream that one consumer owns (a verifier replica's Continues), once that
+        consumer has stopped: a shared stream's other groups belong to other services."""
+
+    @abstractmethod
+    async def delete_group(self, stream: str, group: str) -> None:
+        """Remove one consumer group of `stream` and its pending entries (a group that one stopped consumer owned);
+        the stream and its other groups stay. Nothing if either does not exist."""
+
+    @abstractmethod
     def open_reply_channel(self, type: type[T], name: str | None = None) -> ReplyChannel[T]:
         """A new channel that this process reads; `name` is unique when not given."""
 
@@ -161,6 +174,10 @@ class Bus(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     async def __aenter__(self) -> Bus:
         return self
@@ -244,6 +261,14 @@ class LocalBus(Bus):
 
     async def stream_length(self, stream: str) -> int:
         return len(self._stream(stream).entries)
+
+    async def delete_stream(self, stream: str) -> None:
+        self._streams.pop(stream, None)
+        self._streams.pop(stream + ".dead", None)
+
+    async def delete_group(self, stream: str, group: str) -> None:
+        if (s := self._streams.get(stream)) is not None:
+            s.groups.pop(group, None)
 
     async def consume(self, stream: str, group: str, consumer: str, type: type[T]) -> AsyncIterator[Delivery[T]]:
         s = self._stream(stream)

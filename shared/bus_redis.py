@@ -69,6 +69,23 @@ class RedisBus(Bus):
     async def stream_length(self, stream: str) -> int:
         return await self._redis.xlen(self.stream_key(stream))
 
+    async def delete_stream(self, stream: str) -> None:
+        self._check_open()
+        key = self.stream_key(stream)
+        await self._redis.delete(key, key + ".dead")  # a stream's groups and pending lists are part of its key
+
+    async def delete_group(self, stream: str, group: str) -> None:
+        self._check_open()
+        try:
+            await self._redis.xgroup_destroy(self.stream_key(stream), group)
+        except ResponseError as e:
+            if "requires the key to exist" not in str(e):
+                raise
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigError("the bus is closed")
+
     async def _ensure_group(self, key: str, group: str) -> None:
         try:
             await self._redis.xgroup_create(key, group, id="0", mkstream=True)
@@ -167,8 +184,7 @@ class RedisBus(Bus):
     # -- reply channels ----------------------------------------------------------------------------------------
 
     def open_reply_channel(self, type: type[T], name: str | None = None) -> ReplyChannel[T]:
-        if self._closed:
-            raise ConfigError("the bus is closed")
+        self._check_open()
         channel_id = name or uuid.uuid4().hex
         if "/" in channel_id:
             raise ConfigError(f"reply channel name {channel_id!r} must not contain '/'")

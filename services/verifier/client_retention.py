@@ -162,6 +162,14 @@ class ClientRetention:
             self._let_go(kept[d.conversation_id])
         return out
 
+    def let_go_all(self) -> list[object]:
+        """Every kept request, let go (the verifier is stopping): the caller frees their KV."""
+        reqs = []
+        for p in self.kept:
+            reqs.append(p.req)
+            self._let_go(p)
+        return reqs
+
     def _let_go(self, p: Paused) -> None:
         """The caller frees p's KV; the record stays, to learn the pause when the conversation comes back."""
         p.req, p.recheck_at = None, None

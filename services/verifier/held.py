@@ -14,7 +14,9 @@ The protocol (shared/messages.py), for every sender (the gateway's tool rounds; 
   by prefix); a `Continue` that comes too late gets an error chunk ("... is not held here ...") and the sender
   sends a fresh `Generate` of the whole conversation instead (with `evicted_tokens`, so PTE books it as recompute).
 
-A held table is memory the scheduler cannot use: the sender should release what it will not continue.
+A held table is memory the scheduler cannot use: the sender should release what it will not continue. A replica
+that stops frees what it holds, answers the Continues it has received with an error and deletes its
+`continue_stream`; the verifier service's side of all this is in continues.py.
 """
 
 from __future__ import annotations
@@ -107,6 +109,11 @@ class HeldRequests:
         now_s = time.monotonic() if now_s is None else now_s
         gone = [rid for rid, h in self._held.items() if h.expires_s <= now_s]
         return [self._held.pop(rid) for rid in gone]
+
+    def take_all(self) -> list[Held]:
+        """Every held request, removed (the replica is stopping)."""
+        held, self._held = list(self._held.values()), {}
+        return held
 
     def next_expiry_s(self) -> float | None:
         return min((h.expires_s for h in self._held.values()), default=None)

@@ -187,6 +187,30 @@ async def test_maxlen_bounds_the_stream(make):
     assert [d.msg.n for d in got] == list(range(1000 - length, 1000))  # a late group reads what is retained
 
 
+async def test_deleting_a_stream_or_a_group_leaves_every_other_stream_and_group_alone(make):
+    bus = make()
+    await bus.publish("mine", Other("undecodable"))  # to mine.dead
+    await bus.publish("mine", Job(1))
+    await take(bus.consume("mine", "g", "me", Job), 1)
+    for i in range(2):
+        await bus.publish("shared", Job(i))
+    await take(bus.consume("shared", "cancel-me", "me", Job), 2)
+    others = bus.consume("shared", "everyone", "them", Job)
+    assert [d.msg.n for d in await take(others, 2)] == [0, 1]
+
+    await bus.delete_stream("mine")
+    await bus.delete_group("shared", "cancel-me")
+    assert (await bus.stream_length("mine"), await bus.stream_length("mine.dead")) == (0, 0)
+    assert await bus.stream_length("shared") == 2
+    again = await take(bus.consume("shared", "cancel-me", "me", Job), 2)  # a new group reads from the oldest
+    assert [(d.msg.n, d.redelivered) for d in again] == [(0, False), (1, False)]
+    with pytest.raises(TimeoutError):  # the other group kept its place: nothing new for it
+        await asyncio.wait_for(others.__anext__(), 0.3)
+    await bus.delete_stream("mine")  # gone already, or never there: nothing to do
+    await bus.delete_group("nowhere", "nobody")
+    await bus.close()
+
+
 async def test_reply_channels_stream_in_order_to_the_right_request(make):
     gateway, verifier = make(), make()
     a = gateway.open_reply_channel(Token)

@@ -1,0 +1,65 @@
+"""`specrelay verifier`: one verifier replica (service.py) over Redis, beside gateways and drafters elsewhere. Stopped
+(Ctrl-C or SIGTERM), it gives back what it holds before the bus closes (VerifierService.close)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from specrelay.services.serve import MODELS_DIR
+
+    parser.add_argument("--model", default=str(MODELS_DIR / "target"))
+    parser.add_argument("--redis", default=os.environ.get("SPECRELAY_REDIS"), metavar="URL")
+    parser.add_argument("--no-speculate", action="store_true", help="plain decoding, no drafter service")
+    parser.add_argument("--max-nodes", type=int, default=16, help="largest draft tree verified per request")
+    parser.add_argument("--num-blocks", type=int, default=2048)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--pte-profile", default=None, metavar="FILE",
+                        help="PTE profile for usage.pte (default: what `specrelay calibrate` cached, else analytic)")
+    parser.add_argument("--kvstore", default=os.environ.get("SPECRELAY_KVSTORE"), metavar="URL",
+                        help="where prefix KV is shared: redis://... or shm://NAME (default: in this process)")
+    parser.add_argument("--kv-capacity", default=os.environ.get("SPECRELAY_KV_CAPACITY", "512M"), metavar="SIZE",
+                        help="bytes the prefix KV store may hold (e.g. 2G); the same value for every process "
+                             "sharing one store")
+    parser.add_argument("--no-client-retention", action="store_true",
+                        help="at a client tool pause, publish and free the turn's KV as before, instead of "
+                             "letting the retention policy keep, offload or drop it")
+    from specrelay.services.verifier.relay_hooks import add_relay_options
+
+    add_relay_options(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    from specrelay.services.kvstore.service import parse_bytes
+    from specrelay.services.verifier.relay_hooks import relay_config
+    from specrelay.services.verifier.service import VerifierConfig, VerifierService
+    from specrelay.shared.bus import make_bus
+    from specrelay.shared.errors import ConfigError
+
+    if not args.redis:
+        raise ConfigError("a stand-alone verifier needs --redis URL (or SPECRELAY_REDIS)")
+    cfg = VerifierConfig(args.model, args.redis, speculate=not args.no_speculate, max_nodes=args.max_nodes,
+                         num_blocks=args.num_blocks, device=args.device, kvstore=args.kvstore,
+                         kvstore_capacity_bytes=parse_bytes(args.kv_capacity), relay=relay_config(args),
+                         pte_profile=args.pte_profile, client_retention=not args.no_client_retention)
+    logging.basicConfig(level=logging.INFO)
+
+    async def go() -> None:
+        async with make_bus(cfg.redis) as bus:
+            serving = asyncio.create_task(VerifierService(cfg, bus).run())
+            # SIGTERM (docker stop, Kubernetes) ends the replica as Ctrl-C does: run() cancelled, then close()
+            # gives back what it holds, its Continue stream included, before the bus closes.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, serving.cancel)
+            try:
+                await serving
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # Ctrl-C: asyncio.run raises KeyboardInterrupt
+                    raise
+
+    asyncio.run(go())
+    return 0
