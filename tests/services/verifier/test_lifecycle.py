@@ -48,6 +48,10 @@ async def until(condition, timeout_s: float = 30.0) -> None:
     raise AssertionError("timed out waiting for the verifier")
 
 
+async def group_names(redis, key: str) -> list[str]:
+    return sorted(g["name"].decode() for g in await redis.xinfo_groups(key))
+
+
 async def chunks_until_done(channel, request_id: str) -> list[TokenChunk]:
     out = []
     while not out or (out[-1].finish_reason is None and out[-1].error is None):
@@ -114,10 +118,6 @@ async def test_a_stopped_replica_leaves_nothing_of_its_own_in_redis(model_dir, s
         if keys:
             await redis.delete(*keys)
         await redis.aclose()
-
-
-async def group_names(redis, key: str) -> list[str]:
-    return sorted(g["name"].decode() for g in await redis.xinfo_groups(key))
 
 
 async def test_on_the_in_process_bus_a_closed_bus_ends_the_replica_and_frees_what_it_held(model_dir, stop_token,
