@@ -95,8 +95,10 @@ async def serve(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     import asyncio
 
+    from specrelay.shared.stopping import serve_until_stopped
+
     try:
-        asyncio.run(serve(args))
+        asyncio.run(serve_until_stopped(serve(args)))
     except KeyboardInterrupt:
         pass
     return 0

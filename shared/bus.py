@@ -165,6 +165,12 @@ class Bus(ABC):
         the stream and its other groups stay. Nothing if either does not exist."""
 
     @abstractmethod
+    async def forget_consumer(self, stream: str, group: str, consumer: str) -> bool:
+        """Remove a stopped `consumer`'s name from a shared group, unless messages are still pending on it (those
+        wait for another consumer's claim, which needs them left where they are). True if it is gone. Pid-named
+        consumers would otherwise pile up in the group across restarts."""
+
+    @abstractmethod
     def open_reply_channel(self, type: type[T], name: str | None = None) -> ReplyChannel[T]:
         """A new channel that this process reads; `name` is unique when not given."""
 
@@ -269,6 +275,11 @@ class LocalBus(Bus):
     async def delete_group(self, stream: str, group: str) -> None:
         if (s := self._streams.get(stream)) is not None:
             s.groups.pop(group, None)
+
+    async def forget_consumer(self, stream: str, group: str, consumer: str) -> bool:
+        # Consumers have no entry of their own here: a name exists only through its pending messages.
+        g = self._streams[stream].groups.get(group) if stream in self._streams else None
+        return g is None or all(p.consumer != consumer for p in g.pending.values())
 
     async def consume(self, stream: str, group: str, consumer: str, type: type[T]) -> AsyncIterator[Delivery[T]]:
         s = self._stream(stream)

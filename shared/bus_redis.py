@@ -82,6 +82,18 @@ class RedisBus(Bus):
             if "requires the key to exist" not in str(e):
                 raise
 
+    async def forget_consumer(self, stream: str, group: str, consumer: str) -> bool:
+        self._check_open()
+        key = self.stream_key(stream)
+        try:
+            if await self._redis.xpending_range(key, group, min="-", max="+", count=1, consumername=consumer):
+                return False
+            await self._redis.xgroup_delconsumer(key, group, consumer)  # it has nothing pending: nothing is lost
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+        return True
+
     def _check_open(self) -> None:
         if self._closed:
             raise ConfigError("the bus is closed")

@@ -20,6 +20,7 @@ from specrelay.shared.bus import Bus, make_bus
 from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.messages import DRAFT_STREAM, DraftBatch, DraftFeedback, DraftReply, TreeMsg
 from specrelay.shared.sampling import SamplingParams, make_generator
+from specrelay.shared.stopping import leave, serve_until_stopped
 from specrelay.shared.wire import WireTensor
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,13 @@ class Drafter:
 
 
 async def serve_drafter(bus: Bus, drafter: Drafter, consumer: str) -> None:
+    try:
+        await _serve(bus, drafter, consumer)
+    finally:
+        await leave(bus, DRAFT_STREAM, "drafter", consumer)
+
+
+async def _serve(bus: Bus, drafter: Drafter, consumer: str) -> None:
     async for delivery in bus.consume(DRAFT_STREAM, "drafter", consumer, DraftBatch | DraftFeedback):
         msg = delivery.msg
         try:
@@ -125,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
 
     async def go():
         async with make_bus(cfg.redis) as bus:
-            await serve_drafter(bus, Drafter(build_proposer(cfg)), cfg.consumer)
+            await serve_until_stopped(serve_drafter(bus, Drafter(build_proposer(cfg)), cfg.consumer))
 
     asyncio.run(go())
     return 0

@@ -10,6 +10,7 @@ import time
 from specrelay.services.gateway.metrics import KvStats
 from specrelay.shared.bus import Bus
 from specrelay.shared.messages import KV_STREAM, KvReport
+from specrelay.shared.stopping import leave
 
 
 class VerifierKvReports:
@@ -20,9 +21,12 @@ class VerifierKvReports:
     async def follow(self, bus: Bus) -> None:
         """Every gateway reads every report: one consumer group per gateway process."""
         group = f"gateway-{socket.gethostname()}-{os.getpid()}"
-        async for delivery in bus.consume(KV_STREAM, group, group, KvReport):
-            self.latest[delivery.msg.verifier] = delivery.msg
-            await delivery.ack()
+        try:
+            async for delivery in bus.consume(KV_STREAM, group, group, KvReport):
+                self.latest[delivery.msg.verifier] = delivery.msg
+                await delivery.ack()
+        finally:
+            await leave(bus, KV_STREAM, group, group, own_group=True)  # this gateway's alone
 
     def stats(self) -> KvStats:
         now = time.time()

@@ -126,13 +126,16 @@ async def serve(config: ServiceConfig) -> None:
             await asyncio.Event().wait()
         finally:
             follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)  # it leaves its group while the bus is open
             await runner.cleanup()
 
 
 def run(config: ServiceConfig) -> int:
     import asyncio
 
-    asyncio.run(serve(config))
+    from specrelay.shared.stopping import serve_until_stopped
+
+    asyncio.run(serve_until_stopped(serve(config)))
     return 0
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from specrelay.shared.errors import ConfigError
 from specrelay.shared.http import listen
+from specrelay.shared.stopping import serve_until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -198,5 +199,5 @@ async def serve(config: KeeperConfig) -> None:
 def main(args: argparse.Namespace) -> int:
     config = build_config(args)
     logging.basicConfig(level=logging.INFO)
-    asyncio.run(serve(config))
+    asyncio.run(serve_until_stopped(serve(config)))
     return 0

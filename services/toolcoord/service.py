@@ -26,6 +26,7 @@ import uuid
 import msgspec
 
 from specrelay.services.toolcoord.tools.base import ToolResult
+from specrelay.shared.stopping import leave, serve_until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ async def serve_toolcoord(bus, registry, consumer: str, max_concurrent: int = 8)
         for task in list(running):
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+        await leave(bus, TOOL_CALLS_STREAM, GROUP, consumer)  # after the cancelled calls: their messages stay pending
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
         async with make_bus(args.redis) as bus:
             print(f"specrelay toolcoord: {', '.join(registry.tools)} for {TOOL_CALLS_STREAM} as {consumer}",
                   flush=True)
-            await serve_toolcoord(bus, registry, consumer, args.max_concurrent)
+            await serve_until_stopped(serve_toolcoord(bus, registry, consumer, args.max_concurrent))
 
     asyncio.run(go())
     return 0

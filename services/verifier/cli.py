@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +39,7 @@ def main(args: argparse.Namespace) -> int:
     from specrelay.services.verifier.service import VerifierConfig, VerifierService
     from specrelay.shared.bus import make_bus
     from specrelay.shared.errors import ConfigError
+    from specrelay.shared.stopping import serve_until_stopped
 
     if not args.redis:
         raise ConfigError("a stand-alone verifier needs --redis URL (or SPECRELAY_REDIS)")
@@ -51,15 +51,8 @@ def main(args: argparse.Namespace) -> int:
 
     async def go() -> None:
         async with make_bus(cfg.redis) as bus:
-            serving = asyncio.create_task(VerifierService(cfg, bus).run())
-            # SIGTERM (docker stop, Kubernetes) ends the replica as Ctrl-C does: run() cancelled, then close()
-            # gives back what it holds, its Continue stream included, before the bus closes.
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, serving.cancel)
-            try:
-                await serving
-            except asyncio.CancelledError:
-                if asyncio.current_task().cancelling():  # Ctrl-C: asyncio.run raises KeyboardInterrupt
-                    raise
+            # run() cancelled (Ctrl-C, SIGTERM), then close() gives back what it holds, before the bus closes
+            await serve_until_stopped(VerifierService(cfg, bus).run())
 
     asyncio.run(go())
     return 0

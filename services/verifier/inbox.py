@@ -6,7 +6,8 @@
 
 The replica's own group and stream are named for its consumer (`VerifierConfig.consumer`, host and pid), so they
 would pile up in Redis across restarts: `delete_own` removes them when the replica stops, and never touches a
-shared group or another replica's stream.
+shared group or another replica's stream. Its name in the shared Generate group goes too, unless a Generate it had
+not finished is pending on it (another replica claims that from there).
 """
 
 from __future__ import annotations
@@ -60,9 +61,11 @@ class Inbox:
         return await self.receive(block=False)
 
     async def delete_own(self) -> None:
-        """Remove this replica's Continue stream (with any Continue still in it) and its Cancel group."""
+        """Remove this replica's Continue stream (with any Continue still in it) and its Cancel group, and its name
+        from the shared Generate group if nothing is pending on it (what is pending waits there for a takeover)."""
         await self.bus.delete_stream(self.continue_stream)
         await self.bus.delete_group(CANCEL_STREAM, self.cancel_group)
+        await self.bus.forget_consumer(GENERATE_STREAM, "verifier", self.consumer)
 
     async def _feed(self, stream: str, group: str, type) -> None:
         async for delivery in self.bus.consume(stream, group, self.consumer, type):

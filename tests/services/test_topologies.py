@@ -114,3 +114,45 @@ def test_the_image_context_keeps_models_and_leaves_out_the_venv():
     assert {".venv", ".git", "tests"} <= ignored
     assert not any(pattern.startswith("models") for pattern in ignored)
     assert (ROOT / "models" / "target" / "config.json").is_file()
+
+
+def _names_of(client, pids: list[int]) -> list[str]:
+    """Streams, groups and consumers on the bus whose name ends with one of `pids` (services name theirs by host
+    and pid)."""
+    names = []
+    for key in client.scan_iter(match=f"{live_servers.BUS_PREFIX}stream:*", _type="stream"):
+        names.append(key.decode())
+        for group in client.xinfo_groups(key):
+            names.append(group["name"].decode())
+            names += [c["name"].decode() for c in client.xinfo_consumers(key, group["name"])]
+    return sorted(n for n in names if any(n.endswith(f"-{pid}") for pid in pids))
+
+
+def test_docker_stop_exits_cleanly_and_leaves_no_group_consumer_or_stream_of_its_processes(redis_url, tmp_path):
+    """`docker stop` sends SIGTERM. Every service exits 0 after giving back what it holds: nothing named for one of
+    its processes stays on the bus, where restarts (new pids) would pile them up."""
+    import json
+    import urllib.request
+
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    server = live_servers.start_compose(redis_url, tmp_path)
+    try:
+        body = {"model": "target", "temperature": 0, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
+        request = urllib.request.Request(f"{server.url}/v1/chat/completions", json.dumps(body).encode(),
+                                         {"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert response.status == 200 and json.load(response)["choices"][0]["finish_reason"]
+        pids = [p.popen.pid for p in server.processes]
+        running = _names_of(client, pids)
+        for service in ("verifier", "drafter", "toolcoord", "gateway"):  # what a stopped stack must take away
+            assert any(n.startswith(f"{service}-") for n in running), (service, running)
+    finally:
+        server.stop()
+    try:
+        assert {p.name: p.popen.returncode for p in server.processes} == {p.name: 0 for p in server.processes}, \
+            server.logs()
+        assert _names_of(client, pids) == []
+    finally:
+        client.close()

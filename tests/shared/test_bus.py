@@ -11,6 +11,7 @@ import textwrap
 
 import msgspec
 import pytest
+import redis.asyncio as aioredis
 import torch
 
 from specrelay.shared.bus import BusConfig, LocalBus, make_bus
@@ -209,6 +210,30 @@ async def test_deleting_a_stream_or_a_group_leaves_every_other_stream_and_group_
     await bus.delete_stream("mine")  # gone already, or never there: nothing to do
     await bus.delete_group("nowhere", "nobody")
     await bus.close()
+
+
+async def test_a_stopped_consumer_leaves_its_group_only_when_nothing_is_pending_on_it(make):
+    bus = make(min_idle_ms=60_000, batch_size=1)
+    for i in range(3):
+        await bus.publish("jobs", Job(i))
+    await take(bus.consume("jobs", "workers", "done", Job), 1)  # took one and acked it
+    unfinished = bus.consume("jobs", "workers", "crashed", Job)
+    assert (await unfinished.__anext__()).msg.n == 1  # took one and stopped without acking it
+    await unfinished.aclose()
+
+    assert await bus.forget_consumer("jobs", "workers", "done")
+    assert not await bus.forget_consumer("jobs", "workers", "crashed")  # message 1 waits there for a takeover
+    assert await bus.forget_consumer("nowhere", "nobody", "none")
+    if make.transport == "redis":
+        redis = aioredis.Redis.from_url(make.url)
+        try:
+            consumers = await redis.xinfo_consumers(f"{make.prefix}stream:jobs", "workers")
+        finally:
+            await redis.aclose()
+        assert [(c["name"].decode(), c["pending"]) for c in consumers] == [("crashed", 1)]
+    # Nothing was lost: the unfinished message is still there for its owner's restart.
+    again = await take(bus.consume("jobs", "workers", "crashed", Job), 2)
+    assert [(d.msg.n, d.redelivered) for d in again] == [(1, True), (2, False)]
 
 
 async def test_reply_channels_stream_in_order_to_the_right_request(make):

@@ -107,6 +107,9 @@ async def test_a_stopped_replica_leaves_nothing_of_its_own_in_redis(model_dir, s
                 assert await group_names(redis, cancel_key) == ["cancel-v-other"]
                 # r2 was not finished: it waits in the shared group for another replica to take it over
                 assert (await redis.xpending(key(GENERATE_STREAM), "verifier"))["pending"] == 1
+                # and so this replica's name stays in the shared group, where the takeover finds it
+                consumers = await redis.xinfo_consumers(key(GENERATE_STREAM), "verifier")
+                assert [(c["name"].decode(), c["pending"]) for c in consumers] == [(consumer, 1)]
                 assert kvstore != "shm" or shm_segments(shm_name) == []
             del service, task, stack
             gc.collect()  # an unclosed Redis connection says so when it is collected
