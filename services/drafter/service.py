@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
 import os
 import socket
@@ -59,12 +60,14 @@ class Drafter:
     def __init__(self, proposer: Proposer):
         self.proposer = proposer
         self.ids: dict[str, int] = {}
+        self._next_id = itertools.count()  # never reused: len(self.ids) would repeat a live id after a release
         self.generators: dict[str, torch.Generator | None] = {}
 
     def draft(self, batch: DraftBatch) -> DraftReply:
         inputs = []
         for item in batch.items:
-            rid = self.ids.setdefault(item.request_id, len(self.ids))
+            if (rid := self.ids.get(item.request_id)) is None:
+                rid = self.ids[item.request_id] = next(self._next_id)
             params = SamplingParams(**{f: getattr(item.sampling, f) for f in item.sampling.__struct_fields__})
             if item.request_id not in self.generators:  # a stream of its own, independent of the verifier's
                 seeded = None if params.seed is None else replace(params, seed=(params.seed * 1_000_003 + 7) % 2**63)
