@@ -28,16 +28,22 @@ def family_configs():
 FAMILIES = list(family_configs())
 
 
-@pytest.fixture(scope="session")
-def hf_model_dirs(tmp_path_factory):
-    """family -> (directory, transformers model in eval mode)."""
+def save_models(tmp_path_factory, configs: dict, first_seed: int) -> dict:
+    """name -> (directory, transformers model in eval mode): each config random-initialised (seeds from
+    `first_seed`) and saved by transformers' own save_pretrained."""
     from transformers import AutoModelForCausalLM
 
     out = {}
-    for i, (name, cfg) in enumerate(family_configs().items()):
-        torch.manual_seed(1000 + i)
+    for i, (name, cfg) in enumerate(configs.items()):
+        torch.manual_seed(first_seed + i)
         model = AutoModelForCausalLM.from_config(cfg).eval()
         path = tmp_path_factory.mktemp(name)
         model.save_pretrained(path)
         out[name] = (path, model)
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_model_dirs(tmp_path_factory):
+    """family -> (directory, transformers model in eval mode)."""
+    return save_models(tmp_path_factory, family_configs(), first_seed=1000)

@@ -17,7 +17,7 @@ from specrelay.shared.modeling.loader import load_model
 from specrelay.shared.modeling.runner import ModelRunner, StepInput
 from specrelay.shared.sampling import SamplingParams
 
-from .conftest import COMMON, VOCAB
+from .conftest import COMMON, VOCAB, save_models
 
 WINDOW = 8
 CHUNK = 16  # prefill chunks: the window crosses chunk (and 16-token block) boundaries
@@ -27,21 +27,14 @@ FAMILIES = ["mistral", "qwen2-window"]
 @pytest.fixture(scope="module")
 def windowed(tmp_path_factory):
     """family -> (directory, transformers model in eval mode)."""
-    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+    from transformers import MistralConfig, Qwen2Config
 
     configs = {
         "mistral": MistralConfig(**COMMON, sliding_window=WINDOW),
         # 2 layers, max_window_layers 1: layer 0 attends to everything, layer 1 to the window
         "qwen2-window": Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
     }
-    out = {}
-    for i, (name, cfg) in enumerate(configs.items()):
-        torch.manual_seed(2000 + i)
-        model = AutoModelForCausalLM.from_config(cfg).eval()
-        path = tmp_path_factory.mktemp(name)
-        model.save_pretrained(path)
-        out[name] = (path, model)
-    return out
+    return save_models(tmp_path_factory, configs, first_seed=2000)
 
 
 def ignore_window(model) -> None:
