@@ -166,3 +166,4 @@ class KvReport(msgspec.Struct, frozen=True, tag=True):
     blocks_used: int
     blocks_total: int
     sent_s: float  # wall clock, seconds since the epoch
+    blocks_kept: int = 0  # of blocks_used: conversations held across a pause (held.py, client_retention.py)

@@ -31,4 +31,5 @@ class VerifierKvReports:
     def stats(self) -> KvStats:
         now = time.time()
         fresh = [r for r in self.latest.values() if now - r.sent_s < self.stale_s]
-        return KvStats(sum(r.blocks_used for r in fresh), sum(r.blocks_total for r in fresh))
+        return KvStats(sum(r.blocks_used for r in fresh), sum(r.blocks_total for r in fresh),
+                       sum(r.blocks_kept for r in fresh))

@@ -123,6 +123,7 @@ class Histogram(_Metric):
 class KvStats:
     blocks_used: int
     blocks_total: int
+    blocks_kept: int = 0  # of blocks_used: conversations held across a tool pause, not running requests
 
 
 KvStatsSource = Callable[[], KvStats]
@@ -173,6 +174,8 @@ class GatewayMetrics:
         self.rejected = Counter("specrelay_admission_rejected_total", "Requests refused with 503 (queue full)")
         self.kv_used = Gauge("specrelay_kv_blocks_used", "KV cache blocks in use (in-process verifier)")
         self.kv_total = Gauge("specrelay_kv_blocks_total", "KV cache blocks in all (in-process verifier)")
+        self.kv_kept = Gauge("specrelay_kv_blocks_kept",
+                             "Of the blocks used, those of conversations held across a tool pause")
 
     def _all(self) -> list[_Metric]:
         return [v for v in vars(self).values() if isinstance(v, _Metric)]
@@ -187,6 +190,7 @@ class GatewayMetrics:
             stats = self.kv_stats()
             self.kv_used.set(stats.blocks_used)
             self.kv_total.set(stats.blocks_total)
+            self.kv_kept.set(stats.blocks_kept)
         else:
-            metrics = [m for m in metrics if m not in (self.kv_used, self.kv_total)]
+            metrics = [m for m in metrics if m not in (self.kv_used, self.kv_total, self.kv_kept)]
         return "\n".join(line for m in metrics for line in m.render()) + "\n"

@@ -91,6 +91,10 @@ class ClientRetention:
     def kept(self) -> list[Paused]:
         return [p for p in self.paused.values() if p.req is not None]
 
+    def num_blocks(self) -> int:
+        """Blocks of the conversations kept resident."""
+        return sum(len(p.req.table.blocks) for p in self.kept)
+
     def pause(self, key: str, req, tool_names: tuple[str, ...]) -> Retention:
         """A held turn ended with client tool calls: decide now. KEEP: the table stays here (do not free it);
         OFFLOAD / DROP: the caller publishes and/or frees it."""

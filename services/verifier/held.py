@@ -115,5 +115,8 @@ class HeldRequests:
         held, self._held = list(self._held.values()), {}
         return held
 
+    def num_blocks(self) -> int:
+        return sum(len(h.req.table.blocks) for h in self._held.values())
+
     def next_expiry_s(self) -> float | None:
         return min((h.expires_s for h in self._held.values()), default=None)

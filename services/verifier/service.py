@@ -109,7 +109,7 @@ class VerifierService:
         self.live: dict[str, Live] = {}
         self.cancelled: dict[str, tuple[str, ...]] = {}  # request id -> client tool names (Cancel.tool_names)
         self._work: asyncio.Future | None = None  # the engine call running in a worker thread
-        self._reported_used, self._reported_at = -1, 0.0
+        self._reported_used, self._reported_at = (-1, -1), 0.0
 
     async def run(self) -> None:
         """Serve until cancelled or the bus closes; either way, close() gives back what this replica holds."""
@@ -158,10 +158,12 @@ class VerifierService:
             return
         cache = self.engine.runner.cache
         used = cache.allocator.num_blocks - cache.num_free_blocks
+        kept = self.held.num_blocks() + (self.retention.num_blocks() if self.retention is not None else 0)
         now = time.time()
-        if used != self._reported_used or now - self._reported_at >= heartbeat_s:
-            await self.bus.publish(KV_STREAM, KvReport(self.cfg.consumer, used, cache.allocator.num_blocks, now))
-            self._reported_used, self._reported_at = used, now
+        if (used, kept) != self._reported_used or now - self._reported_at >= heartbeat_s:
+            await self.bus.publish(KV_STREAM, KvReport(self.cfg.consumer, used, cache.allocator.num_blocks, now,
+                                                       blocks_kept=kept))
+            self._reported_used, self._reported_at = (used, kept), now
 
     def _take(self, delivery: Delivery) -> None:
         if isinstance(msg := delivery.msg, Cancel):
