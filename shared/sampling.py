@@ -3,20 +3,29 @@
 Speculative sampling is lossless only if the draft distribution q and the target distribution p are processed
 identically (temperature, then top-k, then top-p), so `processed_probs` is the single definition of "the
 distribution we sample from"; `sample` draws from it.
+
+Whatever the logits and parameters, that distribution is finite and sums to 1: a request's settings or a model's
+overflow must never reach `torch.multinomial` as NaN (it raises, and one request would take the server down).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from specrelay.shared.errors import SpecrelayError
 
+# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS). Dividing logits by a temperature near float32's
+# smallest normal (~1.2e-38) overflows to inf and softmax turns it into NaN; long before that the distribution is
+# one-hot on the argmax in float32 anyway, so the limit itself is what such a request asks for.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # below GREEDY_BELOW_TEMPERATURE (0 included) = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     seed: int | None = None
@@ -24,8 +33,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise SpecrelayError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN fails every comparison
+            raise SpecrelayError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise SpecrelayError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -35,16 +44,19 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits: [num_rows, vocab] -> float32 probabilities [num_rows, vocab] after temperature, top-k, top-p.
-    Greedy is the one-hot distribution on the argmax, so greedy speculation is the temperature -> 0 limit."""
-    logits = logits.float()
+    Greedy is the one-hot distribution on the argmax, so greedy speculation is the temperature -> 0 limit. A row
+    with no finite distribution left (every logit -inf or NaN) falls back to that one-hot row."""
+    logits = finite_logits(logits.float())
+    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
+        return one_hot
+    # Shift by the row's max before dividing: every scaled logit is then <= 0 and none can overflow to +inf.
+    logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -52,11 +64,23 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does
+        # (the first token never is, as top_p > 0, so every row keeps some mass)
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    usable = torch.isfinite(probs).all(-1, keepdim=True) & (probs.sum(-1, keepdim=True) > 0)
+    return torch.where(usable, probs, one_hot)
+
+
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """[num_rows, vocab] float -> the same with NaN as -inf (a NaN says nothing for its token: it gets no mass),
+    and in a row holding +inf, those tokens at 0 and all others at -inf: the limit of logits growing without
+    bound, where the +inf tokens share all the mass."""
+    logits = logits.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    at_inf = logits == float("inf")  # no early return on "none": that would cost a device sync per call
+    limit = torch.where(at_inf, 0.0, float("-inf"))
+    return torch.where(at_inf.any(-1, keepdim=True), limit, logits)
 
 
 def make_generator(params: SamplingParams, device: str | torch.device = "cpu") -> torch.Generator | None:
