@@ -2,19 +2,30 @@
 
 Work queues (`publish` / `consume`) follow Redis Streams semantics on both transports, so a service behaves the same
 embedded or distributed:
-- a stream is a bounded log (`maxlen`; the oldest entries are trimmed);
+- a stream is a log: entries every group has acknowledged are trimmed (every `trim_interval_ms`), and `maxlen`
+  bounds what a group that stops reading can leave behind;
 - every consumer *group* sees every message; within a group each message goes to one consumer;
 - delivery is at-least-once: a message stays pending until its handler calls `await delivery.ack()` after the work
-  is done; a consumer that dies holding messages loses them to any live consumer of the group once they have been
-  idle for `min_idle_ms` (XAUTOCLAIM). Handlers that can run longer call `await delivery.touch()` now and then.
-  A restarted consumer with the same name first gets its own pending messages back;
+  is done. A live consumer holds a *lease* on what it was handed and has not acknowledged: the bus renews it every
+  `min_idle_ms / 3` however long the handler runs, and never hands the message to another consumer meanwhile. A
+  consumer that dies (or stops consuming) holding messages loses them to a live consumer of the group once they
+  have been idle for `min_idle_ms` (XAUTOCLAIM). A restarted consumer with the same name first gets its own
+  pending messages back. So a handler may see a message twice only after a crash or an outage of the bus: handlers
+  are idempotent by the message's own id (the verifier's request id), not by the bus's;
 - a message delivered `max_deliveries` times without an ack (it crashes every handler) or that does not decode as
   the consumer's type is moved to the dead-letter stream `<stream>.dead` and acknowledged, so it cannot block the
   group forever;
+- a consumer unseen for `stale_consumer_ms` with nothing pending is pruned from its group, and a group whose every
+  consumer is that stale no longer holds back trimming (a killed replica's own Cancel group);
 - streams and groups stay until deleted: a service that names one for itself (a verifier replica's Continue stream,
   its own Cancel group) deletes it when it stops (`delete_stream`, `delete_group`), never one another service reads.
 Reply channels (`open_reply_channel` / `reply`) stream results back to one waiting caller (the gateway's per-request
 token stream): ordered, one reader, no redelivery. See bus_redis.py for why they are streams and not pub/sub.
+
+Redis going away is not an error a service sees at once: every call retries with backoff for `retry_s`, consumers
+recreate their groups when a restarted Redis has lost them, and only then does a call raise `BusUnavailable`.
+`Bus.resets` counts the restarts that lost the bus's data, so a caller waiting on work it published can tell that
+its message may be gone (the gateway republishes a request nobody has started; generation.py).
 
 Messages are msgspec Structs encoded as msgpack, also on the local transport: what works embedded works over Redis,
 and a consumer never shares a mutable object with its producer. Tensors travel as `wire.WireTensor` fields.
@@ -55,11 +66,25 @@ class BusConfig:
     reply_maxlen: int = 100_000  # entries kept in one gateway's reply stream
     reply_ttl_s: int = 600  # a reply stream nobody writes to for this long disappears (its gateway is gone)
     max_deliveries: int = 5  # deliveries without an ack before a message is dead-lettered
+    trim_interval_ms: int = 5_000  # how often a consumer trims what every group of its stream has acknowledged
+    stale_consumer_ms: int = 300_000  # a consumer unseen this long is dead: pruned once nothing is pending on it
+    retry_s: float = 30.0  # how long one call retries a lost Redis, with backoff, before raising BusUnavailable
 
     def __post_init__(self):
         if self.maxlen < 1 or self.batch_size < 1 or self.block_ms < 1 or self.min_idle_ms < 0 \
-                or self.max_deliveries < 1:
+                or self.max_deliveries < 1 or self.trim_interval_ms < 1 or self.stale_consumer_ms < 1 \
+                or self.retry_s < 0:
             raise ConfigError(f"bus settings out of range: {self}")
+
+    @property
+    def lease_renew_s(self) -> float:
+        """How often a live consumer renews its leases: three renewals fit in one claim timeout."""
+        return max(self.min_idle_ms / 3, 10) / 1000
+
+
+class BusUnavailable(ConnectionError):
+    """The bus stayed unreachable for `BusConfig.retry_s`. The caller's message was not sent (or not acknowledged);
+    a service loop logs it and goes on, since the bus will be back."""
 
 
 class Delivery(Generic[T]):
@@ -87,7 +112,8 @@ class Delivery(Generic[T]):
         await self._ack()
 
     async def touch(self) -> None:
-        """Reset the idle clock so a long handler is not mistaken for a dead consumer."""
+        """Renew the lease now. The bus renews it by itself while the consumer lives; this is for a consumer that
+        stopped reading and still works on what it was handed."""
         await self._touch()
 
 
@@ -138,20 +164,29 @@ class ReplyChannel(Generic[T]):
 
 class Bus(ABC):
     config: BusConfig
+    resets: int = 0  # restarts of the bus's server that lost its streams while this process used it
+
 
     @abstractmethod
     async def publish(self, stream: str, msg: msgspec.Struct) -> str:
         """Append `msg` to `stream`; returns its message id."""
 
     @abstractmethod
-    def consume(self, stream: str, group: str, consumer: str, type: type[T]) -> AsyncIterator[Delivery[T]]:
-        """Messages of `stream` for `consumer` in `group` (created if missing, reading from the oldest retained
-        entry), forever or until `close()`. `consumer` names one live reader (e.g. host:pid:task): a restart may
-        reuse it, two readers at once must not. `type` may be a union of tagged Structs (`Generate | Cancel`)."""
+    def consume(self, stream: str, group: str, consumer: str, type: type[T],
+                replay_ms: int | None = None) -> AsyncIterator[Delivery[T]]:
+        """Messages of `stream` for `consumer` in `group`, forever or until `close()`. A missing group is created
+        reading from the oldest retained entry, or with `replay_ms` from those published in the last `replay_ms`
+        (a replica's own Cancel group: older Cancels concern requests it never had). `consumer` names one live
+        reader (e.g. host:pid:task): a restart may reuse it, two readers at once must not. `type` may be a union
+        of tagged Structs (`Generate | Cancel`)."""
 
     @abstractmethod
     async def stream_length(self, stream: str) -> int:
-        """Entries the stream retains (acknowledged or not): a cheap queue-depth signal for admission."""
+        """Entries the stream retains (acknowledged or not, until trimmed)."""
+
+    @abstractmethod
+    async def queue_depth(self, stream: str, group: str) -> int:
+        """Work waiting for `group`: messages pending on its consumers plus those not yet delivered to it."""
 
     @abstractmethod
     async def delete_stream(self, stream: str) -> None:
@@ -230,6 +265,8 @@ class _Pending:
 class _Group:
     cursor: int  # next sequence number to hand out
     pending: dict[int, _Pending] = field(default_factory=dict)
+    readers: dict[str, int] = field(default_factory=dict)  # consumer -> its open consume() calls: live leases
+    seen: float = field(default_factory=time.monotonic)  # when a consumer last read: a stale group trims not
 
 
 class _Stream:
@@ -248,6 +285,20 @@ class _Stream:
         self.next_seq += 1
         self.changed.set()
         return seq
+
+    def seq_since(self, published_ns: int) -> int:
+        """The first retained entry published at or after `published_ns` (the next one if none)."""
+        return next((seq for seq, ns, _ in self.entries if ns >= published_ns), self.next_seq)
+
+    def trim(self, stale_s: float) -> None:
+        """Drop the entries every live group has acknowledged (below its oldest pending entry and its cursor)."""
+        now = time.monotonic()
+        live = [g for g in self.groups.values() if g.readers or now - g.seen < stale_s]
+        if not live:  # nobody reads yet (or any more): what is here waits for a group to come
+            return
+        keep_from = min(min(g.pending, default=g.cursor) for g in live)
+        while self.entries and self.entries[0][0] < keep_from:
+            self.entries.popleft()
 
 
 class LocalBus(Bus):
@@ -268,6 +319,13 @@ class LocalBus(Bus):
     async def stream_length(self, stream: str) -> int:
         return len(self._stream(stream).entries)
 
+    async def queue_depth(self, stream: str, group: str) -> int:
+        s = self._streams.get(stream)
+        g = s.groups.get(group) if s is not None else None
+        if g is None:
+            return len(s.entries) if s is not None else 0
+        return len(g.pending) + s.next_seq - max(g.cursor, s.first_seq())
+
     async def delete_stream(self, stream: str) -> None:
         self._streams.pop(stream, None)
         self._streams.pop(stream + ".dead", None)
@@ -281,21 +339,39 @@ class LocalBus(Bus):
         g = self._streams[stream].groups.get(group) if stream in self._streams else None
         return g is None or all(p.consumer != consumer for p in g.pending.values())
 
-    async def consume(self, stream: str, group: str, consumer: str, type: type[T]) -> AsyncIterator[Delivery[T]]:
+    async def consume(self, stream: str, group: str, consumer: str, type: type[T],
+                      replay_ms: int | None = None) -> AsyncIterator[Delivery[T]]:
         s = self._stream(stream)
-        g = s.groups.setdefault(group, _Group(cursor=s.first_seq()))
-        decoder = msgspec.msgpack.Decoder(type)
+        if group not in s.groups:
+            start = s.first_seq() if replay_ms is None else s.seq_since(time.time_ns() - replay_ms * 1_000_000)
+            s.groups[group] = _Group(cursor=start)
+        g = s.groups[group]
+        g.readers[consumer] = g.readers.get(consumer, 0) + 1
+        try:
+            async for delivery in self._consume(s, g, stream, group, consumer, msgspec.msgpack.Decoder(type)):
+                yield delivery
+        finally:
+            g.readers[consumer] -= 1
+            if not g.readers[consumer]:
+                del g.readers[consumer]
+
+    async def _consume(self, s: _Stream, g: _Group, stream: str, group: str, consumer: str,
+                       decoder: msgspec.msgpack.Decoder) -> AsyncIterator[Delivery]:
         cfg = self.config
         # A consumer restarted under the same name gets its own unacknowledged messages back first.
         batch = [seq for seq, p in g.pending.items() if p.consumer == consumer]
-        next_claim = 0.0
+        next_claim, next_trim = 0.0, time.monotonic() + cfg.trim_interval_ms / 1000
         while not self._closed:
-            now = time.monotonic()
+            now = g.seen = time.monotonic()
+            if now >= next_trim:
+                next_trim = now + cfg.trim_interval_ms / 1000
+                s.trim(cfg.stale_consumer_ms / 1000)
             if not batch and now >= next_claim:
                 next_claim = now + cfg.claim_interval_ms / 1000
                 idle_s = cfg.min_idle_ms / 1000
-                batch = [seq for seq, p in g.pending.items()
-                         if p.consumer != consumer and now - p.delivered_at >= idle_s][: cfg.batch_size]
+                # Only a consumer that stopped reading loses its messages: a live one holds its leases.
+                batch = [seq for seq, p in g.pending.items() if p.consumer != consumer
+                         and p.consumer not in g.readers and now - p.delivered_at >= idle_s][: cfg.batch_size]
                 for seq in batch:  # ours from now on, before we yield to anyone who might claim them too
                     g.pending[seq].consumer, g.pending[seq].delivered_at = consumer, now
             if not batch:

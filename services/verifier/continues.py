@@ -14,6 +14,7 @@ request's goes: the prefix cache when on, then freed. At shutdown (`close`) ever
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,6 +24,8 @@ from specrelay.services.verifier.held import Held, HeldRequests, Ledger
 from specrelay.shared.bus import Bus, Delivery
 from specrelay.shared.messages import Continue, TokenChunk
 from specrelay.shared.modeling.kv_cache import BlockTable
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from specrelay.services.verifier.client_retention import ClientRetention
@@ -64,9 +67,13 @@ class Continuations:
     async def release(self, req: Request) -> None:
         """A finished request's KV: published for later requests (prefix cache; its relay span went at finish),
         then freed."""
-        if self.prefix is not None:
-            await self.prefix.save(req.table, req.tokens)
-        self.engine.release(req)
+        try:
+            if self.prefix is not None:
+                await self.prefix.save(req.table, req.tokens)
+        except Exception as e:  # noqa: BLE001 - the kvstore away costs later reuse; the blocks are freed anyway
+            log.warning("verifier: could not save a finished request's prefix (%r)", e)
+        finally:
+            self.engine.release(req)
 
     # -- messages and time -----------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
     verifier.generate              group "verifier", shared by every replica: each Generate goes to one of them
     verifier.cancel                group "cancel-<consumer>", this replica's: every replica sees every Cancel
+                                   published from `cancel_replay_ms` before it started on (not the whole stream)
     verifier.continue.<consumer>   this replica's stream: Continues for the requests it holds (held.py)
 
 The replica's own group and stream are named for its consumer (`VerifierConfig.consumer`, host and pid), so they
@@ -19,8 +20,9 @@ from specrelay.shared.messages import CANCEL_STREAM, GENERATE_STREAM, Cancel, Co
 
 
 class Inbox:
-    def __init__(self, bus: Bus, consumer: str):
+    def __init__(self, bus: Bus, consumer: str, cancel_replay_ms: int = 60_000):
         self.bus, self.consumer = bus, consumer
+        self.cancel_replay_ms = cancel_replay_ms
         self.continue_stream = continue_stream(consumer)
         self.cancel_group = f"cancel-{consumer}"
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
@@ -28,7 +30,8 @@ class Inbox:
 
     def start(self) -> None:
         self._feeders = [asyncio.create_task(self._feed(GENERATE_STREAM, "verifier", Generate)),
-                         asyncio.create_task(self._feed(CANCEL_STREAM, self.cancel_group, Cancel)),
+                         asyncio.create_task(self._feed(CANCEL_STREAM, self.cancel_group, Cancel,
+                                                        self.cancel_replay_ms)),
                          asyncio.create_task(self._feed(self.continue_stream, "verifier", Continue))]
 
     def feeding(self) -> bool:
@@ -67,6 +70,6 @@ class Inbox:
         await self.bus.delete_group(CANCEL_STREAM, self.cancel_group)
         await self.bus.forget_consumer(GENERATE_STREAM, "verifier", self.consumer)
 
-    async def _feed(self, stream: str, group: str, type) -> None:
-        async for delivery in self.bus.consume(stream, group, self.consumer, type):
+    async def _feed(self, stream: str, group: str, type, replay_ms: int | None = None) -> None:
+        async for delivery in self.bus.consume(stream, group, self.consumer, type, replay_ms=replay_ms):
             await self._queue.put(delivery)

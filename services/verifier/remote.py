@@ -1,17 +1,19 @@
 """The verifier's side of the drafter service: one DraftBatch per step, the reply awaited with a deadline.
 
 A reply that misses the deadline is dropped (its step id is stale by then) and the step verifies root-only trees,
-i.e. plain decoding: a slow or dead drafter costs speed, never correctness.
+i.e. plain decoding: a slow or dead drafter costs speed, never correctness. So does a bus that cannot take the
+request: drafting is skipped for the step, feedback for the step is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import torch
 
 from specrelay.services.drafter.base import DraftInput, Verified
-from specrelay.shared.bus import Bus
+from specrelay.shared.bus import Bus, BusUnavailable
 from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.messages import (
     DRAFT_STREAM,
@@ -23,6 +25,8 @@ from specrelay.shared.messages import (
     SamplingSpec,
 )
 from specrelay.shared.wire import WireTensor
+
+log = logging.getLogger(__name__)
 
 
 class RemoteDrafter:
@@ -36,7 +40,11 @@ class RemoteDrafter:
     async def propose(self, inputs: list[DraftInput], names: dict[int, str]) -> list[DraftTree] | None:
         self.step_id += 1
         items = [DraftItem(names[i.request_id], i.tokens, _spec(i), i.max_nodes) for i in inputs]
-        await self.bus.publish(DRAFT_STREAM, DraftBatch(self.step_id, self.channel.name, items))
+        try:
+            await self.bus.publish(DRAFT_STREAM, DraftBatch(self.step_id, self.channel.name, items))
+        except BusUnavailable as e:
+            log.warning("verifier: no draft this step: %s", e)
+            return None
         try:
             async with asyncio.timeout(self.timeout_s):
                 while (reply := await self.channel.get()) is not None and reply.step_id != self.step_id:
@@ -61,7 +69,10 @@ class RemoteDrafter:
                               WireTensor.from_torch(v.target_topk.to(torch.int64).contiguous()))
                  for v in verified if v.request_id in names]
         if items or released:
-            await self.bus.publish(DRAFT_STREAM, DraftFeedback(items, released))
+            try:
+                await self.bus.publish(DRAFT_STREAM, DraftFeedback(items, released))
+            except BusUnavailable as e:  # worse drafts for these requests, never wrong output
+                log.warning("verifier: draft feedback dropped: %s", e)
 
     def close(self) -> None:
         self.channel.close()

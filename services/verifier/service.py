@@ -4,7 +4,15 @@ service, tokens streamed back as TokenChunks.
 Loop: receive (Generate / Cancel / Continue, inbox.py) -> admit while batch slots and KV blocks last (Continues go
 on from held KV, continues.py) -> plan, draft (remote, with a deadline), verify -> publish new tokens. A request's
 Generate is acknowledged only once its last chunk is out (at-least-once: a replica that dies mid-request leaves it
-to another, which starts over; the gateway drops tokens it already has).
+to another, which starts over; the gateway drops tokens it already has). While it serves a request the bus renews
+the replica's lease on it, so no other replica takes it however long it runs (bus.py).
+
+Admission is idempotent by request id: a second delivery of a request this replica is serving, queueing or has
+just finished (a copy the gateway republished after a Redis restart, or the same entry handed back) is not served
+twice; the newer copy backs the request and the older one is acknowledged. A failure that belongs to one request
+(its prefill, a bad Continue) answers that request with an error chunk and frees its KV; a failure of a whole step
+fails the requests in it; the replica goes on serving either way. The bus being away is retried (bus.py); the
+kvstore being away costs its reuse, never a request.
 
 However run() ends (cancelled, the bus closed), close() gives back what the replica holds: KV blocks, the kvstore's
 connections or segments, and its own Continue stream and Cancel group on the bus.
@@ -17,18 +25,22 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from specrelay.services.verifier.continues import Continuations
 from specrelay.services.verifier.held import Ledger
 from specrelay.services.verifier.inbox import Inbox
 from specrelay.services.verifier.relay import RelayConfig
-from specrelay.shared.bus import Bus, Delivery
+from specrelay.shared.bus import Bus, BusUnavailable, Delivery
 from specrelay.shared.messages import KV_STREAM, Cancel, Continue, Generate, KvReport, RelayUsage, TokenChunk
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+_REMEMBER_FINISHED = 10_000  # finished request ids remembered, so a late second copy of one is not served again
+_BUS_PAUSE_S = 0.5  # after the bus stayed away past its retries: pause, then go on serving
 
 
 @dataclass
@@ -53,6 +65,9 @@ class VerifierConfig:
     max_hold_s: float = 300.0  # the longest a finished request's KV is held for a Continue (held.py)
     client_retention: bool = True  # keep / offload / drop KV across client tool pauses (client_retention.py)
     kvstore_bytes_per_s: float = 2e9  # what that policy prices an offload and reload at (in-process store: ~2 GB/s)
+    # A new replica reads the Cancels of this last while (a request it takes over may have been cancelled before it
+    # started), not every Cancel the stream retains.
+    cancel_replay_s: float = 60.0
 
 
 @dataclass
@@ -104,10 +119,12 @@ class VerifierService:
         self.turns = Continuations(engine, bus, self.prefix, retention, cfg.max_nodes, cfg.max_hold_s)
         self.held, self.retention = self.turns.held, retention
         self.drafter = RemoteDrafter(bus, cfg.draft_timeout_s) if cfg.speculate else None
-        self.inbox = Inbox(bus, cfg.consumer)
+        self.inbox = Inbox(bus, cfg.consumer, int(cfg.cancel_replay_s * 1000))
         self.waiting: list[Delivery] = []
         self.live: dict[str, Live] = {}
         self.cancelled: dict[str, tuple[str, ...]] = {}  # request id -> client tool names (Cancel.tool_names)
+        self.cancel_acks: list[Delivery] = []  # acknowledged in turn, not all at once (a replay can be long)
+        self.finished: OrderedDict[str, None] = OrderedDict()  # the last _REMEMBER_FINISHED Generates served
         self._work: asyncio.Future | None = None  # the engine call running in a worker thread
         self._reported_used, self._reported_at = (-1, -1), 0.0
 
@@ -120,12 +137,16 @@ class VerifierService:
                 if me.cancelling():  # a client library below (redis-py) can swallow a CancelledError: honour it
                     raise asyncio.CancelledError
                 for delivery in await self.inbox.receive(block=not self.live):
-                    self._take(delivery)
-                await self.admit()
-                await self.report_kv()
-                if self.live:
-                    await self.step()
+                    await self._take(delivery)
+                try:
+                    await self.admit()
                     await self.report_kv()
+                    if self.live:
+                        await self.step()
+                        await self.report_kv()
+                except BusUnavailable as e:  # what was not sent is sent at the next step, or redelivered
+                    log.warning("verifier %s: %s; going on", self.cfg.consumer, e)
+                    await asyncio.sleep(_BUS_PAUSE_S)
         finally:
             await self.close()
 
@@ -137,6 +158,9 @@ class VerifierService:
         for delivery in await self.inbox.stop():
             if isinstance(delivery.msg, Continue):
                 self.turns.receive(delivery)
+        for delivery in self.cancel_acks:
+            await delivery.ack()
+        self.cancel_acks.clear()
         if self._work is not None:  # a cancelled run() leaves its engine call running in the thread: let it end
             await asyncio.gather(self._work, return_exceptions=True)
         for live in self.live.values():
@@ -165,14 +189,39 @@ class VerifierService:
                                                        blocks_kept=kept))
             self._reported_used, self._reported_at = (used, kept), now
 
-    def _take(self, delivery: Delivery) -> None:
+    async def _take(self, delivery: Delivery) -> None:
         if isinstance(msg := delivery.msg, Cancel):
             self.cancelled[msg.request_id] = tuple(msg.tool_names) or self.cancelled.get(msg.request_id, ())
-            asyncio.ensure_future(delivery.ack())
-        elif isinstance(msg, Continue):
-            self.turns.receive(delivery)
+            self.cancel_acks.append(delivery)
+        elif not await self._duplicate(delivery):
+            if isinstance(msg, Continue):
+                self.turns.receive(delivery)
+            else:
+                self.waiting.append(delivery)
+
+    async def _duplicate(self, delivery: Delivery) -> bool:
+        """Whether this Generate or Continue is one this replica already has (running, queued, or a Generate just
+        finished). The copy that came last backs the request from now on: after a Redis restart only it exists.
+        The same entry delivered again needs no acknowledgement of its own."""
+        msg = delivery.msg
+        rid = msg.request_id
+        if isinstance(msg, Generate) and rid in self.finished:
+            log.info("verifier %s: request %s again, already served; dropped", self.cfg.consumer, rid)
+            await delivery.ack()
+            return True
+        live = self.live.get(rid)
+        if live is not None and type(live.msg) is type(msg):
+            old, live.delivery = live.delivery, delivery
         else:
-            self.waiting.append(delivery)
+            queue = self.waiting if isinstance(msg, Generate) else self.turns.queue
+            i = next((i for i, d in enumerate(queue) if d.msg.request_id == rid), None)
+            if i is None:
+                return False
+            old, queue[i] = queue[i], delivery
+        log.info("verifier %s: request %s delivered again while it is here; served once", self.cfg.consumer, rid)
+        if (old.stream, old.message_id) != (delivery.stream, delivery.message_id):
+            await old.ack()
+        return True
 
     async def admit(self) -> None:
         """Cancels, then expiries, then Continues (their KV is already here), then new Generates in order, while
@@ -181,19 +230,30 @@ class VerifierService:
             if rid in self.live:
                 live = self.live.pop(rid)
                 await self._finish(live, "cancelled", self.engine.cancel(live.request_id))
-            self.waiting = [d for d in self.waiting if d.msg.request_id != rid]
+            for delivery in [d for d in self.waiting if d.msg.request_id == rid]:
+                self.waiting.remove(delivery)
+                await delivery.ack()  # the sender gave up on it: nobody else should start it
             await self.turns.cancel(rid, tool_names)
         self.cancelled.clear()
+        while self.cancel_acks:
+            await self.cancel_acks.pop().ack()
         await self.turns.expire()
         while len(self.live) < self.cfg.max_batch and (resume := await self.turns.next_resume(self._headroom)):
             msg, held = resume.delivery.msg, resume.held
-            req = await self._in_thread(self.engine.extend, held.req, msg.token_ids, _params(msg.sampling))
+            try:
+                req = await self._in_thread(self.engine.extend, held.req, msg.token_ids, _params(msg.sampling))
+            except Exception as e:  # this Continue alone fails; its held KV goes with it
+                log.exception("verifier %s: Continue of %s failed", self.cfg.consumer, msg.request_id)
+                self.engine.release(held.req)
+                await self._fail(resume.delivery, f"the verifier could not continue this request: {e}")
+                continue
             await self._start(Live(resume.delivery, msg, req.request_id, ledger=held.ledger,
                                    carried=req.stats.cached_tokens), req)
         while self.waiting and len(self.live) < self.cfg.max_batch:
             msg: Generate = self.waiting[0].msg
             if error := self._check(msg):
                 await self.bus.reply(msg.reply_to, TokenChunk(msg.request_id, [], finish_reason="error", error=error))
+                self._remember(msg.request_id)
                 await self.waiting.pop(0).ack()
                 continue
             need = self._blocks(len(msg.prompt_token_ids))
@@ -201,14 +261,45 @@ class VerifierService:
                 break  # wait for running requests to free blocks
             delivery = self.waiting.pop(0)
             table = self.turns.take_claim(msg.request_id) or BlockTable()
-            if self.prefix is not None and table.num_tokens == 0:
-                await self.prefix.load(table, msg.prompt_token_ids)
-            cached = table.num_tokens
-            relay = await self.relay.admit(table, msg.prompt_token_ids) if self.relay is not None else None
-            [req] = await self._in_thread(self.engine.add, [msg.prompt_token_ids], [_params(msg.sampling)], [table])
+            try:
+                relay, cached = await self._reuse(table, msg.prompt_token_ids)
+                [req] = await self._in_thread(self.engine.add, [msg.prompt_token_ids], [_params(msg.sampling)],
+                                              [table])
+            except Exception as e:  # this request alone fails (its prefill); the others and the replica go on
+                log.exception("verifier %s: admitting %s failed", self.cfg.consumer, msg.request_id)
+                self.engine.runner.release(table)
+                self._remember(msg.request_id)
+                await self._fail(delivery, f"the verifier could not start this request: {e}")
+                continue
             req.stats.cached_tokens = cached  # the engine counts relay-prefilled tokens too; usage reports them apart
             await self._start(Live(delivery, msg, req.request_id, relay=relay,
                                    ledger=Ledger(self.pte_profile, self.pte_source)), req)
+
+    async def _reuse(self, table: BlockTable, prompt: list[int]) -> tuple[RelayUsage | None, int]:
+        """Fill `table` from the kvstore: the cached prefix, then relayed spans. (relay usage, tokens cached). The
+        store being unreachable only costs the reuse: the table is emptied and the prompt prefilled whole."""
+        try:
+            if self.prefix is not None and table.num_tokens == 0:
+                await self.prefix.load(table, prompt)
+            cached = table.num_tokens
+            return (await self.relay.admit(table, prompt) if self.relay is not None else None), cached
+        except Exception as e:  # noqa: BLE001 - whatever the store's failure, the request runs without it
+            log.warning("verifier %s: the kvstore failed (%r); prefilling without reuse", self.cfg.consumer, e)
+            self.engine.runner.release(table)
+            return None, 0
+
+    async def _fail(self, delivery: Delivery, error: str) -> None:
+        """Answer one request with an error chunk and acknowledge it: it failed here and would fail anywhere."""
+        msg = delivery.msg
+        try:
+            await self.bus.reply(msg.reply_to, TokenChunk(msg.request_id, [], finish_reason="error", error=error))
+        finally:
+            await delivery.ack()
+
+    def _remember(self, request_id: str) -> None:
+        self.finished[request_id] = None
+        while len(self.finished) > _REMEMBER_FINISHED:
+            self.finished.popitem(last=False)
 
     def _blocks(self, num_tokens: int) -> int:
         """Blocks a request of `num_tokens` needs to run: its tokens and a draft tree's."""
@@ -230,16 +321,33 @@ class VerifierService:
 
     async def step(self) -> None:
         engine, names = self.engine, {lv.request_id: rid for rid, lv in self.live.items()}
+        for orphan in [r.request_id for r in engine.running if r.request_id not in names]:
+            log.error("verifier %s: engine request %d has no request id; cancelled", self.cfg.consumer, orphan)
+            engine.cancel(orphan)
         inputs = engine.plan() if self.drafter else None
         trees, draft_s = None, 0.0
         if inputs is not None:
             t0 = asyncio.get_running_loop().time()
             trees = await self.drafter.propose(inputs, names)
             draft_s = asyncio.get_running_loop().time() - t0
-        out = await self._in_thread(engine.verify, trees, draft_s)
+        try:
+            out = await self._in_thread(engine.verify, trees, draft_s)
+        except Exception as e:  # the step's requests fail; the replica serves the next ones
+            log.exception("verifier %s: a step failed", self.cfg.consumer)
+            for rid, live in list(self.live.items()):
+                self.live.pop(rid)
+                engine.cancel(live.request_id)
+                self._remember(rid)
+                await self._fail(live.delivery, f"the verifier failed on this request: {e}")
+            return
         by_id = {r.request_id: r for r in engine.running + out.finished}
         for rid, live in list(self.live.items()):
-            await self._publish(live, by_id[live.request_id])
+            if (req := by_id.get(live.request_id)) is None:  # never expected: fail it rather than the replica
+                self.live.pop(rid)
+                self._remember(rid)
+                await self._fail(live.delivery, "the verifier lost this request")
+                continue
+            await self._publish(live, req)
         if self.drafter:
             released = [names[r.request_id] for r in out.finished]
             await self.drafter.feedback(out.verified if trees is not None else [], names, released)
@@ -266,15 +374,23 @@ class VerifierService:
 
     async def _finish(self, live: Live, reason: str, req) -> None:
         msg, first = live.msg, isinstance(live.msg, Generate)
+        if first:
+            self._remember(msg.request_id)
         if reason != "cancelled" and self.relay is not None:  # now, held or not: the next agent may quote it soon
-            await self.relay.publish(req.table, len(req.prompt), req.output)
+            try:
+                await self.relay.publish(req.table, len(req.prompt), req.output)
+            except Exception as e:  # noqa: BLE001 - the kvstore away costs the reuse, not the answer
+                log.warning("verifier %s: could not relay %s's output (%r)", self.cfg.consumer, msg.request_id, e)
         usage = live.ledger.add_turn(req, live.carried, live.relay, msg.evicted_tokens if first else 0,
                                      0 if first else msg.tool_response_tokens)
         held = await self.turns.finish(msg.request_id, req, live.ledger, reason, msg.hold_s)
         new = req.output[live.sent :]
-        await self.bus.reply(msg.reply_to, TokenChunk(msg.request_id, new, offset=live.sent, finish_reason=reason,
-                                                      usage=usage, holder=self.cfg.consumer if held else None))
-        await live.delivery.ack()
+        try:
+            await self.bus.reply(msg.reply_to, TokenChunk(msg.request_id, new, offset=live.sent,
+                                                          finish_reason=reason, usage=usage,
+                                                          holder=self.cfg.consumer if held else None))
+        finally:  # even unanswered: this replica holds no lease on a request it no longer serves
+            await live.delivery.ack()
 
 
 def _params(s) -> SamplingParams:
