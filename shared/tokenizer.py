@@ -3,6 +3,10 @@
 Token ids come from `tokenizers` (tokenizer.json); the chat template (tokenizer_config.json's `chat_template` or
 chat_template.jinja) is rendered with a sandboxed jinja2 environment that offers what HF templates use: `tojson`
 without HTML escaping, `raise_exception`, `strftime_now`, and the special tokens as variables.
+
+Every message reaches the template with string content (null and lists of text parts are flattened), and a
+template without a tools section gets the tools, calls and answers written into the messages in the Hermes form
+(`tool_prompt.py`), so neither an OpenAI content shape nor a tool is lost on a template that only prints strings.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from specrelay.shared import tool_prompt
 from specrelay.shared.errors import ModelLoadError, SpecrelayError
 
 
@@ -82,6 +87,25 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
                     add_generation_prompt: bool = True, **extra: Any) -> str:
+        try:
+            messages = tool_prompt.plain_messages(messages)
+        except ValueError as e:
+            raise TemplateError(f"messages: {e}") from None
+        if not self.renders_tools and tool_prompt.needs_tools_text(messages, tools):
+            messages, tools = tool_prompt.hermes_messages(messages, tools, self.renders_system), None
+        return self._render(messages, tools, add_generation_prompt, **extra)
+
+    @cached_property
+    def renders_tools(self) -> bool:
+        """The template prints tools, calls and answers itself; if not, `render_chat` writes them in (Hermes)."""
+        return self.chat_template is not None and tool_prompt.renders_tools(self._render)
+
+    @cached_property
+    def renders_system(self) -> bool:
+        return self.chat_template is not None and tool_prompt.renders_system(self._render)
+
+    def _render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = True,
+                **extra: Any) -> str:
         if self.chat_template is None:
             raise TemplateError("this model has no chat template (tokenizer_config.json has no chat_template)")
         import jinja2
@@ -94,6 +118,10 @@ class Tokenizer:
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
         except jinja2.TemplateError as e:
             raise TemplateError(f"chat template: {e}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            # jinja lets Python's own errors through (e.g. `'text' + none`): still the messages this template
+            # cannot render, so a 400 for this request rather than a 500
+            raise TemplateError(f"chat template: {type(e).__name__}: {e}") from None
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True, **extra: Any) -> list[int]:
