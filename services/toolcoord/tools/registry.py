@@ -4,7 +4,7 @@ Config file (TOML or JSON, same keys):
 
     [builtins]
     calculator = true
-    python = { timeout_s = 10, cpu_s = 5, memory_bytes = 536870912 }
+    python = { timeout_s = 10, cpu_s = 5, memory_bytes = 536870912 }   # unsafe_no_sandbox = true: see below
     http_fetch = { enabled = true, timeout_s = 10, max_bytes = 262144 }
 
     [[tools]]
@@ -13,7 +13,10 @@ Config file (TOML or JSON, same keys):
     description = "Current weather for a city"
     parameters = { type = "object", properties = { city = { type = "string" } }, required = ["city"] }
 
-calculator and python are on by default; http_fetch is off unless enabled. Packages can also expose tools under
+calculator and python are on by default; http_fetch is off unless enabled. python runs in a bubblewrap sandbox;
+where bwrap is missing or cannot create namespaces the tool is not offered, the reason is logged, and a call to it
+gets that reason. `unsafe_no_sandbox = true` in its table runs it on the host instead (rlimits, audit hook, and a
+network namespace where allowed): only for a host whose every user may run code as the server. Packages can also expose tools under
 the entry-point group `specrelay.tools`: each entry point loads either a `Tool` or a function (its docstring is
 the description, an optional `parameters` attribute the JSON schema), loaded only when `entry_points = true`.
 """
@@ -25,6 +28,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import logging
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -36,7 +40,10 @@ from specrelay.services.toolcoord.tools import calculator as calculator_mod
 from specrelay.services.toolcoord.tools import http_fetch as http_fetch_mod
 from specrelay.services.toolcoord.tools import python_tool
 from specrelay.services.toolcoord.tools.base import ToolError, ToolResult
+from specrelay.services.toolcoord.tools.sandbox import SandboxUnavailable, find_sandbox
 from specrelay.shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "specrelay.tools"
 ToolFunction = Callable[..., Any] | Callable[..., Awaitable[Any]]
@@ -58,6 +65,8 @@ class Tool:
 @dataclass
 class ToolRegistry:
     tools: dict[str, Tool] = field(default_factory=dict)
+    # Tools configured but not offered, with why (the python tool without a sandbox): a call gets the reason.
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     def register(self, tool: Tool) -> None:
         if not tool.name.replace("_", "").replace("-", "").isalnum():
@@ -79,6 +88,8 @@ class ToolRegistry:
         tool = self.tools.get(name)
         try:
             if tool is None:
+                if name in self.unavailable:
+                    raise ToolError(self.unavailable[name])
                 raise ToolError(f"no server-side tool named {name!r}")
             args = json.loads(arguments) if isinstance(arguments, str) else dict(arguments)
             if not isinstance(args, dict):
@@ -142,12 +153,7 @@ def builtin_registry(builtins: Mapping[str, Any] | None = None) -> ToolRegistry:
         registry.register(Tool("calculator", calculator_mod.DESCRIPTION, calculator_mod.SCHEMA,
                                calculator_mod.calculator))
     if (opts := _options(builtins.pop("python", True), "python")) is not None:
-        limits = _dataclass_from(python_tool.PythonLimits, opts, "python")
-
-        async def python(code: str) -> ToolResult:
-            return await python_tool.run_python(code, limits)
-
-        registry.register(Tool("python", python_tool.DESCRIPTION, python_tool.SCHEMA, python))
+        _add_python(registry, opts)
     if (opts := _options(builtins.pop("http_fetch", False), "http_fetch")) is not None:
         fetch_config = _dataclass_from(http_fetch_mod.FetchConfig, {**opts, "enabled": True}, "http_fetch")
 
@@ -158,6 +164,29 @@ def builtin_registry(builtins: Mapping[str, Any] | None = None) -> ToolRegistry:
     if builtins:
         raise ConfigError(f"tools config: unknown builtin(s) {', '.join(sorted(builtins))}")
     return registry
+
+
+def _add_python(registry: ToolRegistry, opts: dict[str, Any]) -> None:
+    unsafe = opts.pop("unsafe_no_sandbox", False)
+    if not isinstance(unsafe, bool):
+        raise ConfigError("tools config: builtins.python.unsafe_no_sandbox must be true or false")
+    limits = _dataclass_from(python_tool.PythonLimits, opts, "python")
+    if unsafe:
+        log.warning("python tool: unsafe_no_sandbox = true, model-written code runs on this host as this user, "
+                    "with rlimits and an audit hook only")
+    else:
+        try:
+            find_sandbox()
+        except SandboxUnavailable as e:
+            # Never fall back to running unsandboxed: the operator decides that, by name, in the config.
+            log.error("python tool disabled: %s (or set unsafe_no_sandbox = true in the tools config)", e)
+            registry.unavailable["python"] = f"the python tool is unavailable on this server: {e}"
+            return
+
+    async def python(code: str) -> ToolResult:
+        return await python_tool.run_python(code, limits, unsafe_no_sandbox=unsafe)
+
+    registry.register(Tool("python", python_tool.DESCRIPTION, python_tool.SCHEMA, python))
 
 
 def load_target(target: str) -> Any:
