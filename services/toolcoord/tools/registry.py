@@ -16,9 +16,11 @@ Config file (TOML or JSON, same keys):
 calculator and python are on by default; http_fetch is off unless enabled. python runs in a bubblewrap sandbox;
 where bwrap is missing or cannot create namespaces the tool is not offered, the reason is logged, and a call to it
 gets that reason. `unsafe_no_sandbox = true` in its table runs it on the host instead (rlimits, audit hook, and a
-network namespace where allowed): only for a host whose every user may run code as the server. Packages can also expose tools under
-the entry-point group `specrelay.tools`: each entry point loads either a `Tool` or a function (its docstring is
-the description, an optional `parameters` attribute the JSON schema), loaded only when `entry_points = true`.
+network namespace where allowed): only for a host whose every user may run code as the server.
+
+Packages can also expose tools under the entry-point group `specrelay.tools`: each entry point loads either a
+`Tool` or a function (its docstring is the description, an optional `parameters` attribute the JSON schema),
+loaded only when `entry_points = true`.
 """
 
 from __future__ import annotations
