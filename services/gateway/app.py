@@ -54,10 +54,12 @@ async def _auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     keys = request.app[GATEWAY].config.api_keys
     if keys and request.path not in OPEN_PATHS:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        token = token.strip()
-        # compare_digest against every key: the time taken does not tell which key nearly matched
+        # aiohttp decodes header bytes as UTF-8 with surrogate escapes: a key that is not UTF-8 still compares (and
+        # fails) as bytes instead of raising. compare_digest against every key: the time taken does not tell which
+        # key nearly matched.
+        token = token.strip().encode("utf-8", "surrogatepass")
         valid = scheme.lower() == "bearer" and any(
-            [hmac.compare_digest(token.encode(), key.encode()) for key in keys])
+            [hmac.compare_digest(token, key.encode("utf-8", "surrogatepass")) for key in keys])
         if not valid:
             message = ("missing API key: send 'Authorization: Bearer <key>'" if not token else
                        "incorrect API key provided")
@@ -75,13 +77,14 @@ async def _metrics_middleware(request: web.Request, handler) -> web.StreamRespon
 
 
 async def _sample_verifier_queue(app: web.Application):
-    """Background task for the app's lifetime: the verifier's backlog as a gauge (a cheap XLEN on Redis)."""
+    """Background task for the app's lifetime: the verifier's backlog as a gauge (pending + undelivered Generates
+    of the verifiers' group: one XINFO GROUPS on Redis)."""
     gateway = app[GATEWAY]
 
     async def loop() -> None:
         while True:
             try:
-                gateway.metrics.verifier_queue.set(await gateway.bus.stream_length(GENERATE_STREAM))
+                gateway.metrics.verifier_queue.set(await gateway.bus.queue_depth(GENERATE_STREAM, "verifier"))
             except Exception as e:  # noqa: BLE001 - a metrics sample must never take the gateway down
                 log.warning("gateway: cannot sample the verifier queue: %s", e)
             await asyncio.sleep(gateway.config.queue_sample_s)

@@ -29,11 +29,13 @@ from specrelay.services.gateway.schemas import (
     Sampling,
     check_chat,
     check_completion,
+    completion_prompt,
     decode,
     header_extensions,
     messages_for_template,
     stop_strings,
     tools_for_template,
+    top_k,
 )
 from specrelay.services.gateway.sse import SseWriter, client_gone, drain, stream
 from specrelay.services.gateway.state import GATEWAY, Gateway
@@ -75,7 +77,7 @@ def _prepare(gw: Gateway, request: web.Request, req: Sampling, prompt_ids: list[
     limit = max_tokens if max_tokens is not None else room
     sampling = SamplingSpec(
         temperature=cfg.default_temperature if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed, max_tokens=limit,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k(req), seed=req.seed, max_tokens=limit,
         stop_token_ids=list(gw.stop_token_ids))
     generate = Generate(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling, reply_to="",
                         model=cfg.model_name, slo_class=slo_class or "interactive",
@@ -279,11 +281,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     req = decode(await request.read(), CompletionRequest)
     max_tokens = check_completion(req)
     _check_model(gw, req.model)
-    if isinstance(req.prompt, str) or isinstance(req.prompt[0], str):
-        text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        prompt_ids = await _encode(gw, text, add_special_tokens=True)
+    prompt = completion_prompt(req)
+    if isinstance(prompt, str):
+        prompt_ids = await _encode(gw, prompt, add_special_tokens=True)
     else:
-        prompt_ids = list(req.prompt)
+        prompt_ids = prompt
         vocab = gw.tokenizer.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise bad_request(f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")

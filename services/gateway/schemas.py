@@ -7,6 +7,7 @@ is an `ApiError(400)` whose `param` is the field's path, e.g. `messages[2].tool_
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal, Union
 
@@ -17,15 +18,29 @@ from specrelay.services.gateway.errors import ApiError, bad_request
 SLO_CLASSES = ("interactive", "deadline", "batch")
 MAX_STOP_STRINGS = 4
 
+# Free-form JSON (a tool's parameter schema, response_format) nests at most this deep: templates and tool code walk
+# it recursively, and a JSON Schema needs nowhere near this many levels.
+MAX_JSON_DEPTH = 64
+
 ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+# Integers travel to the verifier as msgpack, which holds 64 bits: a seed is an int64, as OpenAI and vLLM take it.
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+TopK = Annotated[int, msgspec.Meta(ge=-1, le=2**63 - 1)]  # -1 or 0: off (vLLM's convention)
 
 
 class TextPart(msgspec.Struct, tag_field="type", tag="text"):
     text: str
 
 
+class RefusalPart(msgspec.Struct, tag_field="type", tag="refusal"):
+    """An earlier assistant turn's refusal, sent back as history (OpenAI allows it in assistant content only)."""
+
+    refusal: str
+
+
 Content = Union[str, list[TextPart], None]
+AssistantContent = Union[str, list[Union[TextPart, RefusalPart]], None]
 
 
 class FunctionCall(msgspec.Struct):
@@ -55,9 +70,18 @@ class UserMessage(msgspec.Struct, tag_field="role", tag="user"):
 
 
 class AssistantMessage(msgspec.Struct, tag_field="role", tag="assistant"):
-    content: Content = None
+    content: AssistantContent = None
     tool_calls: list[MessageToolCall] | None = None
     name: str | None = None
+    refusal: str | None = None  # OpenAI's reply field, as SDKs send a reply back: the text the assistant said
+
+    def __post_init__(self):
+        # A refusal is what the assistant said: templates see it as text, wherever OpenAI put it.
+        if isinstance(self.content, list):
+            self.content = [TextPart(p.refusal) if isinstance(p, RefusalPart) else p for p in self.content]
+        if self.content is None and self.refusal is not None:
+            self.content = self.refusal
+        self.refusal = None
 
 
 class ToolMessage(msgspec.Struct, tag_field="role", tag="tool"):
@@ -90,7 +114,7 @@ class NamedToolChoice(msgspec.Struct):
 
 
 class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
+    include_usage: bool | None = None
 
 
 class Sampling(msgspec.Struct, kw_only=True):
@@ -100,15 +124,16 @@ class Sampling(msgspec.Struct, kw_only=True):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None  # an extension (vLLM has it too)
-    seed: int | None = None
+    top_k: TopK | None = None  # an extension (vLLM has it too)
+    seed: Seed | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = None  # OpenAI's fields are nullable: null is the default
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int | None = None
     logprobs: bool | int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
     response_format: dict[str, Any] | None = None
     # specrelay extensions (also as headers X-SLO-Class / X-Deadline-Ms)
@@ -125,12 +150,14 @@ class ChatCompletionRequest(Sampling, kw_only=True):
 
 
 class CompletionRequest(Sampling, kw_only=True):
-    prompt: str | list[str | int]  # text, [text], or token ids (msgspec allows one array type in a union)
-    echo: bool = False
+    # text, [text], token ids or [token ids] (msgspec allows one array type in a union: `completion_prompt` checks)
+    prompt: str | list[Any]
+    echo: bool | None = None
     suffix: str | None = None
 
 
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def decode(body: bytes, type: type[msgspec.Struct]) -> Any:
@@ -140,19 +167,69 @@ def decode(body: bytes, type: type[msgspec.Struct]) -> Any:
     try:
         return msgspec.json.decode(body, type=type)
     except msgspec.ValidationError as e:
-        text = str(e)
-        match = _PATH.search(text)
-        param = match.group(1) if match else None
-        message = text[: match.start()] if match else text
-        raise bad_request(f"{message}" + (f" (at '{param}')" if param else ""), param=param or None,
-                          code="invalid_value") from None
+        raise _invalid(e) from None
     except msgspec.DecodeError as e:
-        raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        # msgspec refuses a lone UTF-16 surrogate escape ("\ud800"), which JSON's grammar allows and clients send
+        # (text cut mid-emoji): the stdlib parser takes it, and the surrogate becomes U+FFFD.
+        try:
+            return msgspec.convert(_without_surrogates(_stdlib_json(body)), type=type)
+        except msgspec.ValidationError as e2:
+            raise _invalid(e2) from None
+        except (ValueError, RecursionError):
+            raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("the request body nests too deeply to parse", code="invalid_json") from None
+
+
+def _invalid(e: msgspec.ValidationError):
+    text = str(e)
+    match = _PATH.search(text)
+    param = match.group(1) if match else None
+    message = text[: match.start()] if match else text
+    return bad_request(f"{message}" + (f" (at '{param}')" if param else ""), param=param or None,
+                       code="invalid_value")
+
+
+def _stdlib_json(body: bytes) -> Any:
+    def constant(name: str):  # NaN and Infinity are Python's extension, not JSON
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(body, parse_constant=constant)
+
+
+def _without_surrogates(value: Any) -> Any:
+    """`value` with every lone surrogate in its strings (keys included) replaced by U+FFFD; iterative, as the
+    value may nest as deep as the parser allowed."""
+    def fix(v: Any) -> Any:
+        return _SURROGATE.sub("\ufffd", v) if isinstance(v, str) else v
+
+    root = [fix(value)]
+    stack: list[Any] = [root]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        fixed = [(fix(k), fix(v)) for k, v in items]
+        if isinstance(node, dict):
+            node.clear()
+        for k, v in fixed:
+            node[k] = v
+            if isinstance(v, (dict, list)):
+                stack.append(v)
+    return root[0]
+
+
+def json_depth(value: Any) -> int:
+    """How deep containers nest in a decoded JSON value (a scalar is 0, {} and [1] are 1); iterative."""
+    depth, level = 0, [value]
+    while containers := [v for v in level if isinstance(v, (dict, list))]:
+        depth += 1
+        level = [c for v in containers for c in (v.values() if isinstance(v, dict) else v)]
+    return depth
 
 
 def check_sampling(req: Sampling, max_tokens: int | None, max_tokens_param: str) -> None:
     """Value checks shared by both endpoints (types were checked by `decode`)."""
-    if req.n != 1:
+    if req.n not in (None, 1):
         raise bad_request(f"n={req.n} is not supported: specrelay returns one choice per request (n=1)",
                           param="n", code="unsupported_value")
     if req.logprobs:
@@ -160,9 +237,13 @@ def check_sampling(req: Sampling, max_tokens: int | None, max_tokens_param: str)
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise bad_request(f"response_format {req.response_format.get('type')!r} is not supported (only 'text')",
                           param="response_format", code="unsupported_value")
+    if req.response_format is not None:
+        _check_depth(req.response_format, "response_format")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise bad_request(f"{name} is not supported (only 0)", param=name, code="unsupported_value")
+    if req.logit_bias and any(req.logit_bias.values()):
+        raise bad_request("logit_bias is not supported", param="logit_bias", code="unsupported_value")
     if max_tokens is not None and max_tokens < 1:
         raise bad_request(f"{max_tokens_param} must be at least 1, got {max_tokens}", param=max_tokens_param,
                           code="invalid_value")
@@ -171,8 +252,6 @@ def check_sampling(req: Sampling, max_tokens: int | None, max_tokens_param: str)
                           code="invalid_value")
     if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
         raise bad_request(f"top_p must be in (0, 1], got {req.top_p}", param="top_p", code="invalid_value")
-    if req.top_k is not None and req.top_k < 0:
-        raise bad_request(f"top_k must be >= 0, got {req.top_k}", param="top_k", code="invalid_value")
     stops = stop_strings(req)
     if len(stops) > MAX_STOP_STRINGS:
         raise bad_request(f"at most {MAX_STOP_STRINGS} stop sequences, got {len(stops)}", param="stop",
@@ -185,6 +264,16 @@ def check_sampling(req: Sampling, max_tokens: int | None, max_tokens_param: str)
     if req.deadline_ms is not None and not req.deadline_ms > 0:
         raise bad_request(f"deadline_ms must be > 0 (milliseconds from arrival), got {req.deadline_ms}",
                           param="deadline_ms", code="invalid_value")
+
+
+def _check_depth(value: Any, param: str) -> None:
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise bad_request(f"{param} nests deeper than {MAX_JSON_DEPTH} levels", param=param, code="invalid_value")
+
+
+def top_k(req: Sampling) -> int:
+    """The top-k the verifier applies: 0 (off) for none, 0 or -1."""
+    return max(req.top_k or 0, 0)
 
 
 def stop_strings(req: Sampling) -> list[str]:
@@ -208,6 +297,8 @@ def check_chat(req: ChatCompletionRequest) -> int | None:
         if params is not None and params.get("type", "object") != "object":
             raise bad_request("a function's parameters must be a JSON Schema of type 'object'",
                               param=f"tools[{i}].function.parameters", code="invalid_value")
+        if params is not None:
+            _check_depth(params, f"tools[{i}].function.parameters")
     if isinstance(req.tool_choice, NamedToolChoice) and req.tool_choice.function.name not in names:
         raise bad_request(f"tool_choice names {req.tool_choice.function.name!r}, which is not among the tools",
                           param="tool_choice", code="invalid_value")
@@ -222,16 +313,31 @@ def check_completion(req: CompletionRequest) -> int | None:
         raise bad_request("echo is not supported", param="echo", code="unsupported_value")
     if req.suffix:
         raise bad_request("suffix is not supported", param="suffix", code="unsupported_value")
-    if isinstance(req.prompt, list):
-        if not (all(isinstance(p, str) for p in req.prompt) or all(isinstance(p, int) for p in req.prompt)):
-            raise bad_request("prompt must be a string, a list of strings or a list of token ids", param="prompt",
-                              code="invalid_value")
-        if len(req.prompt) > 1 and isinstance(req.prompt[0], str):
-            raise bad_request("one prompt per request (a list of several prompts is not supported)",
-                              param="prompt", code="unsupported_value")
-    if not req.prompt or req.prompt == [""]:
+    prompt = completion_prompt(req)
+    if not prompt:
         raise bad_request("prompt must not be empty", param="prompt", code="invalid_value")
     return req.max_tokens
+
+
+def completion_prompt(req: CompletionRequest) -> str | list[int]:
+    """The request's one prompt, text or token ids. OpenAI's forms: "text", ["text"], [ids], [[ids]]; a list of
+    several prompts (a batch: one choice per prompt) is refused, as specrelay answers one choice per request."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and all(isinstance(p, str) or _is_token_ids(p) for p in prompt):
+        if len(prompt) > 1:
+            raise bad_request(f"one prompt per request: this list holds {len(prompt)} prompts (a batch is not "
+                              f"supported)", param="prompt", code="unsupported_value")
+        return prompt[0]
+    if _is_token_ids(prompt):
+        return prompt
+    raise bad_request("prompt must be a string, a list of token ids, or a list holding one of those",
+                      param="prompt", code="invalid_value")
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(type(t) is int for t in value)  # JSON true/false decode as bool
 
 
 def messages_for_template(req: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -246,9 +352,16 @@ def messages_for_template(req: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 
 def tools_for_template(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools as the client wrote them: fields it left out (e.g. `strict`) stay out of the prompt rather than
+    printing as null. Only the tool's and the function's own fields: a null inside `parameters` is the client's."""
     if not req.tools or req.tool_choice == "none":
         return None
-    return [{k: v for k, v in msgspec.to_builtins(t).items() if v is not None} for t in req.tools]
+    out = []
+    for tool in req.tools:
+        d = {k: v for k, v in msgspec.to_builtins(tool).items() if v is not None}
+        d["function"] = {k: v for k, v in d["function"].items() if v is not None}
+        out.append(d)
+    return out
 
 
 def header_extensions(headers: Any, req: Sampling) -> tuple[str | None, float | None]:
