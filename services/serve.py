@@ -34,8 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def serve(args: argparse.Namespace) -> None:
     import asyncio
 
-    from aiohttp import web
-
     from specrelay.services.drafter.service import Drafter, DrafterConfig, build_proposer, serve_drafter
     from specrelay.services.gateway import service as gateway
     from specrelay.services.gateway.app import create_app
@@ -43,7 +41,7 @@ async def serve(args: argparse.Namespace) -> None:
     from specrelay.services.verifier.relay_hooks import relay_config
     from specrelay.services.verifier.service import VerifierConfig, VerifierService
     from specrelay.shared.bus import make_bus
-    from specrelay.shared.http import listen
+    from specrelay.shared.http import app_runner, listen
     from specrelay.shared.tokenizer import Tokenizer
 
     config = gateway.build_config(args)
@@ -74,8 +72,8 @@ async def serve(args: argparse.Namespace) -> None:
             drafter = Drafter(build_proposer(DrafterConfig(args.model, args.draft, args.proposer, device=args.device)))
             tasks.append(asyncio.create_task(serve_drafter(bus, drafter, "drafter-embedded")))
         server_tools = config.tools.build(bus) if config.tools is not None else None
-        runner = web.AppRunner(create_app(gateway_config, bus, Tokenizer(args.model), kv_stats=kv_stats,
-                                          server_tools=server_tools))
+        runner = app_runner(create_app(gateway_config, bus, Tokenizer(args.model), kv_stats=kv_stats,
+                                       server_tools=server_tools))
         await runner.setup()
         try:
             await listen(runner, args.host, args.port)

@@ -102,11 +102,9 @@ async def serve(config: ServiceConfig) -> None:
     """Serve until cancelled: the bus, the tokenizer and the HTTP site, closed in reverse order."""
     import asyncio
 
-    from aiohttp import web
-
     from specrelay.services.gateway.app import create_app
     from specrelay.shared.bus import make_bus
-    from specrelay.shared.http import listen
+    from specrelay.shared.http import app_runner, listen
     from specrelay.shared.tokenizer import Tokenizer
 
     from specrelay.services.gateway.kv_reports import VerifierKvReports
@@ -116,8 +114,8 @@ async def serve(config: ServiceConfig) -> None:
         kv_reports = VerifierKvReports()
         follower = asyncio.create_task(kv_reports.follow(bus))
         server_tools = config.tools.build(bus) if config.tools is not None else None
-        runner = web.AppRunner(create_app(config.gateway, bus, tokenizer, kv_stats=kv_reports.stats,
-                                          server_tools=server_tools))
+        runner = app_runner(create_app(config.gateway, bus, tokenizer, kv_stats=kv_reports.stats,
+                                       server_tools=server_tools))
         await runner.setup()
         try:
             await listen(runner, config.host, config.port)
