@@ -1,9 +1,14 @@
 """`calculator`: arithmetic on a parsed syntax tree, never eval/exec.
 
 Only numbers, + - * / // % **, unary signs, parentheses, a whitelist of math functions and constants are
-walked; any other node (names, attributes, subscripts, lambdas, comprehensions, strings, keyword arguments) is
-refused. Sizes are bounded before they are computed: exponents, factorials and integer results are capped, so
-`9**9**9` or `factorial(10**6)` is an error in microseconds rather than a hung worker.
+walked; any other node (names, attributes, subscripts, lambdas, comprehensions, strings, keyword arguments, shifts)
+is refused. Every operation that could build a huge integer is bounded before it runs, because CPython computes big
+integers holding the GIL: a long one freezes the server's event loop, not just the tool's worker thread.
+  - every integer, literals included, has at most MAX_INT_BITS bits, so each + - * / // % on them is microseconds;
+  - `**` checks exponent·log2|base| before computing; `factorial` caps its argument;
+  - `round(x, n)` caps |n| (an int rounded to -n digits computes 10**n: `round(1, -10**8)` took minutes);
+  - floats cannot grow: overflow is an error, and math functions turn oversized ints into OverflowError.
+So `9**9**9`, `factorial(10**6)` or `round(1, -10**8)` is an error in microseconds rather than a hung server.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ MAX_EXPRESSION_CHARS = 2000
 MAX_INT_BITS = 4096  # about 1,233 decimal digits
 MAX_EXPONENT = 10_000
 MAX_FACTORIAL = 1000
+MAX_ROUND_DIGITS = 1300  # past every MAX_INT_BITS integer (1,234 digits) and every float (1e308, 17 digits more)
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -40,10 +46,20 @@ def _factorial(n: Number) -> int:
     return math.factorial(n)
 
 
+def _round(x: Number, ndigits: Number | None = None) -> Number:
+    if ndigits is None:
+        return round(x)
+    if not isinstance(ndigits, int):
+        raise ToolError("round: the number of digits must be an integer")
+    if abs(ndigits) > MAX_ROUND_DIGITS:
+        raise ToolError(f"round: the number of digits must be between -{MAX_ROUND_DIGITS} and {MAX_ROUND_DIGITS}")
+    return round(x, ndigits)
+
+
 FUNCTIONS: dict[str, Callable[..., Number]] = {
     "sqrt": math.sqrt, "exp": math.exp, "log": math.log, "log2": math.log2, "log10": math.log10,
     "sin": math.sin, "cos": math.cos, "tan": math.tan, "asin": math.asin, "acos": math.acos, "atan": math.atan,
-    "atan2": math.atan2, "hypot": math.hypot, "floor": math.floor, "ceil": math.ceil, "abs": abs, "round": round,
+    "atan2": math.atan2, "hypot": math.hypot, "floor": math.floor, "ceil": math.ceil, "abs": abs, "round": _round,
     "min": min, "max": max, "factorial": _factorial, "gcd": math.gcd,
 }
 CONSTANTS: dict[str, float] = {"pi": math.pi, "e": math.e, "tau": math.tau, "inf": math.inf}
@@ -80,7 +96,7 @@ def _evaluate(node: ast.AST) -> Number:
     if isinstance(node, ast.Constant):
         if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
             raise ToolError(f"only numbers are allowed, not {node.value!r}")
-        return node.value
+        return _check_size(node.value)
     if isinstance(node, ast.BinOp) and type(node.op) in BINARY:
         return _check_size(BINARY[type(node.op)](_evaluate(node.left), _evaluate(node.right)))
     if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY:
