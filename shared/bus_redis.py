@@ -14,7 +14,8 @@ handler's work.
 Leases: one housekeeping task per bus renews every delivery its consumers hold and have not acknowledged (XCLAIM
 JUSTID to the holder, min-idle 0: the idle clock restarts, the delivery count does not move) every
 min_idle_ms / 3, in a script that first checks the holder still owns the entry, so a renewal never takes back what
-another consumer has claimed. A consumer that stops (its consume() closed, or its process dead) stops renewing.
+another consumer has claimed; the same script marks each open consumer as seen. A consumer that stops (its
+consume() closed, or its process dead) stops renewing and stops being seen.
 The same task reads the server's run_id every second: a new one means Redis restarted and lost the streams, which
 `resets` counts (Redis here keeps nothing on disk).
 
@@ -63,9 +64,12 @@ _RUN_ID_EVERY_S = 1.0  # how often the housekeeping task asks whether Redis rest
 _RENEW_BATCH = 256  # entry ids per renewal script call
 
 # KEYS: stream. ARGV: group, consumer, ids. Renews the entries `consumer` still owns; returns those it does not
-# (acknowledged, claimed by another consumer, or gone with a restarted Redis).
+# (acknowledged, claimed by another consumer, or gone with a restarted Redis). First it marks the consumer as seen:
+# a read of its own pending entries past the largest id returns nothing, yet refreshes its idle time, which before
+# Redis 7.2 a blocked XREADGROUP that got nothing does not (trimming judges consumers by it).
 _RENEW = """
 local key, group, me = KEYS[1], ARGV[1], ARGV[2]
+pcall(redis.call, 'XREADGROUP', 'GROUP', group, me, 'COUNT', 1, 'STREAMS', key, '18446744073709551615-0')
 local mine, lost = {}, {}
 for i = 3, #ARGV do
   local ok, p = pcall(redis.call, 'XPENDING', key, group, ARGV[i], ARGV[i], 1)
@@ -358,7 +362,7 @@ class RedisBus(Bus):
             held.discard(message_id)
             try:
                 await self._redis.xack(key, group, message_id)
-            except (RedisConnectionError, RedisTimeoutError) as e:
+            except (RedisConnectionError, RedisTimeoutError, ResponseError) as e:  # ResponseError: NOGROUP
                 # Still pending, so redelivered later; handlers are idempotent by their request's id. A restarted
                 # Redis has lost the entry anyway.
                 log.warning("bus: could not acknowledge %s on %s (%s)", message_id.decode(), key, e)
@@ -376,7 +380,7 @@ class RedisBus(Bus):
         """Renew the leases on `ids` that `lease`'s consumer still owns; the others are returned, no longer held."""
         key, group, consumer = lease
         lost = []
-        for start in range(0, len(ids), _RENEW_BATCH):
+        for start in range(0, max(len(ids), 1), _RENEW_BATCH):
             lost += await self._renew(keys=[key], args=[group, consumer, *ids[start:start + _RENEW_BATCH]])
         return lost
 
@@ -390,16 +394,15 @@ class RedisBus(Bus):
         next_run_id = 0.0
         while not self._closed:
             try:
-                for lease, held in list(self._leases.values()):
-                    if held:
-                        for message_id in await self._renew_ids(lease, sorted(held)):
-                            held.discard(message_id)
+                for lease, held in list(self._leases.values()):  # every live consumer, holding or not
+                    for message_id in await self._renew_ids(lease, sorted(held)):
+                        held.discard(message_id)
                 if time.monotonic() >= next_run_id:
                     next_run_id = time.monotonic() + _RUN_ID_EVERY_S
                     await self._check_restart()
             except (RedisConnectionError, RedisTimeoutError, ResponseError) as e:
                 log.warning("bus: housekeeping failed (%s); retrying", e)
-            await asyncio.sleep(min(self.config.lease_renew_s, _RUN_ID_EVERY_S))
+            await asyncio.sleep(min(self.config.lease_renew_s, _RUN_ID_EVERY_S, self.config.stale_consumer_ms / 4000))
 
     async def _check_restart(self) -> None:
         run_id = (await self._redis.info("server")).get("run_id")

@@ -2,6 +2,10 @@
 
 Loop: receive a DraftBatch -> grow one tree per request (one batched proposer call) -> reply DraftReply;
 DraftFeedback messages roll the draft KV back to what the target accepted and feed Token Recycling.
+
+A DraftBatch older than `max_batch_age_s` is acknowledged undrafted: its verifier stopped waiting for it after
+`--draft-timeout-s` (half a second), so a restarted drafter, or one that takes over a dead one's backlog, answers
+what is asked now instead of working through seconds of drafts nobody reads. The bus being away is retried.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ import itertools
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, replace
 
 import torch
 
 from specrelay.services.drafter.base import DraftInput, Proposer, Verified
-from specrelay.shared.bus import Bus, make_bus
+from specrelay.shared.bus import Bus, BusUnavailable, make_bus
 from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.messages import DRAFT_STREAM, DraftBatch, DraftFeedback, DraftReply, TreeMsg
 from specrelay.shared.sampling import SamplingParams, make_generator
@@ -37,6 +42,7 @@ class DrafterConfig:
     consumer: str = f"drafter-{socket.gethostname()}-{os.getpid()}"  # pid 1 in every container
     num_blocks: int = 2048
     device: str = "cpu"
+    max_batch_age_s: float = 5.0  # a DraftBatch published longer ago than this is dropped undrafted
 
 
 def build_proposer(cfg: DrafterConfig) -> Proposer:
@@ -95,22 +101,30 @@ class Drafter:
                 self.generators.pop(rid, None)
 
 
-async def serve_drafter(bus: Bus, drafter: Drafter, consumer: str) -> None:
+async def serve_drafter(bus: Bus, drafter: Drafter, consumer: str, max_batch_age_s: float = 5.0) -> None:
     try:
-        await _serve(bus, drafter, consumer)
+        await _serve(bus, drafter, consumer, max_batch_age_s)
     finally:
         await leave(bus, DRAFT_STREAM, "drafter", consumer)
 
 
-async def _serve(bus: Bus, drafter: Drafter, consumer: str) -> None:
+async def _serve(bus: Bus, drafter: Drafter, consumer: str, max_batch_age_s: float) -> None:
+    skipped = 0
     async for delivery in bus.consume(DRAFT_STREAM, "drafter", consumer, DraftBatch | DraftFeedback):
         msg = delivery.msg
         try:
             if isinstance(msg, DraftBatch):
-                reply = await asyncio.to_thread(drafter.draft, msg)
-                await bus.reply(msg.reply_to, reply)
-            else:
+                if time.time_ns() - delivery.published_ns > max_batch_age_s * 1e9:
+                    skipped += 1
+                    if skipped == 1 or skipped % 1000 == 0:
+                        log.info("drafter: %d stale draft batch(es) dropped undrafted", skipped)
+                else:
+                    reply = await asyncio.to_thread(drafter.draft, msg)
+                    await bus.reply(msg.reply_to, reply)
+            else:  # cheap, and it frees what finished requests held
                 await asyncio.to_thread(drafter.feedback, msg)
+        except BusUnavailable as e:  # the verifier decodes without this draft meanwhile
+            log.warning("drafter: %s", e)
         except Exception:  # a bad batch must not stop drafting for everyone: the verifier times out and decodes
             log.exception("draft failed")
         await delivery.ack()
@@ -124,6 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proposer", choices=PROPOSERS, default="tree")
     parser.add_argument("--redis", default=os.environ.get("SPECRELAY_REDIS"), required=False, metavar="URL")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-batch-age-s", type=float, default=5.0,
+                        help="draft batches published longer ago are dropped undrafted (their verifier has moved on)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -131,12 +147,16 @@ def main(args: argparse.Namespace) -> int:
 
     if not args.redis:
         raise ConfigError("a stand-alone drafter needs --redis URL (or SPECRELAY_REDIS)")
-    cfg = DrafterConfig(args.model, args.draft, args.proposer, args.redis, device=args.device)
+    if not args.max_batch_age_s > 0:
+        raise ConfigError(f"--max-batch-age-s {args.max_batch_age_s}: must be positive")
+    cfg = DrafterConfig(args.model, args.draft, args.proposer, args.redis, device=args.device,
+                        max_batch_age_s=args.max_batch_age_s)
     logging.basicConfig(level=logging.INFO)
 
     async def go():
         async with make_bus(cfg.redis) as bus:
-            await serve_until_stopped(serve_drafter(bus, Drafter(build_proposer(cfg)), cfg.consumer))
+            await serve_until_stopped(serve_drafter(bus, Drafter(build_proposer(cfg)), cfg.consumer,
+                                                    cfg.max_batch_age_s))
 
     asyncio.run(go())
     return 0

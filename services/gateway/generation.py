@@ -4,6 +4,13 @@ The verifier knows tokens; the gateway owns everything about text: incremental d
 ending the request early. Whenever the gateway stops listening before the verifier has finished — a stop string,
 a client that went away, a timeout, a handler cancelled — it publishes `Cancel`, so the verifier stops decoding and
 frees the request's KV blocks instead of generating into the void.
+
+A Redis restart (the bus counts them: `Bus.resets`) loses what the streams held, so a request may be gone without
+anyone to say so. Its verifier, if it had the request, keeps it in memory and goes on streaming (replies are retried
+through the outage). So after a restart: a request with no token yet is published again, under the same request
+id (a verifier that already has it serves it once: admission is idempotent by request id); a request already
+streaming must hear from its verifier within `Timeouts.after_reset_s`, or it ends with an error instead of waiting
+for `chunk_s`. A gap in the token offsets (replies lost past the bus's retries) is an error, never spliced text.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import msgspec
 
 from specrelay.services.gateway.detok import Decoder, TextStream
 from specrelay.services.gateway.sse import ClientGone
-from specrelay.shared.bus import Bus
+from specrelay.shared.bus import Bus, BusUnavailable
 from specrelay.shared.messages import (
     CANCEL_STREAM,
     GENERATE_STREAM,
@@ -39,6 +46,7 @@ class Timeouts:
     # A Continue's first chunk: its holder may be gone (crashed, stopped) and nobody else reads its stream. The
     # turn then ends "timeout" with no tokens and the sender falls back to a fresh Generate. None: chunk_s.
     continue_s: float | None = None
+    after_reset_s: float = 10.0  # after a Redis restart: longest silence of a request that had started streaming
 
 
 @dataclass
@@ -81,11 +89,9 @@ class Generation:
         while we waited for tokens (the request is cancelled first)."""
         channel = self.bus.open_reply_channel(TokenChunk)
         try:
-            if self.resume is None:
-                await self.bus.publish(GENERATE_STREAM, _with_reply_to(self.generate, channel.name))
-            else:
-                holder, resume = self.resume
-                await self.bus.publish(continue_stream(holder), _with_reply_to(resume, channel.name))
+            resets = self.bus.resets
+            if not await self._publish(channel.name):
+                return
             idle_s, limit_s = 0.0, self._first_chunk_s()
             while self.finish is None:
                 try:
@@ -94,8 +100,16 @@ class Generation:
                     if self.client_gone():
                         raise ClientGone() from None
                     idle_s += POLL_S
+                    if self.bus.resets != resets:  # Redis restarted: the request may be lost with its stream
+                        resets = self.bus.resets
+                        if self._num_received == 0:
+                            if not await self._publish(channel.name):
+                                return
+                            idle_s, limit_s = 0.0, self._first_chunk_s()
+                        else:
+                            idle_s, limit_s = 0.0, min(limit_s, self.timeouts.after_reset_s)
                     if idle_s >= limit_s:
-                        who = "the verifier" if self.resume is None else f"the verifier holding it ({holder})"
+                        who = "the verifier" if self.resume is None else f"the verifier holding it ({self.resume[0]})"
                         self.finish = Finish("timeout", self.text.num_tokens,
                                              error=f"{who} sent nothing for {limit_s:g} s")
                     continue
@@ -110,6 +124,20 @@ class Generation:
                 await self._cancel()
             channel.close()
 
+    async def _publish(self, reply_to: str) -> bool:
+        """Send the request (again, after a Redis restart); False, with `finish` set, if the bus is unavailable."""
+        try:
+            if self.resume is None:
+                await self.bus.publish(GENERATE_STREAM, _with_reply_to(self.generate, reply_to))
+            else:
+                holder, resume = self.resume
+                await self.bus.publish(continue_stream(holder), _with_reply_to(resume, reply_to))
+        except BusUnavailable as e:
+            self.finish = Finish("error", self.text.num_tokens, error=str(e))
+            self._verifier_done = True  # nobody has it: nothing to cancel (and the bus is away)
+            return False
+        return True
+
     def _first_chunk_s(self) -> float:
         if self.resume is None or self.timeouts.continue_s is None:
             return self.timeouts.chunk_s
@@ -119,11 +147,18 @@ class Generation:
         if not self._cancelled:
             self._cancelled = True
             # Shielded: a handler being cancelled (client gone) must still tell the verifier to free the KV.
-            await asyncio.shield(self.bus.publish(CANCEL_STREAM, Cancel(self.generate.request_id)))
+            try:
+                await asyncio.shield(self.bus.publish(CANCEL_STREAM, Cancel(self.generate.request_id)))
+            except BusUnavailable:  # the verifier serves it to its end; the reply is dropped with the channel
+                pass
 
     async def _on_chunk(self, chunk: TokenChunk, channel) -> AsyncIterator[str]:
         # A request redelivered to another verifier replica is generated again from offset 0: keep only tokens
         # beyond those already received (the replica's earlier tokens are the same under greedy or a seed).
+        if chunk.offset > self._num_received:  # replies were lost (the bus was away past its retries)
+            self.finish = Finish("error", self.text.num_tokens, error=f"tokens {self._num_received} to "
+                                 f"{chunk.offset - 1} were lost on the bus")
+            return
         token_ids = chunk.token_ids[max(self._num_received - chunk.offset, 0):]
         self._num_received = max(self._num_received, chunk.offset + len(chunk.token_ids))
         if token_ids:

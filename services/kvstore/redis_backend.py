@@ -9,15 +9,17 @@ Redis's maxmemory is server-wide and would evict other services' streams, so the
 Every operation that reads and changes this state is one Lua script, so processes sharing the store never see a
 half-done put or evict a block between another's lookup and refresh. The `{kv}` hash tag keeps all of it in one
 cluster slot, which Lua needs; a store too big for one node wants several prefixes (one per model), not one slot.
+
+A lost Redis is retried for `retry_s` (2 s: a restart is back within it), then the call raises: the store is a
+cache, and a verifier that cannot reach it prefills instead of waiting (a restarted Redis starts it empty).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import redis.asyncio as aioredis
-
 from specrelay.services.kvstore.store import KVStore, StoreStats
+from specrelay.shared.redis_client import connect
 
 # KEYS: meta, size, lru, pins. ARGV: entry key prefix, hex key, frame, capacity, replace (0/1).
 _PUT = """
@@ -121,11 +123,11 @@ class RedisStore(KVStore):
     """Processes that share a prefix share one store; give them the same `capacity_bytes` (each put enforces the
     capacity its caller was configured with)."""
 
-    def __init__(self, url: str, capacity_bytes: int, prefix: str = "specrelay:"):
+    def __init__(self, url: str, capacity_bytes: int, prefix: str = "specrelay:", retry_s: float = 2.0):
         if capacity_bytes < 1:
             raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
         self.capacity_bytes = capacity_bytes
-        self._redis = aioredis.Redis.from_url(url)
+        self._redis = connect(url, retry_s)
         base = f"{prefix}{{kv}}:"
         self._entry_prefix = base + "e:"
         self._meta, self._size, self._lru, self._pins = (base + k for k in ("meta", "size", "lru", "pins"))

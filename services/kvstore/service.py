@@ -8,6 +8,7 @@ serves no data. It does the two things no verifier can do alone:
 - show the store: `/health` (200 with the stats while Redis answers, else 503) and `/metrics` (Prometheus text).
 
 Loop: sleep -> trim (one bounded Lua script per batch, so Redis never stalls on a large store) -> log evictions.
+Redis away (restarting): the trim is retried at the next interval, /health and /metrics answer 503 meanwhile.
 """
 
 from __future__ import annotations
@@ -79,13 +80,12 @@ class KeeperConfig:
 
 class StoreKeeper:
     def __init__(self, config: KeeperConfig):
-        import redis.asyncio as aioredis
-
         from specrelay.services.kvstore.redis_backend import RedisStore
+        from specrelay.shared.redis_client import connect
 
         self.config = config
         self.store = RedisStore(config.redis_url, config.capacity_bytes, prefix=config.prefix)  # for stats()
-        self._redis = aioredis.Redis.from_url(config.redis_url)
+        self._redis = connect(config.redis_url, retry_s=2.0)
         base = f"{config.prefix}{{kv}}:"
         self._keys = [base + k for k in ("meta", "size", "lru", "pins")]
         self._entry_prefix = base + "e:"
@@ -148,7 +148,12 @@ def create_app(keeper: StoreKeeper):
         return web.json_response({"status": "ok", "store": msgspec.structs.asdict(stats)})
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(text=metrics_text(await keeper.store.stats()), content_type="text/plain")
+        try:
+            stats = await keeper.store.stats()
+        except (RedisError, OSError) as e:
+            return web.Response(text=f"# the store's Redis is unavailable: {e}\n", status=503,
+                                content_type="text/plain")
+        return web.Response(text=metrics_text(stats), content_type="text/plain")
 
     app = web.Application()
     app.router.add_get("/health", health)
