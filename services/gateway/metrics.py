@@ -170,7 +170,7 @@ class GatewayMetrics:
         self.running = Gauge("specrelay_requests_running", "Requests admitted and generating")
         self.queued = Gauge("specrelay_queue_depth", "Requests waiting for admission in the gateway")
         self.verifier_queue = Gauge("specrelay_verifier_queue_depth",
-                                    "Entries retained in the verifier's generate stream (sampled)")
+                                    "Generates waiting for or being served by the verifiers (sampled)")
         self.rejected = Counter("specrelay_admission_rejected_total", "Requests refused with 503 (queue full)")
         self.kv_used = Gauge("specrelay_kv_blocks_used", "KV cache blocks in use (in-process verifier)")
         self.kv_total = Gauge("specrelay_kv_blocks_total", "KV cache blocks in all (in-process verifier)")

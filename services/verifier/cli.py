@@ -15,6 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=str(MODELS_DIR / "target"))
     parser.add_argument("--redis", default=os.environ.get("SPECRELAY_REDIS"), metavar="URL")
     parser.add_argument("--no-speculate", action="store_true", help="plain decoding, no drafter service")
+    parser.add_argument("--claim-idle-s", type=float, default=os.environ.get("SPECRELAY_CLAIM_IDLE_S", "30"),
+                        metavar="S", help="a request left unrenewed this long by its replica (dead) is taken over by "
+                                          "another; a live replica renews its claims every S/3 (give every replica "
+                                          "the same value; or SPECRELAY_CLAIM_IDLE_S)")
+    parser.add_argument("--cancel-replay-s", type=float, default=60.0, metavar="S",
+                        help="a starting replica reads the Cancels of the last S seconds, not the whole stream")
     parser.add_argument("--max-nodes", type=int, default=16, help="largest draft tree verified per request")
     parser.add_argument("--num-blocks", type=int, default=2048)
     parser.add_argument("--device", default="cpu")
@@ -37,20 +43,24 @@ def main(args: argparse.Namespace) -> int:
     from specrelay.services.kvstore.service import parse_bytes
     from specrelay.services.verifier.relay_hooks import relay_config
     from specrelay.services.verifier.service import VerifierConfig, VerifierService
-    from specrelay.shared.bus import make_bus
+    from specrelay.shared.bus import BusConfig, make_bus
     from specrelay.shared.errors import ConfigError
     from specrelay.shared.stopping import serve_until_stopped
 
     if not args.redis:
         raise ConfigError("a stand-alone verifier needs --redis URL (or SPECRELAY_REDIS)")
+    if not args.claim_idle_s > 0 or not args.cancel_replay_s >= 0:
+        raise ConfigError(f"--claim-idle-s {args.claim_idle_s} must be positive and --cancel-replay-s "
+                          f"{args.cancel_replay_s} not negative")
     cfg = VerifierConfig(args.model, args.redis, speculate=not args.no_speculate, max_nodes=args.max_nodes,
                          num_blocks=args.num_blocks, device=args.device, kvstore=args.kvstore,
                          kvstore_capacity_bytes=parse_bytes(args.kv_capacity), relay=relay_config(args),
-                         pte_profile=args.pte_profile, client_retention=not args.no_client_retention)
+                         pte_profile=args.pte_profile, client_retention=not args.no_client_retention,
+                         cancel_replay_s=args.cancel_replay_s)
     logging.basicConfig(level=logging.INFO)
 
     async def go() -> None:
-        async with make_bus(cfg.redis) as bus:
+        async with make_bus(cfg.redis, BusConfig(min_idle_ms=int(args.claim_idle_s * 1000))) as bus:
             # run() cancelled (Ctrl-C, SIGTERM), then close() gives back what it holds, before the bus closes
             await serve_until_stopped(VerifierService(cfg, bus).run())
 

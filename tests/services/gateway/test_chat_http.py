@@ -180,7 +180,7 @@ async def test_models_health_and_metrics(gateway):
     assert "specrelay_completion_tokens_total 5" in text
     assert "specrelay_prompt_tokens_cached_total 8" in text
     assert "specrelay_spec_acceptance_rate 0.4" in text  # the fake accepts len // 2 of len drafted: 2 of 5
-    assert "specrelay_verifier_queue_depth 1" in text  # the one Generate, acknowledged but retained
+    assert "specrelay_verifier_queue_depth 0" in text  # the one Generate was served: nothing waits
     assert "specrelay_queue_depth 0" in text and "specrelay_requests_running 0" in text
 
 
