@@ -48,9 +48,11 @@ def text_content(content: Any) -> str:
     if isinstance(content, list):
         texts = []
         for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("text", "refusal") and isinstance(part.get(kind), str):  # a refusal is what was said
+                texts.append(part[kind])
+            else:
                 raise ValueError(f"content part {part!r} is not a text part ({{'type': 'text', 'text': ...}})")
-            texts.append(part["text"])
         return "".join(texts)
     raise ValueError(f"content must be a string, a list of text parts or null, not {type(content).__name__}")
 
