@@ -133,8 +133,8 @@ def test_killing_the_parent_or_pid_1_does_not_reach_the_server():
     server = _serve(codes, secret="unused")
     assert server.returncode == 0, server.stderr
     results = [json.loads(line) for line in server.stdout.splitlines()]
-    assert len(results) == 3
-    assert results[2] == ["42", False]  # a later call works: the server lived through both
+    # Both hit the sandbox's own init (its PID 1, the code's parent), which the kernel shields from its namespace.
+    assert results == [["still here", False], ["still here", False], ["42", False]]
 
 
 def test_the_servers_command_line_and_environment_do_not_leak():
