@@ -28,7 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
     ev = sub.add_parser("eval", help="val loss, tool-call validity and draft agreement; prints a table")
-    ev.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="a folder holding target/ and draft/")
+    which = ev.add_mutually_exclusive_group()
+    which.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="a folder holding target/ and draft/")
+    which.add_argument("--model", type=Path, help="instead: one model directory, its tool-call validity only "
+                                                  "(prompts rendered as the gateway renders them)")
     ev.add_argument("--json", type=Path, help="also write the figures to this file")
     ev.add_argument("--seed", type=int, default=0, help="the seed the pair was trained with")
     ev.add_argument("--tool-prompts", type=int, default=200, help="held-out tool-use prompts to complete")
@@ -56,7 +59,9 @@ def _eval(args) -> int:
 
     if args.tool_prompts < 1:
         raise ConfigError("--tool-prompts must be at least 1")
-    result, details = evaluate(EvalConfig(models_dir=args.models, seed=args.seed, num_tool_prompts=args.tool_prompts))
+    single = args.model is not None
+    result, details = evaluate(EvalConfig(models_dir=args.model if single else args.models, single=single,
+                                          seed=args.seed, num_tool_prompts=args.tool_prompts))
     print(format_table(result))
     if args.details:
         print("\n".join(f"details  {name}  {value:.4f}" for name, value in details.items()))

@@ -7,6 +7,10 @@
   — with greedy verification this is the chance that one drafted token is accepted.
 - first_call_exact_rate (with --details, not part of the JSON): the first call equals the reference call, name and
   arguments. Validity only checks the form; this checks that the values were copied from the request.
+
+`--model DIR` measures one model directory's tool-call validity alone (no draft, no val loss: the val split is our
+corpus, meaningless to a model not trained on it). Its prompts are rendered as the gateway renders them
+(`shared.tokenizer.Tokenizer.render_chat`), so a template without a tools section gets the Hermes tools block.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 @dataclass(frozen=True)
 class EvalConfig:
-    models_dir: Path
+    models_dir: Path  # holds target/ and draft/; or, with single=True, the one model directory itself
+    single: bool = False
     seed: int = 0
     seq_len: int = 1024
     num_val_samples: int = 300
@@ -54,7 +59,7 @@ def _load(directory: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (directory / "config.json").exists():
-        raise ModelLoadError(f"{directory}: no config.json (run `specrelay models train` first)")
+        raise ModelLoadError(f"{directory}: no config.json (run `specrelay models train` or `models import` first)")
     model = AutoModelForCausalLM.from_pretrained(directory, dtype="float32")
     return model.eval(), AutoTokenizer.from_pretrained(directory)
 
@@ -101,31 +106,65 @@ def first_call(completion: str) -> dict | None:
         return None
 
 
-def tool_call_rates(model, tokenizer, cfg: EvalConfig) -> tuple[float, float]:
-    """(valid rate, first-call exact-match rate) over greedy completions of the held-out tool prompts."""
+def _stops(tokenizer) -> tuple[list[int], list[str]]:
+    """Token ids that end a completion (end of turn, end of text, the end of a call where it is one token) and
+    the stop strings for markers that are not single tokens (SmolLM2 spells `</tool_call>` in pieces)."""
+    vocab = tokenizer.get_vocab()
+    ids, strings = [], []
+    for marker in ("<|im_end|>", "</tool_call>", "<|endoftext|>"):
+        if marker in vocab:
+            ids.append(vocab[marker])
+        elif marker == "</tool_call>":
+            strings.append(marker)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids, strings
+
+
+def tool_call_rates(model, tokenizer, cfg: EvalConfig, render=None) -> tuple[float, float]:
+    """(valid rate, first-call exact-match rate) over greedy completions of the held-out tool prompts.
+    `render(messages, tools) -> prompt text`; by default transformers' rendering of the model's template."""
     import torch
 
     from specrelay.models.corpus import tool_prompts
 
-    stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "</tool_call>", "<|endoftext|>")]
+    if render is None:
+        def render(messages, tools):
+            return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    stop_ids, stop_strings = _stops(tokenizer)
     valid = exact = 0
     prompts = tool_prompts(cfg.seed, cfg.num_tool_prompts)
     for prompt in prompts:
-        text = tokenizer.apply_chat_template(prompt.messages, tools=prompt.tools, tokenize=False,
-                                             add_generation_prompt=True)
+        text = render(prompt.messages, prompt.tools)
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])  # [1, prompt_len]
+        strings = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=cfg.max_new_tokens, eos_token_id=stop, pad_token_id=stop[-1])
+                                 max_new_tokens=cfg.max_new_tokens, eos_token_id=stop_ids, pad_token_id=stop_ids[-1],
+                                 **strings)
         completion = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
         valid += tool_call_is_valid(completion, prompt.tools)
         exact += first_call(completion) == prompt.expected[0]
     return valid / max(len(prompts), 1), exact / max(len(prompts), 1)
 
 
+def evaluate_model(cfg: EvalConfig) -> tuple[dict, dict]:
+    """One model directory: {"model": {"tool_call_valid_rate"}}, and the details {"first_call_exact_rate"}.
+    Prompts are rendered by our gateway's renderer, which is what a served model is sent."""
+    from specrelay.shared.tokenizer import Tokenizer
+
+    model, tokenizer = _load(cfg.models_dir)
+    ours = Tokenizer(cfg.models_dir)
+    valid, exact = tool_call_rates(model, tokenizer, cfg,
+                                   render=lambda messages, tools: ours.render_chat(messages, tools))
+    return {"model": {"tool_call_valid_rate": valid}}, {"first_call_exact_rate": exact}
+
+
 def evaluate(cfg: EvalConfig) -> tuple[dict, dict]:
     """The agreed figures {"target": {"val_loss", "tool_call_valid_rate"}, "draft": {"val_loss", "top1_agreement"}},
     and the details {"first_call_exact_rate"}."""
+    if cfg.single:
+        return evaluate_model(cfg)
     target, tokenizer = _load(cfg.models_dir / "target")
     draft, _ = _load(cfg.models_dir / "draft")
     t_loss, d_loss, agreement = loss_and_agreement(target, draft, _val_windows(cfg, tokenizer))
