@@ -135,8 +135,11 @@ def _raise(message: str):
     raise jinja2.TemplateError(message)
 
 
-def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False) -> str:
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
+    # transformers' signature: a template passing `separators` would otherwise fail, and a failing probe would
+    # take a template's own tools section for missing (tool_prompt.renders_tools)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 _ENV = None

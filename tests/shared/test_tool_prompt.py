@@ -173,3 +173,14 @@ def test_contents_a_template_cannot_take_are_clear_errors(smollm2, tmp_path):
     broken = Tokenizer(_tokenizer_dir(tmp_path, "broken", "{{ 1 + messages[0]['role'] }}"))
     with pytest.raises(TemplateError, match="TypeError"):
         broken.render_chat([{"role": "user", "content": "hi"}])
+
+
+def test_a_tools_section_written_with_tojson_options_is_recognised(tmp_path):
+    """transformers' `tojson` takes separators/indent/sort_keys: a template using them has a tools section."""
+    template = TOOLS_BUT_NO_CALLS_TEMPLATE.replace("{{ t | tojson }}", "{{ t | tojson(separators=(',', ':')) }}")
+    template = template.replace("{{ m.content }}", "{{ m.content }}{% for c in m.tool_calls or [] %}"
+                                "{{ c.function | tojson(indent=1, sort_keys=true) }}{% endfor %}")
+    tok = Tokenizer(_tokenizer_dir(tmp_path, "compact", template))
+    assert tok.renders_tools
+    assert tok.render_chat([{"role": "user", "content": "Oslo?"}], tools=[WEATHER]).startswith(
+        '<|im_start|>system\n{"type":"function","function":{"name":"get_weather",')
