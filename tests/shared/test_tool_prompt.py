@@ -184,3 +184,22 @@ def test_a_tools_section_written_with_tojson_options_is_recognised(tmp_path):
     assert tok.renders_tools
     assert tok.render_chat([{"role": "user", "content": "Oslo?"}], tools=[WEATHER]).startswith(
         '<|im_start|>system\n{"type":"function","function":{"name":"get_weather",')
+
+
+async def test_a_server_tool_round_continues_exactly_on_smollm2(smollm2):
+    """The model writes its call in the form the fallback renders, so the held KV plus the continuation is the
+    prompt a fresh request would send: server-side tool rounds keep their prefix on a template without tools."""
+    from specrelay.services.toolcoord.server_tools import build_continuation, run_tool_calls
+    from specrelay.services.toolcoord.tools.registry import builtin_registry
+    from specrelay.services.toolcoord.trim import TrimConfig
+
+    calculator = {"type": "function", "function": {"name": "calculator", "description": "arithmetic",
+                                                   "parameters": {"type": "object"}}}
+    messages = [{"role": "user", "content": "What is 6*7?"}]
+    generated = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>'
+    parsed = parse_tool_calls(generated, tool_names={"calculator"})
+    outcomes = await run_tool_calls(parsed.tool_calls, builtin_registry(), smollm2, TrimConfig(default_max_tokens=64))
+    cont = build_continuation(smollm2.render_chat, messages, [calculator], generated, parsed, outcomes)
+    assert cont.exact
+    assert cont.text == "<|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n" \
+                        "<|im_start|>assistant\n"
