@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-PROPOSERS = ("tree", "chain", "recycle", "none")
+PROPOSERS = ("tree", "chain", "recycle", "suffix", "none")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ from specrelay.shared.stopping import leave, serve_until_stopped
 from specrelay.shared.wire import WireTensor
 
 log = logging.getLogger(__name__)
-PROPOSERS = ("tree", "chain", "recycle")
+PROPOSERS = ("tree", "chain", "recycle", "suffix")
 
 
 @dataclass
@@ -54,6 +54,10 @@ def build_proposer(cfg: DrafterConfig) -> Proposer:
 
     if cfg.proposer == "recycle":
         return TokenRecyclingProposer(ModelConfig.from_dir(cfg.model_dir).vocab_size)
+    if cfg.proposer == "suffix":
+        from specrelay.services.drafter.suffix import SuffixProposer
+
+        return SuffixProposer(ModelConfig.from_dir(cfg.model_dir).vocab_size)
     runner = ModelRunner(load_model(cfg.draft_dir, device=cfg.device), num_blocks=cfg.num_blocks)
     if cfg.proposer == "chain":
         return DraftModelProposer.chain(runner)
