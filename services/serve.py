@@ -15,9 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from specrelay.services.gateway import service as gateway
 
     gateway.add_arguments(parser)  # --model, --host, --port, --redis, --api-key, ...
-    parser.add_argument("--draft", default=str(MODELS_DIR / "draft"), help="draft model: a local HF directory")
-    parser.add_argument("--proposer", choices=PROPOSERS, default="tree",
-                        help="draft-model tree, chain, model-free Token Recycling, or none (plain decoding)")
+    parser.add_argument("--draft", default=None, help="draft model: a directory or a .gguf file with the target's "
+                        "vocabulary (default: the small pair's draft when --model is its target, else none)")
+    parser.add_argument("--proposer", choices=PROPOSERS, default=None,
+                        help="draft-model tree, chain, model-free Token Recycling, or none (plain decoding); default: "
+                             "tree when there is a draft model, else recycle")
     parser.add_argument("--max-nodes", type=int, default=16, help="largest draft tree verified per request")
     parser.add_argument("--num-blocks", type=int, default=2048, help="KV cache blocks (16 tokens each)")
     parser.add_argument("--device", default="cpu")
@@ -34,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def serve(args: argparse.Namespace) -> None:
     import asyncio
 
+    from specrelay.models.resolve import choose_proposer
     from specrelay.services.drafter.service import Drafter, DrafterConfig, build_proposer, serve_drafter
     from specrelay.services.gateway import service as gateway
     from specrelay.services.gateway.app import create_app
@@ -45,9 +48,11 @@ async def serve(args: argparse.Namespace) -> None:
     from specrelay.shared.tokenizer import Tokenizer
 
     config = gateway.build_config(args)
-    speculate = args.proposer != "none"
+    model_dir = str(config.model_dir)  # a .gguf or built-in --model, imported once into the cache
+    proposer, draft_dir = choose_proposer(config.model_dir, args.draft, args.proposer)
+    speculate = proposer != "none"
     async with make_bus(args.redis) as bus:
-        verifier = VerifierService(VerifierConfig(args.model, args.redis, speculate=speculate,
+        verifier = VerifierService(VerifierConfig(model_dir, args.redis, speculate=speculate,
                                                   max_nodes=args.max_nodes, num_blocks=args.num_blocks,
                                                   device=args.device, report_kv=False,
                                                   relay=relay_config(args), pte_profile=args.pte_profile,
@@ -69,15 +74,16 @@ async def serve(args: argparse.Namespace) -> None:
             gateway_config = replace(gateway_config, max_running=verifier.cfg.max_batch)
         tasks = [asyncio.create_task(verifier.run())]
         if speculate:
-            drafter = Drafter(build_proposer(DrafterConfig(args.model, args.draft, args.proposer, device=args.device)))
+            draft = draft_dir and str(draft_dir)
+            drafter = Drafter(build_proposer(DrafterConfig(model_dir, draft, proposer, device=args.device)))
             tasks.append(asyncio.create_task(serve_drafter(bus, drafter, "drafter-embedded")))
         server_tools = config.tools.build(bus) if config.tools is not None else None
-        runner = app_runner(create_app(gateway_config, bus, Tokenizer(args.model), kv_stats=kv_stats,
+        runner = app_runner(create_app(gateway_config, bus, Tokenizer(model_dir), kv_stats=kv_stats,
                                        server_tools=server_tools))
         await runner.setup()
         try:
             await listen(runner, args.host, args.port)
-            print(f"specrelay serve: {gateway_config.model_name!r} (draft: {args.proposer}) on "
+            print(f"specrelay serve: {gateway_config.model_name!r} (draft: {proposer}) on "
                   f"http://{args.host}:{args.port}/v1, bus: {args.redis or 'in-process'}, schedule: "
                   f"{gateway_config.policy} ({gateway_config.max_running} running)", flush=True)
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)

@@ -36,7 +36,7 @@ PROPOSERS = ("tree", "chain", "recycle", "suffix")
 @dataclass
 class DrafterConfig:
     model_dir: str  # the target: Token Recycling needs its vocabulary size only
-    draft_dir: str
+    draft_dir: str | None  # None: no draft model (Token Recycling)
     proposer: str = "tree"
     redis: str | None = None
     consumer: str = f"drafter-{socket.gethostname()}-{os.getpid()}"  # pid 1 in every container
@@ -46,8 +46,12 @@ class DrafterConfig:
 
 
 def build_proposer(cfg: DrafterConfig) -> Proposer:
+    from pathlib import Path
+
+    from specrelay.models.resolve import check_same_vocabulary
     from specrelay.services.drafter.draft_model import DraftModelProposer
     from specrelay.services.drafter.recycling import TokenRecyclingProposer
+    from specrelay.shared.errors import ConfigError
     from specrelay.shared.modeling.config import ModelConfig
     from specrelay.shared.modeling.loader import load_model
     from specrelay.shared.modeling.runner import ModelRunner
@@ -58,6 +62,9 @@ def build_proposer(cfg: DrafterConfig) -> Proposer:
         from specrelay.services.drafter.suffix import SuffixProposer
 
         return SuffixProposer(ModelConfig.from_dir(cfg.model_dir).vocab_size)
+    if cfg.draft_dir is None:
+        raise ConfigError(f"--proposer {cfg.proposer} needs a draft model (--draft)")
+    check_same_vocabulary(Path(cfg.model_dir), Path(cfg.draft_dir))
     runner = ModelRunner(load_model(cfg.draft_dir, device=cfg.device), num_blocks=cfg.num_blocks)
     if cfg.proposer == "chain":
         return DraftModelProposer.chain(runner)
@@ -135,11 +142,14 @@ async def _serve(bus: Bus, drafter: Drafter, consumer: str, max_batch_age_s: flo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from specrelay.services.serve import MODELS_DIR
+    from specrelay.models.resolve import DEFAULT_MODEL
 
-    parser.add_argument("--model", default=str(MODELS_DIR / "target"))
-    parser.add_argument("--draft", default=str(MODELS_DIR / "draft"))
-    parser.add_argument("--proposer", choices=PROPOSERS, default="tree")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the target: a directory, a .gguf file or a built-in "
+                        f"model (default: {DEFAULT_MODEL})")
+    parser.add_argument("--draft", default=None, help="draft model with the target's vocabulary (default: the small "
+                        "pair's draft when --model is its target, else none)")
+    parser.add_argument("--proposer", choices=PROPOSERS, default=None,
+                        help="default: tree when there is a draft model, else recycle (model-free)")
     parser.add_argument("--redis", default=os.environ.get("SPECRELAY_REDIS"), required=False, metavar="URL")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-batch-age-s", type=float, default=5.0,
@@ -153,7 +163,11 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("a stand-alone drafter needs --redis URL (or SPECRELAY_REDIS)")
     if not args.max_batch_age_s > 0:
         raise ConfigError(f"--max-batch-age-s {args.max_batch_age_s}: must be positive")
-    cfg = DrafterConfig(args.model, args.draft, args.proposer, args.redis, device=args.device,
+    from specrelay.models.resolve import choose_proposer, resolve_model
+
+    model_dir = resolve_model(args.model)
+    proposer, draft_dir = choose_proposer(model_dir, args.draft, args.proposer)
+    cfg = DrafterConfig(str(model_dir), draft_dir and str(draft_dir), proposer, args.redis, device=args.device,
                         max_batch_age_s=args.max_batch_age_s)
     logging.basicConfig(level=logging.INFO)
 

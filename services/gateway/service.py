@@ -21,7 +21,6 @@ if TYPE_CHECKING:  # aiohttp stays out of `specrelay --help`
     from specrelay.services.gateway.tool_rounds import ToolOptions
 
 API_KEY_ENV = "SPECRELAY_API_KEY"  # one key, or several separated by commas
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "target"
 FALLBACK_MAX_MODEL_LEN = 4096
 
 
@@ -36,7 +35,10 @@ class ServiceConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="model directory (tokenizer, config.json)")
+    from specrelay.models.resolve import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a model directory (tokenizer, config.json), a .gguf "
+                        f"file (imported once into the cache) or a built-in model (default: {DEFAULT_MODEL})")
     parser.add_argument("--served-model-name", default=None, help="the `model` clients send (default: the "
                         "model directory's name)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -81,11 +83,10 @@ def api_keys(flag_keys: list[str] | None) -> tuple[str, ...]:
 
 
 def build_config(args: argparse.Namespace) -> ServiceConfig:
+    from specrelay.models.resolve import resolve_model
     from specrelay.services.gateway.state import GatewayConfig
 
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise ConfigError(f"--model {model_dir}: not a directory")
+    model_dir = resolve_model(args.model)
     gateway = GatewayConfig(
         model_name=args.served_model_name or model_dir.resolve().name,
         max_model_len=args.max_model_len or model_max_len(model_dir), api_keys=api_keys(args.api_key),

@@ -73,9 +73,12 @@ def main(args: argparse.Namespace) -> int:
     from specrelay.services.verifier.prefix_cache import model_id
     from specrelay.shared.errors import ConfigError
     from specrelay.shared.modeling.loader import load_model
+    from specrelay.models.resolve import BUILTIN_MODELS, resolve_model
     from specrelay.shared.modeling.runner import ModelRunner
     from specrelay.shared.pte import PteProfile
 
+    if args.model.suffix == ".gguf" or str(args.model) in BUILTIN_MODELS:
+        args.model = resolve_model(args.model)  # a .gguf file or a built-in model name
     policies = _policies(args.policies or ("drop,keep,pte" if args.quick else ",".join(POLICIES)))
     if not (args.model / "config.json").is_file():
         raise ConfigError(f"{args.model}: no model there (train the embedded pair with `specrelay models train`, "

@@ -104,8 +104,10 @@ async def over_bus(url, target, draft, items, max_tokens) -> tuple[float, int, l
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from specrelay.models.resolve import resolve_model
     from specrelay.shared.modeling.loader import load_model
 
+    args.model, args.draft = str(resolve_model(args.model)), str(resolve_model(args.draft, "--draft"))
     torch.set_num_threads(args.threads)
     target, draft = load_model(args.model), load_model(args.draft)
     items = prompts(args.model, args.num_prompts)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 SYSTEMS = ("hf_generate", "hf_assisted", "hf_prompt_lookup", "specrelay_plain", "specrelay_chain", "specrelay_tree",
-           "specrelay_recycle")
+           "specrelay_recycle", "specrelay_suffix")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,17 +60,23 @@ def stop_ids(model_dir: str) -> tuple[int, ...]:
 def run_specrelay(name: str, target, draft, prompts, batch, params, max_nodes):
     from specrelay.services.drafter.draft_model import DraftModelProposer
     from specrelay.services.drafter.recycling import TokenRecyclingProposer
+    from specrelay.services.drafter.suffix import SuffixProposer
     from specrelay.services.verifier.engine import SpecEngine
     from specrelay.shared.modeling.runner import ModelRunner
 
-    proposer = {
+    make = {
         "specrelay_plain": lambda: None,
         "specrelay_chain": lambda: DraftModelProposer.chain(ModelRunner(draft, num_blocks=2048), length=4),
         "specrelay_tree": lambda: DraftModelProposer(ModelRunner(draft, num_blocks=2048)),
         "specrelay_recycle": lambda: TokenRecyclingProposer(target.config.vocab_size),
-    }[name]()
+        "specrelay_suffix": lambda: SuffixProposer(target.config.vocab_size),
+    }[name]
+    proposer = make()
     engine = SpecEngine(ModelRunner(target, num_blocks=2048), proposer, max_nodes=max_nodes)
     engine.generate(prompts[:batch], params)  # warm-up: the cost curve and Â(n) start from measurements
+    if name == "specrelay_suffix":  # its global tree would hold the very outputs measured next: start it empty
+        proposer = engine.proposer = make()
+    # one engine serves the whole workload, as a server would: the suffix tree learns from earlier prompts' outputs
     outputs, steps, accepted = [], 0, 0
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch):
@@ -113,10 +119,12 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from specrelay.models.resolve import resolve_model
     from specrelay.shared.errors import ConfigError
     from specrelay.shared.modeling.loader import load_model
     from specrelay.shared.sampling import SamplingParams
 
+    args.model, args.draft = str(resolve_model(args.model)), str(resolve_model(args.draft, "--draft"))
     systems = [s for s in args.systems.split(",") if s]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:

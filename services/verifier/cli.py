@@ -10,9 +10,10 @@ import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from specrelay.services.serve import MODELS_DIR
+    from specrelay.models.resolve import DEFAULT_MODEL
 
-    parser.add_argument("--model", default=str(MODELS_DIR / "target"))
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a directory, a .gguf file or a built-in model "
+                        f"(default: {DEFAULT_MODEL})")
     parser.add_argument("--redis", default=os.environ.get("SPECRELAY_REDIS"), metavar="URL")
     parser.add_argument("--no-speculate", action="store_true", help="plain decoding, no drafter service")
     parser.add_argument("--claim-idle-s", type=float, default=os.environ.get("SPECRELAY_CLAIM_IDLE_S", "30"),
@@ -52,7 +53,10 @@ def main(args: argparse.Namespace) -> int:
     if not args.claim_idle_s > 0 or not args.cancel_replay_s >= 0:
         raise ConfigError(f"--claim-idle-s {args.claim_idle_s} must be positive and --cancel-replay-s "
                           f"{args.cancel_replay_s} not negative")
-    cfg = VerifierConfig(args.model, args.redis, speculate=not args.no_speculate, max_nodes=args.max_nodes,
+    from specrelay.models.resolve import resolve_model
+
+    model_dir = str(resolve_model(args.model))  # a .gguf or built-in model: imported once into the cache
+    cfg = VerifierConfig(model_dir, args.redis, speculate=not args.no_speculate, max_nodes=args.max_nodes,
                          num_blocks=args.num_blocks, device=args.device, kvstore=args.kvstore,
                          kvstore_capacity_bytes=parse_bytes(args.kv_capacity), relay=relay_config(args),
                          pte_profile=args.pte_profile, client_retention=not args.no_client_retention,

@@ -64,10 +64,13 @@ def main_relay(args: argparse.Namespace) -> int:
     from specrelay.services.kvstore import make_store
     from specrelay.services.verifier.relay import RelayConfig
     from specrelay.services.verifier.relay_pipeline import Texts, run_pipeline
+    from specrelay.models.resolve import BUILTIN_MODELS, resolve_model
     from specrelay.shared.errors import ConfigError
     from specrelay.shared.modeling.loader import load_model
     from specrelay.shared.modeling.runner import ModelRunner
 
+    if args.model.suffix == ".gguf" or str(args.model) in BUILTIN_MODELS:
+        args.model = resolve_model(args.model)  # a .gguf file or a built-in model name
     spans = _ints(args.spans, "--spans") if args.spans else (QUICK_SPANS if args.quick else SPANS)
     pipelines = args.pipelines if args.pipelines is not None else (1 if args.quick else 3)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)

@@ -84,8 +84,12 @@ def test_settings_come_from_the_environment(services):
     assert live_servers.interpolate(services["gateway"]["environment"]["SPECRELAY_API_KEY"], {}) == ""
     drafter_argv = services["drafter"]["command"]
     proposer = drafter_argv[drafter_argv.index("--proposer") + 1]
-    assert live_servers.interpolate(proposer, {}) == "tree"
-    assert live_servers.interpolate(proposer, {"SPECRELAY_PROPOSER": "recycle"}) == "recycle"
+    assert live_servers.interpolate(proposer, {}) == "recycle"  # SmolLM2 has no draft model
+    assert live_servers.interpolate(proposer, {"SPECRELAY_PROPOSER": "tree"}) == "tree"
+    for name in ("gateway", "verifier", "drafter"):  # one model, the same in every service
+        argv = services[name]["command"]
+        assert live_servers.interpolate(argv[argv.index("--model") + 1], {}) == "smollm2-135m-instruct", name
+    assert commands["verifier"].argv[commands["verifier"].argv.index("--model") + 1] == str(live_servers.PAIR_TARGET)
     assert commands["verifier"].env["OMP_NUM_THREADS"] == "1"  # the tests' SPECRELAY_THREADS, through compose
     assert live_servers.interpolate(services["kvstore"]["environment"]["SPECRELAY_KV_CAPACITY"], {}) == "2G"
 

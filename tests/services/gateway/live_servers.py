@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
 COMPOSE_FILE = ROOT / "compose.yaml"
+PAIR_TARGET = ROOT / "models" / "target"  # the small trained pair: the model of the live tests, not compose's default
 SPECRELAY = Path(sys.executable).parent / "specrelay"
 STARTUP_TIMEOUT_S = 180.0  # three model processes loading at once on a small shared CPU
 COMPOSE_REDIS = re.compile(r"redis://redis:6379(/\d+)?")
@@ -133,10 +134,11 @@ def wait_ready(server: LiveServer, urls: list[str], groups: list[tuple[str, str]
 
 
 def start_serve(log_dir: Path) -> LiveServer:
-    """`specrelay serve` on a free loopback port: the embedded pair over the in-process bus."""
+    """`specrelay serve` on a free loopback port: the small pair (its draft comes with it) over the in-process bus."""
     port = free_port()
     server = LiveServer(f"http://127.0.0.1:{port}")
-    server.start("serve", [str(SPECRELAY), "serve", "--host", "127.0.0.1", "--port", str(port)], child_env(), log_dir)
+    server.start("serve", [str(SPECRELAY), "serve", "--model", str(PAIR_TARGET), "--host", "127.0.0.1", "--port",
+                           str(port)], child_env(), log_dir)
     try:
         wait_ready(server, [server.url], [], None)
     except BaseException:
@@ -177,7 +179,8 @@ class ComposeCommand:
 
 def compose_commands(redis_url: str, path: Path = COMPOSE_FILE) -> list[ComposeCommand]:
     """Every specrelay service of compose.yaml, rewritten for loopback: the test's Redis, free ports."""
-    interp_env = child_env(SPECRELAY_THREADS="1")  # compose's default suits a container, not a shared test CPU
+    # compose's defaults suit a container serving SmolLM2, not a shared test CPU: one thread, the small pair
+    interp_env = child_env(SPECRELAY_THREADS="1", SPECRELAY_MODEL=str(PAIR_TARGET), SPECRELAY_PROPOSER="tree")
     commands = []
     for name, service in compose_services(path).items():
         if "build" not in service:  # redis: the test brings its own
