@@ -90,3 +90,19 @@ def test_speculation_at_a_tiny_temperature_is_the_targets_greedy_output(tiny_pai
         engine.step()
     assert [r.output for r in requests] == reference
     assert engine.runner.cache.num_free_blocks == 256
+
+
+def test_verification_draws_a_token_of_the_vocabulary_whatever_q_a_drafter_sends():
+    """q crosses the bus from the drafter's process: NaN, infinite or negative masses must not make the verifier
+    raise or emit a token outside the vocabulary (p, from `processed_probs`, is always a distribution)."""
+    from specrelay.kernels.spec_accept import spec_accept_reference
+
+    vocab = 7
+    tokens, parents, cu = torch.tensor([0, 1, 2, 3]), torch.tensor([-1, 0, 0, 1]), torch.tensor([0, 4])
+    p = processed_probs(torch.randn(4, vocab, generator=torch.Generator().manual_seed(0)),
+                        SamplingParams(temperature=0.8))
+    for q in (torch.full((4, vocab), NAN), torch.full((4, vocab), INF), -torch.ones(4, vocab),
+              torch.tensor([[NAN, INF, -1.0, 0.5, 0.5, 0.0, 0.0]] * 4), torch.zeros(4, vocab)):
+        for u in (0.0, 0.3, 1.0):
+            result = spec_accept_reference(tokens, parents, cu, p, q, torch.full((4,), u), torch.tensor([u]), False)
+            assert 0 <= int(result.next_token[0]) < vocab and 0 <= int(result.num_accepted[0]) <= 2
