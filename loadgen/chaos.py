@@ -39,10 +39,11 @@ PROBE_QUESTION = "Hi"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=str(MODELS_DIR / "target"), help="target model directory (default: the "
-                        "embedded target)")
-    parser.add_argument("--draft", default=str(MODELS_DIR / "draft"), help="draft model directory (default: the "
-                        "embedded draft)")
+    parser.add_argument("--model", default=str(MODELS_DIR / "target"),
+                        help="the target: a directory, a .gguf file or a built-in model (default: the small trained "
+                             "pair's target, which greedy decoding on this CPU runs in seconds)")
+    parser.add_argument("--draft", default=None, help="draft model (default: the pair's draft for the pair's target; "
+                        "else none, and the drafter proposes by Token Recycling)")
     parser.add_argument("--faults", default=",".join(DEFAULT_FAULTS),
                         help=f"comma-separated scenarios to run after the baseline (default: all: "
                              f"{','.join(DEFAULT_FAULTS)})")
@@ -85,9 +86,10 @@ def main(args: argparse.Namespace) -> int:
             raise SpecrelayError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.verifiers < 2 and "verifier" in faults:
         raise SpecrelayError("the verifier kill needs --verifiers 2 or more (one must survive)")
-    for path in (args.model, args.draft):
-        if not Path(path, "config.json").is_file():
-            raise SpecrelayError(f"{path}: not a model directory (no config.json)")
+    from specrelay.models.resolve import choose_proposer, resolve_model
+
+    args.model_dir = resolve_model(args.model)  # a .gguf or built-in model: imported once, here, for every service
+    args.proposer, args.draft_dir = choose_proposer(args.model_dir, args.draft, None)
     keep = args.log_dir is not None
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="specrelay-chaos-"))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +132,7 @@ async def run(args: argparse.Namespace, faults: list[str], log_dir: Path) -> dic
     from specrelay.shared.tokenizer import Tokenizer
 
     plan = plan_from(args)
-    tokenizer = Tokenizer(args.model)
+    tokenizer = Tokenizer(args.model_dir)
     prompts = {f"p{i}": (chat_prompt(tokenizer, q), plan.max_tokens) for i, q in enumerate(QUESTIONS)}
     if plan.num_requests > len(prompts):
         raise SpecrelayError(f"--requests is at most {len(prompts)} (one per prompt)")
@@ -142,12 +144,13 @@ async def run(args: argparse.Namespace, faults: list[str], log_dir: Path) -> dic
 
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731 - as the gateway streams
     references = dict(zip(prompts, await asyncio.to_thread(
-        greedy_references, args.model, list(prompts.values()), end_of_turn_ids(tokenizer), decode)))
+        greedy_references, args.model_dir, list(prompts.values()), end_of_turn_ids(tokenizer), decode)))
     print(f"greedy references for {len(references)} prompts in {time.monotonic() - t0:.1f}s", flush=True)
 
     redis_port = T.free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    specs = T.services(redis_url, args.model, args.draft, num_verifiers=args.verifiers,
+    draft = None if args.draft_dir is None else str(args.draft_dir)
+    specs = T.services(redis_url, str(args.model_dir), draft, proposer=args.proposer, num_verifiers=args.verifiers,
                        verifier_args=claim_timeout_args("verifier", args.claim_timeout_s))
     t0 = time.monotonic()
     stack = await asyncio.to_thread(T.start_stack, specs, redis_port, log_dir, args.startup_timeout_s)
@@ -157,7 +160,7 @@ async def run(args: argparse.Namespace, faults: list[str], log_dir: Path) -> dic
     results = []
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
-            ctx = F.Context(stack, session, Path(args.model).resolve().name, references, tokenizer, plan)
+            ctx = F.Context(stack, session, args.model_dir.resolve().name, references, tokenizer, plan)
             for name, scenario in [("baseline", F.baseline)] + [(f, F.SCENARIOS[f]) for f in faults]:
                 t0 = time.monotonic()
                 result = await scenario(ctx)
@@ -168,7 +171,9 @@ async def run(args: argparse.Namespace, faults: list[str], log_dir: Path) -> dic
     finally:
         supervisor.cancel()
         await asyncio.to_thread(stack.stop)
-    return {"model": args.model, "draft": args.draft, "verifiers": args.verifiers, "plan": vars(plan),
+    return {"model": args.model_dir.name, "draft": args.draft_dir and args.draft_dir.name, "proposer": args.proposer,
+            "verifiers": args.verifiers,
+            "plan": vars(plan),
             "scenarios": [r.as_json() for r in results]}
 
 

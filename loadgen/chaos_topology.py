@@ -3,7 +3,8 @@ port, then each specrelay service with the command compose.yaml gives it, a supe
 (compose's `restart: unless-stopped`), and the faults' levers (kill -9 a service, restart Redis on its port).
 
 The commands are compose.yaml's, rewritten for loopback as tests/services/gateway/live_servers.py does (the Redis
-URL, 127.0.0.1 and free ports), plus `--model`/`--draft` so the stack serves the pair chaos was asked for;
+URL, 127.0.0.1 and free ports), with the model, draft and proposer chaos was asked for (compose's
+`${SPECRELAY_MODEL}` and `${SPECRELAY_PROPOSER}`; the drafter's `--draft` added when there is one);
 tests/loadgen/test_chaos.py checks they stay compose.yaml's. They are written out here, not read from compose.yaml,
 so that the command needs neither the repository checkout nor a YAML parser.
 """
@@ -59,23 +60,24 @@ class ServiceSpec:
         return f"http://127.0.0.1:{self.port}/health" if self.port else f"group {self.group[1]} on {self.group[0]}"
 
 
-def services(redis_url: str, model: str, draft: str, *, num_verifiers: int = 2, verifier_args: tuple[str, ...] = (),
-             toolcoord: bool = True) -> list[ServiceSpec]:
+def services(redis_url: str, model: str, draft: str | None, *, proposer: str = "tree", num_verifiers: int = 2,
+             verifier_args: tuple[str, ...] = (), toolcoord: bool = True) -> list[ServiceSpec]:
     """compose.yaml's specrelay services against `redis_url`, `num_verifiers` verifier replicas
-    (`docker compose up --scale verifier=N`)."""
+    (`docker compose up --scale verifier=N`); the drafter proposes with `proposer` (and `draft`, if one)."""
     def port() -> int:
         return free_port()
 
     specs = [ServiceSpec("gateway", "gateway",
-                         ("gateway", "--redis", redis_url, "--host", "127.0.0.1", "--port", str(gateway_port := port()),
-                          "--remote-tools", "--model", model),
+                         ("gateway", "--model", model, "--redis", redis_url, "--host", "127.0.0.1", "--port",
+                          str(gateway_port := port()), "--remote-tools"),
                          {"SPECRELAY_API_KEY": "", "SPECRELAY_TOOLS": ""}, port=gateway_port)]
     for i in range(1, num_verifiers + 1):
         specs.append(ServiceSpec(f"verifier-{i}", "verifier", ("verifier", "--model", model, *verifier_args),
                                  {"SPECRELAY_REDIS": redis_url, "SPECRELAY_KVSTORE": redis_url,
                                   "SPECRELAY_KV_CAPACITY": KV_CAPACITY, "OMP_NUM_THREADS": "1"},
                                  group=("verifier.generate", "verifier")))
-    specs.append(ServiceSpec("drafter", "drafter", ("drafter", "--proposer", "tree", "--model", model, "--draft", draft),
+    drafter = ("drafter", "--model", model, "--proposer", proposer) + (("--draft", draft) if draft else ())
+    specs.append(ServiceSpec("drafter", "drafter", drafter,
                              {"SPECRELAY_REDIS": redis_url, "OMP_NUM_THREADS": "1"},
                              group=("drafter.requests", "drafter")))
     specs.append(ServiceSpec("kvstore", "kvstore", ("kvstore", "--host", "127.0.0.1", "--port", str(kv_port := port())),
