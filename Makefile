@@ -19,7 +19,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@touch $@
 
 serve: setup
-	$(VENV)/bin/specrelay calibrate --if-missing   # the PTE profile of this machine, once (~6 s)
+	$(VENV)/bin/specrelay models import --default   # SmolLM2-135M-Instruct from its GGUF into the cache, once
+	$(VENV)/bin/specrelay calibrate --if-missing   # the PTE profile of this model on this machine, once
 	$(VENV)/bin/specrelay serve
 
 test: setup

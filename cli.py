@@ -21,7 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("specrelay.services.calibrate", "measure prefill and decode costs: the PTE profile (gamma, beta)"),
     "bench": ("specrelay.services.bench", "benchmarks: ours and the baselines side by side (spec, bus, relay)"),
     "loadgen": ("specrelay.loadgen.cli", "drive an OpenAI-compatible endpoint and measure SLO attainment and goodput"),
-    "models": ("specrelay.models.cli", "train and evaluate the embedded target + draft pair"),
+    "models": ("specrelay.models.cli", "import a GGUF model; train and evaluate the small target + draft pair"),
+    "chaos": ("specrelay.loadgen.chaos", "inject faults into the Redis topology and check that requests survive"),
     "kernels": ("specrelay.kernels.cli", "benchmark the Triton kernels against torch"),
 }
 
