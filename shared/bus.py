@@ -91,10 +91,11 @@ class Delivery(Generic[T]):
     """One message handed to one consumer. It stays pending (and will be redelivered if this consumer dies) until
     `ack()` is awaited."""
 
-    __slots__ = ("msg", "stream", "message_id", "published_ns", "delivery_count", "_ack", "_touch")
+    __slots__ = ("msg", "stream", "message_id", "published_ns", "delivery_count", "_ack", "_touch", "_release")
 
     def __init__(self, msg: T, stream: str, message_id: str, published_ns: int, delivery_count: int,
-                 ack: Callable[[], Awaitable[None]], touch: Callable[[], Awaitable[None]]):
+                 ack: Callable[[], Awaitable[None]], touch: Callable[[], Awaitable[None]],
+                 release: Callable[[], None]):
         self.msg = msg
         self.stream = stream
         self.message_id = message_id
@@ -102,6 +103,7 @@ class Delivery(Generic[T]):
         self.delivery_count = delivery_count  # 1 on the first delivery
         self._ack = ack
         self._touch = touch
+        self._release = release
 
     @property
     def redelivered(self) -> bool:
@@ -115,6 +117,12 @@ class Delivery(Generic[T]):
         """Renew the lease now. The bus renews it by itself while the consumer lives; this is for a consumer that
         stopped reading and still works on what it was handed."""
         await self._touch()
+
+    def release(self) -> None:
+        """Give the message up unacknowledged: its lease is no longer renewed, so it is handed out again (to any
+        consumer of the group, this one included) once idle for `min_idle_ms`. For a handler that failed in a way
+        another attempt may not."""
+        self._release()
 
 
 class ReplyChannel(Generic[T]):
@@ -259,6 +267,7 @@ class _Pending:
     consumer: str
     delivered_at: float  # monotonic seconds; the idle clock XAUTOCLAIM compares against
     delivery_count: int = 0
+    released: bool = False  # given up by its consumer (Delivery.release): no lease protects it
 
 
 @dataclass
@@ -370,8 +379,8 @@ class LocalBus(Bus):
                 next_claim = now + cfg.claim_interval_ms / 1000
                 idle_s = cfg.min_idle_ms / 1000
                 # Only a consumer that stopped reading loses its messages: a live one holds its leases.
-                batch = [seq for seq, p in g.pending.items() if p.consumer != consumer
-                         and p.consumer not in g.readers and now - p.delivered_at >= idle_s][: cfg.batch_size]
+                batch = [seq for seq, p in g.pending.items() if now - p.delivered_at >= idle_s and (
+                    p.released or (p.consumer != consumer and p.consumer not in g.readers))][: cfg.batch_size]
                 for seq in batch:  # ours from now on, before we yield to anyone who might claim them too
                     g.pending[seq].consumer, g.pending[seq].delivered_at = consumer, now
             if not batch:
@@ -394,7 +403,7 @@ class LocalBus(Bus):
                 pending = g.pending.get(seq)
                 if pending is None:  # acknowledged meanwhile by another consumer
                     continue
-                pending.consumer, pending.delivered_at = consumer, time.monotonic()
+                pending.consumer, pending.delivered_at, pending.released = consumer, time.monotonic(), False
                 pending.delivery_count += 1
                 _, published_ns, payload = pending.entry
                 msg = None
@@ -408,7 +417,7 @@ class LocalBus(Bus):
                     g.pending.pop(seq, None)
                     continue
                 yield Delivery(msg, stream, str(seq), published_ns, pending.delivery_count,
-                               _local_ack(g, seq), _local_touch(g, seq, consumer))
+                               _local_ack(g, seq), _local_touch(g, seq, consumer), _local_release(g, seq, consumer))
             batch = []
 
     def open_reply_channel(self, type: type[T], name: str | None = None) -> ReplyChannel[T]:
@@ -446,3 +455,12 @@ def _local_touch(group: _Group, seq: int, consumer: str) -> Callable[[], Awaitab
             pending.delivered_at = time.monotonic()
 
     return touch
+
+
+def _local_release(group: _Group, seq: int, consumer: str) -> Callable[[], None]:
+    def release() -> None:
+        pending = group.pending.get(seq)
+        if pending is not None and pending.consumer == consumer:
+            pending.released = True
+
+    return release

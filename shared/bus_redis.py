@@ -336,7 +336,8 @@ class RedisBus(Bus):
             return None
         lease = (key, group, consumer)
         return Delivery(msg, stream, message_id.decode(), int(fields.get(b"t", 0)), delivery_count,
-                        self._acker(key, group, message_id, held), self._toucher(lease, message_id))
+                        self._acker(key, group, message_id, held), self._toucher(lease, message_id),
+                        lambda: held.discard(message_id))
 
     async def _claim_idle(self, key: str, group: str, consumer: str,
                           cursor: bytes) -> tuple[bytes, list[tuple[bytes, dict]]]:

@@ -85,8 +85,9 @@ async def serve_toolcoord(bus, registry, consumer: str, max_concurrent: int = 8)
                 await bus.reply(msg.reply_to, ToolCallReply(msg.call_id, result.content, result.is_error,
                                                             result.elapsed_s))
             await delivery.ack()
-        except Exception:  # the bus failed us: the call stays pending and is redelivered
+        except Exception:  # the bus failed us: the call stays pending and is redelivered once idle
             log.exception("toolcoord: %s (%s) not answered", msg.call_id, msg.name)
+            delivery.release()
         finally:
             slots.release()
 

@@ -59,6 +59,19 @@ async def test_a_live_consumer_keeps_a_message_past_the_claim_timeout_without_to
     await stop(rival_task)
 
 
+async def test_a_message_released_unacknowledged_is_handed_out_again(make):
+    bus = make(min_idle_ms=150)
+    await bus.publish("jobs", Job(1, "failed once"))
+    worker = bus.consume("jobs", "workers", "unlucky", Job)
+    first = await asyncio.wait_for(worker.__anext__(), 5)
+    first.release()  # the handler failed in a way another attempt may not
+    rival_task, rival_got = reader(make(min_idle_ms=150), "jobs", "workers", "rival")
+    await until(lambda: _true(len(rival_got) == 1), what="the released message to be handed out again")
+    assert rival_got[0].msg == Job(1, "failed once") and rival_got[0].redelivered
+    await stop(rival_task)
+    await worker.aclose()
+
+
 async def _true(value: bool) -> bool:
     return value
 
