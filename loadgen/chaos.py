@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import sys
@@ -128,6 +129,7 @@ async def run(args: argparse.Namespace, faults: list[str], log_dir: Path) -> dic
 
     from specrelay.loadgen import chaos_faults as F
     from specrelay.loadgen import chaos_topology as T
+    from specrelay.loadgen.chaos_check import greedy_references
     from specrelay.services.gateway.state import end_of_turn_ids
     from specrelay.shared.tokenizer import Tokenizer
 
@@ -139,21 +141,24 @@ async def run(args: argparse.Namespace, faults: list[str], log_dir: Path) -> dic
     prompts["probe"] = (chat_prompt(tokenizer, PROBE_QUESTION), F.PROBE_MAX_TOKENS)
     if "long" in faults:  # issue 18's repro: the same long request several times at once
         prompts["long"] = (tokenizer.encode(LONG_PROMPT, True), plan.long_tokens)
-    t0 = time.monotonic()
-    from specrelay.loadgen.chaos_check import greedy_references
-
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731 - as the gateway streams
-    references = dict(zip(prompts, await asyncio.to_thread(
-        greedy_references, args.model_dir, list(prompts.values()), end_of_turn_ids(tokenizer), decode)))
-    print(f"greedy references for {len(references)} prompts in {time.monotonic() - t0:.1f}s", flush=True)
-
     redis_port = T.free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     draft = None if args.draft_dir is None else str(args.draft_dir)
     specs = T.services(redis_url, str(args.model_dir), draft, proposer=args.proposer, num_verifiers=args.verifiers,
                        verifier_args=claim_timeout_args("verifier", args.claim_timeout_s))
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731 - as the gateway streams
     t0 = time.monotonic()
-    stack = await asyncio.to_thread(T.start_stack, specs, redis_port, log_dir, args.startup_timeout_s)
+    # side by side: the references decode in this process while the services load their models
+    starting = asyncio.create_task(asyncio.to_thread(T.start_stack, specs, redis_port, log_dir, args.startup_timeout_s))
+    try:
+        references = dict(zip(prompts, await asyncio.to_thread(
+            greedy_references, args.model_dir, list(prompts.values()), end_of_turn_ids(tokenizer), decode)))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread((await starting).stop)
+        raise
+    print(f"greedy references for {len(references)} prompts in {time.monotonic() - t0:.1f}s", flush=True)
+    stack = await starting
     print(f"stack ready in {time.monotonic() - t0:.1f}s: {', '.join(s.name for s in specs)} on Redis {redis_url}; "
           f"logs in {log_dir}", flush=True)
     supervisor = asyncio.create_task(stack.supervise())
@@ -161,7 +166,7 @@ async def run(args: argparse.Namespace, faults: list[str], log_dir: Path) -> dic
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
             ctx = F.Context(stack, session, args.model_dir.resolve().name, references, tokenizer, plan)
-            for name, scenario in [("baseline", F.baseline)] + [(f, F.SCENARIOS[f]) for f in faults]:
+            for scenario in [F.baseline] + [F.SCENARIOS[f] for f in faults]:
                 t0 = time.monotonic()
                 result = await scenario(ctx)
                 results.append(result)
