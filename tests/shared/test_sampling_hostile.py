@@ -16,7 +16,8 @@ from ..conftest import save_tiny_llama
 
 NAN, INF = float("nan"), float("inf")
 SETTINGS = [dict(temperature=0.7), dict(temperature=1.0, top_k=2), dict(temperature=1.5, top_p=0.5),
-            dict(temperature=2.0, top_k=3, top_p=0.9), dict(temperature=1e-4, top_p=1e-30)]
+            dict(temperature=2.0, top_k=3, top_p=0.9), dict(temperature=1e-4, top_p=1e-30),
+            dict(temperature=0.9, top_p=5e-324)]  # a top_p that is 0 in float32: only the best token is left
 
 
 def assert_distribution(probs: torch.Tensor) -> None:
