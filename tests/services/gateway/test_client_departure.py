@@ -44,7 +44,7 @@ async def eventually(condition, what: str) -> None:
 
 @pytest.fixture
 async def gateway_process(tokenizer_dir, tokenizer, tmp_path, monkeypatch):
-    """(base URL, fake verifier) of `specrelay gateway`'s serve() on a free port."""
+    """(base URL, fake verifier) of `specrelay gateway`'s serve() on a free port, one request running at a time."""
     model_dir = tmp_path / "tiny-chat"
     shutil.copytree(tokenizer_dir, model_dir)
     (model_dir / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
@@ -56,7 +56,8 @@ async def gateway_process(tokenizer_dir, tokenizer, tmp_path, monkeypatch):
     port = free_port()
     parser = argparse.ArgumentParser()
     service.add_arguments(parser)
-    config = service.build_config(parser.parse_args(["--model", str(model_dir), "--port", str(port)]))
+    config = service.build_config(parser.parse_args(["--model", str(model_dir), "--port", str(port),
+                                                     "--max-running", "1"]))
     tasks = [asyncio.create_task(fake.run()), asyncio.create_task(service.serve(config))]
     url = f"http://127.0.0.1:{port}"
     try:
@@ -76,21 +77,36 @@ async def gateway_process(tokenizer_dir, tokenizer, tmp_path, monkeypatch):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def post_and_leave(url: str, path: str, body: dict, fake) -> str:
-    """POST `body` without streaming, wait until the verifier has produced tokens for it, then close the
-    connection without reading an answer. Returns the request id."""
+async def send(url: str, path: str, body: dict) -> asyncio.StreamWriter:
+    """POST `body` without streaming on a connection of its own; closing the writer is the client leaving."""
     host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    _, writer = await asyncio.open_connection(host, int(port))
     data = json.dumps(body).encode()
     writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     await writer.drain()
+    return writer
+
+
+async def leave(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    await writer.wait_closed()
+
+
+async def post_and_leave(url: str, path: str, body: dict, fake) -> str:
+    """POST `body`, wait until the verifier has produced tokens for it, then leave without reading an answer.
+    Returns the request id."""
+    writer = await send(url, path, body)
     await eventually(lambda: fake.generates and fake.blocks.get(fake.generates[-1].request_id, 0) > 0,
                      "the request never reached the verifier")
     request_id = fake.generates[-1].request_id
-    writer.close()
-    await writer.wait_closed()
+    await leave(writer)
     return request_id
+
+
+async def health(url: str) -> dict:
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/health") as r:
+        return await r.json()
 
 
 @pytest.mark.parametrize("path,body", [
@@ -114,3 +130,24 @@ async def test_a_non_streamed_request_whose_client_left_is_cancelled_and_frees_i
         # and the gateway serves the next client
         async with s.post(f"{url}{path}", json={"model": "tiny-chat", "max_tokens": 3, **body}) as r:
             assert r.status == 200
+
+
+async def test_a_client_that_leaves_while_queued_never_reaches_the_verifier(gateway_process):
+    url, fake = gateway_process
+    story = {"model": "tiny-chat", "max_tokens": 2000, "messages": [{"role": "user", "content": "A story"}]}
+    running = await send(url, "/v1/chat/completions", story)
+    await eventually(lambda: len(fake.generates) == 1, "the first request never reached the verifier")
+    queued = await send(url, "/v1/chat/completions", story)
+    deadline = time.monotonic() + GENEROUS_S
+    while (await health(url))["queued"] != 1:
+        assert time.monotonic() < deadline, "the second request never queued"
+        await asyncio.sleep(0.01)
+    await leave(queued)
+    deadline = time.monotonic() + GENEROUS_S
+    while (await health(url))["queued"] != 0:
+        assert time.monotonic() < deadline, "the departed client stayed in the queue"
+        await asyncio.sleep(0.01)
+    await leave(running)
+    await eventually(lambda: fake.blocks_used == 0, "the running request's KV blocks were not freed")
+    assert len(fake.generates) == 1, "the departed client's request was sent to the verifier"
+    assert (await health(url))["running"] == 0
