@@ -3,12 +3,13 @@ import torch
 
 from specrelay.services.drafter.draft_model import DraftModelProposer
 from specrelay.services.drafter.recycling import TokenRecyclingProposer
+from specrelay.services.drafter.suffix import SuffixProposer
 from specrelay.shared.modeling.loader import load_model
 from specrelay.shared.modeling.runner import ModelRunner
 
 from ...conftest import save_tiny_llama
 
-PROPOSERS = ["chain", "tree", "recycle"]
+PROPOSERS = ["chain", "tree", "recycle", "suffix"]
 
 
 @pytest.fixture(scope="session")
@@ -32,4 +33,6 @@ def make_proposer(name: str, draft, vocab_size: int):
         return DraftModelProposer(ModelRunner(draft, num_blocks=1024), max_depth=4, branch=3, width=3)
     if name == "recycle":
         return TokenRecyclingProposer(vocab_size, k=4)
+    if name == "suffix":
+        return SuffixProposer(vocab_size)
     raise ValueError(name)

@@ -8,6 +8,7 @@ import pytest
 from specrelay.models.corpus import tool_prompts
 from specrelay.services.drafter.draft_model import DraftModelProposer
 from specrelay.services.drafter.recycling import TokenRecyclingProposer
+from specrelay.services.drafter.suffix import SuffixProposer
 from specrelay.services.verifier.engine import SpecEngine
 from specrelay.shared.modeling.loader import load_model
 from specrelay.shared.modeling.runner import ModelRunner
@@ -29,12 +30,13 @@ def embedded():
 
 
 @pytest.mark.parametrize("batch_size", [1, 8])
-@pytest.mark.parametrize("proposer", ["chain", "tree", "recycle"])
+@pytest.mark.parametrize("proposer", ["chain", "tree", "recycle", "suffix"])
 def test_embedded_pair_greedy_is_lossless(proposer, batch_size, embedded):
     target, draft, prompts, params, reference = embedded
     make = {"chain": lambda: DraftModelProposer.chain(ModelRunner(draft, num_blocks=4096)),
             "tree": lambda: DraftModelProposer(ModelRunner(draft, num_blocks=4096)),
-            "recycle": lambda: TokenRecyclingProposer(target.config.vocab_size)}[proposer]
+            "recycle": lambda: TokenRecyclingProposer(target.config.vocab_size),
+            "suffix": lambda: SuffixProposer(target.config.vocab_size)}[proposer]
     engine = SpecEngine(ModelRunner(target, num_blocks=4096), make(), max_nodes=16)
     accepted = 0
     for start in range(0, NUM_PROMPTS, batch_size):

@@ -9,11 +9,14 @@ norm(max(p − q, 0)) — and asserts that the test catches it.
 import itertools
 
 import pytest
+import torch
 from scipy.stats import chi2
 
 from specrelay.kernels import spec_accept as accept_module
+from specrelay.services.drafter.base import DraftInput
 from specrelay.services.drafter.draft_model import DraftModelProposer
 from specrelay.services.drafter.recycling import TokenRecyclingProposer
+from specrelay.services.drafter.suffix import SuffixProposer
 from specrelay.services.verifier import engine as engine_module
 from specrelay.services.verifier.engine import SpecEngine
 from specrelay.shared.modeling.kv_cache import BlockTable
@@ -93,24 +96,38 @@ def broken_accept(tokens, parents, cu_nodes, target_probs, draft_probs, uniforms
     return result
 
 
+def suffix_after_earlier_requests() -> SuffixProposer:
+    """Suffix decoding in a server that served requests before: its global tree holds 2,000 earlier output tokens,
+    so every context has several continuations and the trees are wide (3-token outputs alone make tiny ones)."""
+    proposer = SuffixProposer(VOCAB, max_global_tokens=100_000)  # the history stays for the whole test
+    earlier = torch.randint(0, VOCAB, (2000,), generator=torch.Generator().manual_seed(5)).tolist()
+    for n in (1, len(earlier)):  # drafted first after one output token, then after all of them
+        proposer.propose([DraftInput(-1, PROMPT + earlier[:n], SamplingParams(), 1)])
+    proposer.release(-1)
+    return proposer
+
+
 def make(name, draft):
     if name == "tree":
         return DraftModelProposer(ModelRunner(draft, num_blocks=6000), max_depth=3, branch=3, width=2)
     if name == "chain":
         return DraftModelProposer.chain(ModelRunner(draft, num_blocks=6000), length=3)
+    if name == "suffix":
+        return suffix_after_earlier_requests()
     return TokenRecyclingProposer(VOCAB, k=3)
 
 
-@pytest.mark.parametrize("proposer", ["tree", "recycle"])  # the chain is a tree of width 1: same code path
+@pytest.mark.parametrize("proposer", ["tree", "recycle", "suffix"])  # the chain is a tree of width 1: same code path
 def test_speculative_sampling_matches_the_target_law(proposer, tiny_vocab_pair):
     target, draft = tiny_vocab_pair
     samples = speculative_samples(target, make(proposer, draft))
     assert chi_square_p(samples, exact_law(target)) > 0.001
 
 
-def test_negative_control_a_broken_rule_is_caught(tiny_vocab_pair, monkeypatch):
+@pytest.mark.parametrize("proposer", ["recycle", "suffix"])
+def test_negative_control_a_broken_rule_is_caught(proposer, tiny_vocab_pair, monkeypatch):
     """NEGATIVE CONTROL (expected to detect bias): the same test must fail for a wrong acceptance rule."""
     target, draft = tiny_vocab_pair
     monkeypatch.setattr(engine_module, "spec_accept", broken_accept)
-    samples = speculative_samples(target, make("recycle", draft))
+    samples = speculative_samples(target, make(proposer, draft))
     assert chi_square_p(samples, exact_law(target)) < 0.001
