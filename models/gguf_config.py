@@ -17,6 +17,8 @@ from specrelay.shared.errors import ModelLoadError
 # GGUF architecture -> (HF model_type, HF architecture class)
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
                  "qwen3": ("qwen3", "Qwen3ForCausalLM")}
+SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
+                 "general.sampling.top_p": "top_p", "general.sampling.min_p": "min_p"}
 
 
 def architecture(metadata: dict, path: Path) -> str:
@@ -100,11 +102,16 @@ def _rope_scaling(metadata: dict, arch: str, path: Path) -> dict | None:
 
 
 def generation_config(metadata: dict) -> dict:
-    """Greedy by default, stopping at the end-of-sequence and end-of-turn tokens the file names."""
+    """The end-of-sequence and end-of-turn tokens the file names, and the sampling settings its author recommends
+    (`general.sampling.*`), if any; greedy otherwise, as transformers' default."""
     stops = [metadata.get(f"tokenizer.ggml.{key}") for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
     stops = list(dict.fromkeys(int(s) for s in stops if s is not None))
     out = {"do_sample": False, "eos_token_id": stops[0] if len(stops) == 1 else stops}
-    for key in ("bos_token_id", "pad_token_id"):
+    for key, name in SAMPLING_KEYS.items():
+        if metadata.get(key) is not None:
+            out[name] = _f32(metadata[key]) if isinstance(metadata[key], float) else metadata[key]
+    out["do_sample"] = out.get("temperature", 0) > 0
+    for key, name in (("bos_token_id", "bos_token_id"), ("padding_token_id", "pad_token_id")):
         if metadata.get(f"tokenizer.ggml.{key}") is not None:
-            out[key] = int(metadata[f"tokenizer.ggml.{key}"])
+            out[name] = int(metadata[f"tokenizer.ggml.{key}"])
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -182,3 +183,18 @@ def test_the_cli_imports_and_reports_errors_in_one_line(tiny_models, tmp_path, c
     assert out.err.strip().splitlines() == [f"specrelay models: error: {tmp_path / 'bad.gguf'}: not a readable "
                                             "GGUF file (GGUF magic invalid)"]
     assert run()[0] == 2  # neither a file nor --default
+
+
+def test_generation_config_keeps_the_stop_tokens_and_recommended_sampling(tiny_models, tmp_path):
+    import json
+
+    from specrelay.models.gguf_config import generation_config
+
+    write_gguf(tmp_path / "t.gguf", tiny_models["llama"], "llama", Q.F32, PAIR / "target")
+    out = import_gguf(tmp_path / "t.gguf", tmp_path / "out")
+    assert json.loads((out / "generation_config.json").read_text()) == {"do_sample": False, "eos_token_id": 2,
+                                                                          "pad_token_id": 0}
+    recommended = {"tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.eot_token_id": 7,
+                   "general.sampling.temp": float(np.float32(0.2)), "general.sampling.top_k": 40}
+    assert generation_config(recommended) == {"do_sample": True, "eos_token_id": [2, 7], "temperature": 0.2,
+                                              "top_k": 40}
