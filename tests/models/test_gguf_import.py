@@ -198,3 +198,25 @@ def test_generation_config_keeps_the_stop_tokens_and_recommended_sampling(tiny_m
                    "general.sampling.temp": float(np.float32(0.2)), "general.sampling.top_k": 40}
     assert generation_config(recommended) == {"do_sample": True, "eos_token_id": [2, 7], "temperature": 0.2,
                                               "top_k": 40}
+
+
+def test_a_sentencepiece_vocabulary_tokenizes_as_llama_cpp_does():
+    """Merges rebuilt from the scores, a space prefix (after special tokens too, as llama.cpp's SPM tokenizer
+    writes it), unknown characters as bytes."""
+    from specrelay.models.gguf_tokenizer import build_tokenizer
+
+    chars, pieces = list("▁helowrd"), ["▁h", "▁he", "▁hel", "▁hell", "▁hello", "▁w", "▁wo", "▁wor", "▁worl",
+                                        "▁world", "lo"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *chars, *pieces]
+    metadata = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.unknown_token_id": 0,
+                "tokenizer.ggml.token_type": [2, 3, 3, *[6] * 256, *[1] * (len(chars) + len(pieces))],
+                "tokenizer.ggml.scores": [0.0] * 259 + [-100.0 - i for i in range(len(chars))]
+                + [-1.0 - i for i in range(len(pieces))]}
+    tokenizer = build_tokenizer(metadata, Path("spm.gguf"))
+    for text, expected in [("hello world", ["▁hello", "▁world"]), ("héllo", ["▁h", "<0xC3>", "<0xA9>", "l", "lo"]),
+                           ("hello</s>world", ["▁hello", "</s>", "▁world"])]:
+        encoding = tokenizer.encode(text)
+        assert encoding.tokens == expected
+        assert tokenizer.decode(encoding.ids) == text.replace("</s>", " ")  # the prefix space shows after </s>
+    with pytest.raises(ModelLoadError, match=r"spm\.gguf: tokenizer model 'bert' is not supported"):
+        build_tokenizer({**metadata, "tokenizer.ggml.model": "bert"}, Path("spm.gguf"))
