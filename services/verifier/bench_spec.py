@@ -1,102 +1,178 @@
-"""`specrelay serve`: the gateway, the verifier and the drafter in one process, over one bus — the in-process
-bus by default (the embedded default), or Redis with `--redis URL` (the same services, talking over Redis Streams).
+"""`specrelay bench spec`: speculative decoding against transformers and plain decoding, side by side, one process.
+
+Same target/draft pair, same prompts, same greedy decoding, same stop tokens, for every system. tokens/s counts
+generated tokens over the wall time of the whole workload at that batch size. `identical_to_greedy` compares every
+output with the target's own greedy output (specrelay_plain, itself checked against hf_generate by the parity
+tests). transformers' assisted generation and prompt lookup run one prompt at a time (they do not batch), so at
+batch 8 their prompts run one after another.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import time
 from pathlib import Path
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-PROPOSERS = ("tree", "chain", "recycle", "suffix", "none")
+SYSTEMS = ("hf_generate", "hf_assisted", "hf_prompt_lookup", "specrelay_plain", "specrelay_chain", "specrelay_tree",
+           "specrelay_recycle", "specrelay_suffix")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from specrelay.services.gateway import service as gateway
+    from specrelay.services.serve import MODELS_DIR
 
-    gateway.add_arguments(parser)  # --model, --host, --port, --redis, --api-key, ...
-    parser.add_argument("--draft", default=str(MODELS_DIR / "draft"), help="draft model: a local HF directory")
-    parser.add_argument("--proposer", choices=PROPOSERS, default="tree",
-                        help="draft-model tree, chain, model-free Token Recycling, or none (plain decoding)")
-    parser.add_argument("--max-nodes", type=int, default=16, help="largest draft tree verified per request")
-    parser.add_argument("--num-blocks", type=int, default=2048, help="KV cache blocks (16 tokens each)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--pte-profile", default=None, metavar="FILE",
-                        help="PTE profile for usage.pte (default: what `specrelay calibrate` cached, else analytic)")
-    parser.add_argument("--no-client-retention", action="store_true",
-                        help="at a client tool pause, publish and free the turn's KV as before, instead of "
-                             "letting the retention policy keep, offload or drop it")
-    from specrelay.services.verifier.relay_hooks import add_relay_options
-
-    add_relay_options(parser)
+    parser.add_argument("--model", default=str(MODELS_DIR / "target"))
+    parser.add_argument("--draft", default=str(MODELS_DIR / "draft"))
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter generations (about a minute)")
+    parser.add_argument("--num-prompts", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--max-nodes", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: small models are overhead-bound, and two threads "
+                             "on two shared cores spin against each other)")
+    parser.add_argument("--json", default=None, metavar="FILE")
 
 
-async def serve(args: argparse.Namespace) -> None:
-    import asyncio
-
-    from specrelay.services.drafter.service import Drafter, DrafterConfig, build_proposer, serve_drafter
-    from specrelay.services.gateway import service as gateway
-    from specrelay.services.gateway.app import create_app
-    from specrelay.services.gateway.metrics import KvStats
-    from specrelay.services.verifier.relay_hooks import relay_config
-    from specrelay.services.verifier.service import VerifierConfig, VerifierService
-    from specrelay.shared.bus import make_bus
-    from specrelay.shared.http import app_runner, listen
+def workloads(model_dir: str, num_prompts: int) -> dict[str, list[list[int]]]:
+    """agentic: held-out tool-use prompts (the answer is a tool call: JSON) and multi-agent hand-offs; chat: plain
+    questions, with no tools in the system turn."""
+    from specrelay.models.corpus import tool_prompts
     from specrelay.shared.tokenizer import Tokenizer
 
-    config = gateway.build_config(args)
-    speculate = args.proposer != "none"
-    async with make_bus(args.redis) as bus:
-        verifier = VerifierService(VerifierConfig(args.model, args.redis, speculate=speculate,
-                                                  max_nodes=args.max_nodes, num_blocks=args.num_blocks,
-                                                  device=args.device, report_kv=False,
-                                                  relay=relay_config(args), pte_profile=args.pte_profile,
-                                                  max_hold_s=max(300.0, args.tool_hold_s),
-                                                  client_retention=not args.no_client_retention), bus)
-        cache = verifier.engine.runner.cache
-        kv_stats = lambda: KvStats(cache.allocator.num_blocks - cache.num_free_blocks,  # noqa: E731
-                                   cache.allocator.num_blocks)
-        gateway_config = config.gateway
-        if gateway_config.max_model_len > verifier.engine.runner.max_model_len:
-            from dataclasses import replace
+    tok = Tokenizer(model_dir)
+    agentic = [tok.apply_chat_template(p.messages, tools=p.tools) for p in tool_prompts(seed=7, num_prompts=num_prompts)]
+    topics = ["the weather in Lisbon", "how to sort a list in Python", "the sum of 17 and 25", "a plan for a trip",
+              "what JSON is", "the capital of Norway", "a short summary of a meeting", "how to read a file"]
+    chat = [tok.apply_chat_template([{"role": "user", "content": f"Tell me about {topics[i % len(topics)]}."}])
+            for i in range(num_prompts)]
+    return {"agentic": agentic, "chat": chat}
 
-            gateway_config = replace(gateway_config, max_model_len=verifier.engine.runner.max_model_len)
-        if gateway_config.max_running > verifier.cfg.max_batch:
-            from dataclasses import replace
 
-            # Requests beyond the verifier's batch would wait in its FIFO, out of the schedule's reach: with no more
-            # running than fit in one batch, the gateway's admission order is the batch composition.
-            gateway_config = replace(gateway_config, max_running=verifier.cfg.max_batch)
-        tasks = [asyncio.create_task(verifier.run())]
-        if speculate:
-            drafter = Drafter(build_proposer(DrafterConfig(args.model, args.draft, args.proposer, device=args.device)))
-            tasks.append(asyncio.create_task(serve_drafter(bus, drafter, "drafter-embedded")))
-        server_tools = config.tools.build(bus) if config.tools is not None else None
-        runner = app_runner(create_app(gateway_config, bus, Tokenizer(args.model), kv_stats=kv_stats,
-                                       server_tools=server_tools))
-        await runner.setup()
-        try:
-            await listen(runner, args.host, args.port)
-            print(f"specrelay serve: {gateway_config.model_name!r} (draft: {args.proposer}) on "
-                  f"http://{args.host}:{args.port}/v1, bus: {args.redis or 'in-process'}, schedule: "
-                  f"{gateway_config.policy} ({gateway_config.max_running} running)", flush=True)
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()  # a service that died takes the server down with its error
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await runner.cleanup()
+def stop_ids(model_dir: str) -> tuple[int, ...]:
+    from specrelay.shared.tokenizer import Tokenizer
+
+    tok = Tokenizer(model_dir)
+    return tuple(i for i in (tok.eos_token_id, tok.token_to_id("<|endoftext|>")) if i is not None)
+
+
+def run_specrelay(name: str, target, draft, prompts, batch, params, max_nodes):
+    from specrelay.services.drafter.draft_model import DraftModelProposer
+    from specrelay.services.drafter.recycling import TokenRecyclingProposer
+    from specrelay.services.drafter.suffix import SuffixProposer
+    from specrelay.services.verifier.engine import SpecEngine
+    from specrelay.shared.modeling.runner import ModelRunner
+
+    make = {
+        "specrelay_plain": lambda: None,
+        "specrelay_chain": lambda: DraftModelProposer.chain(ModelRunner(draft, num_blocks=2048), length=4),
+        "specrelay_tree": lambda: DraftModelProposer(ModelRunner(draft, num_blocks=2048)),
+        "specrelay_recycle": lambda: TokenRecyclingProposer(target.config.vocab_size),
+        "specrelay_suffix": lambda: SuffixProposer(target.config.vocab_size),
+    }[name]
+    proposer = make()
+    engine = SpecEngine(ModelRunner(target, num_blocks=2048), proposer, max_nodes=max_nodes)
+    engine.generate(prompts[:batch], params)  # warm-up: the cost curve and Â(n) start from measurements
+    if name == "specrelay_suffix":  # its global tree would hold the very outputs measured next: start it empty
+        proposer = engine.proposer = make()
+    # one engine serves the whole workload, as a server would: the suffix tree learns from earlier prompts' outputs
+    outputs, steps, accepted = [], 0, 0
+    t0 = time.perf_counter()
+    for start in range(0, len(prompts), batch):
+        for req in engine.generate(prompts[start : start + batch], params):
+            outputs.append(req.output)
+            steps += req.stats.steps
+            accepted += req.stats.accepted_tokens
+    elapsed = time.perf_counter() - t0
+    mean_accepted = accepted / steps if proposer is not None and steps else None
+    return outputs, elapsed, mean_accepted
+
+
+def run_hf(name: str, hf_target, hf_draft, prompts, batch, max_tokens, stops):
+    import torch
+
+    outputs = []
+    kwargs = dict(do_sample=False, max_new_tokens=max_tokens, eos_token_id=list(stops), pad_token_id=stops[-1])
+    if name == "hf_assisted":
+        kwargs["assistant_model"] = hf_draft
+    if name == "hf_prompt_lookup":
+        kwargs["prompt_lookup_num_tokens"] = 4
+    groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)] if name == "hf_generate" else [
+        [p] for p in prompts]
+    with torch.inference_mode():
+        hf_target.generate(torch.tensor([prompts[0]]), **{**kwargs, "max_new_tokens": 4})  # warm-up
+        t0 = time.perf_counter()
+        for group in groups:
+            width = max(len(p) for p in group)
+            ids = torch.tensor([[stops[-1]] * (width - len(p)) + p for p in group])  # left padding
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+            out = hf_target.generate(ids, attention_mask=mask, **kwargs)[:, width:].tolist()
+            for row in out:
+                cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+                outputs.append(row[:cut])
+        elapsed = time.perf_counter() - t0
+    return outputs, elapsed, None
 
 
 def main(args: argparse.Namespace) -> int:
-    import asyncio
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    from specrelay.shared.stopping import serve_until_stopped
+    from specrelay.models.resolve import resolve_model
+    from specrelay.shared.errors import ConfigError
+    from specrelay.shared.modeling.loader import load_model
+    from specrelay.shared.sampling import SamplingParams
 
-    try:
-        asyncio.run(serve_until_stopped(serve(args)))
-    except KeyboardInterrupt:
-        pass
+    args.model, args.draft = str(resolve_model(args.model)), str(resolve_model(args.draft, "--draft"))
+    systems = [s for s in args.systems.split(",") if s]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise ConfigError(f"unknown system {unknown[0]!r} (choose from {', '.join(SYSTEMS)})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    num_prompts = args.num_prompts or (4 if args.quick else 16)
+    max_tokens = args.max_tokens or (32 if args.quick else 128)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    target, draft = load_model(args.model), load_model(args.draft)
+    hf_target = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    hf_draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=torch.float32).eval()
+    stops = stop_ids(args.model)
+    params = SamplingParams(max_tokens=max_tokens, stop_token_ids=stops)
+    runs = []
+    for workload, prompts in workloads(args.model, num_prompts).items():
+        for batch in batch_sizes:
+            results, reference = {}, None
+            for system in sorted(systems, key=lambda s: s != "specrelay_plain"):
+                if system.startswith("hf_"):
+                    outputs, elapsed, mean_acc = run_hf(system, hf_target, hf_draft, prompts, batch, max_tokens,
+                                                        stops)
+                else:
+                    outputs, elapsed, mean_acc = run_specrelay(system, target, draft, prompts, batch, params,
+                                                               args.max_nodes)
+                if system == "specrelay_plain":
+                    reference = outputs
+                tokens = sum(len(o) for o in outputs)
+                results[system] = {"tokens_per_s": round(tokens / elapsed, 1),
+                                   "mean_accepted_tokens": None if mean_acc is None else round(mean_acc, 2),
+                                   "identical_to_greedy": reference is not None and outputs == reference}
+            runs.append({"workload": workload, "batch_size": batch, "systems": results})
+            print_run(runs[-1])
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": runs, "num_prompts": num_prompts, "max_tokens": max_tokens,
+                                               "threads": torch.get_num_threads()}, indent=2))
     return 0
+
+
+def print_run(run: dict) -> None:
+    systems = run["systems"]
+    base = systems.get("specrelay_plain", {}).get("tokens_per_s")
+    assisted = systems.get("hf_assisted", {}).get("tokens_per_s")
+    print(f"\n{run['workload']} @ batch {run['batch_size']}")
+    print(f"  {'system':<18} {'tok/s':>8} {'vs plain':>9} {'vs hf_assisted':>15} {'accepted/step':>14} identical")
+    for name, r in systems.items():
+        vs_plain = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        vs_assisted = f"{r['tokens_per_s'] / assisted:.2f}x" if assisted else "-"
+        acc = "-" if r["mean_accepted_tokens"] is None else f"{r['mean_accepted_tokens']:.2f}"
+        print(f"  {name:<18} {r['tokens_per_s']:>8.1f} {vs_plain:>9} {vs_assisted:>15} {acc:>14} "
+              f"{r['identical_to_greedy']}")
