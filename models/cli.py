@@ -84,7 +84,7 @@ def _eval(args) -> int:
 
 def _import(args) -> int:
     from specrelay.models.gguf_import import import_gguf
-    from specrelay.models.resolve import BUILTIN_MODELS, builtin_gguf, import_cached
+    from specrelay.models.resolve import BUILTIN_MODELS, builtin_gguf, import_cached, recommended_sampling
 
     if args.default == (args.gguf is not None):
         raise ConfigError("give FILE.gguf (and optionally OUT_DIR), or --default")
@@ -95,7 +95,7 @@ def _import(args) -> int:
     elif args.if_missing and (args.out_dir / "config.json").is_file():
         out, wrote = args.out_dir, False
     else:
-        out, wrote = import_gguf(gguf_path, args.out_dir), True
+        out, wrote = import_gguf(gguf_path, args.out_dir, recommended_sampling(gguf_path)), True
     print(f"{'imported' if wrote else 'already imported:'} {gguf_path.name} -> {out}")
     return 0
 

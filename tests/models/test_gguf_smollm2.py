@@ -4,6 +4,8 @@ prompt and generation, and 64 greedy tokens identical, on 5 chat prompts."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -76,6 +78,9 @@ def test_the_import_is_smollm2(smollm2, ours):
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert tokenizer.encode("2024") == [tokenizer.token_to_id(d) for d in "2024"]  # SmolLM2 splits digits
+    generation = json.loads((model_dir / "generation_config.json").read_text())
+    assert generation == {"do_sample": True, "temperature": 0.2, "top_p": 0.9,  # its model card's sampling
+                          "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 
 
 def test_logits_and_64_greedy_tokens_match_transformers_gguf_loader(smollm2, ours, transformers_model):
