@@ -63,7 +63,8 @@ def build_config(metadata: dict, tensor_names: set[str], path: Path) -> dict:
                              f"{head_dim}) are not supported")
     vocab = metadata.get(f"{arch}.vocab_size") or len(metadata.get("tokenizer.ggml.tokens") or ())
     if not vocab:
-        raise ModelLoadError(f"{path}: the vocabulary size is stated nowhere ({arch}.vocab_size, tokenizer.ggml.tokens)")
+        raise ModelLoadError(f"{path}: the vocabulary size is stated nowhere ({arch}.vocab_size, "
+                             "tokenizer.ggml.tokens)")
     config = {
         "architectures": [class_name],
         "model_type": model_type,
