@@ -57,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-tokens", type=int, default=None,
                         help="tokens per long request (default 2000); it must outlast the claim timeout")
     parser.add_argument("--claim-timeout-s", type=float, default=None,
-                        help="the bus's claim timeout: an unacknowledged message idle this long is taken over "
-                             "(default: the bus's own)")
+                        help="each verifier's --claim-idle-s: a Generate whose replica stopped renewing its claim "
+                             "this long is taken over by another (default: the verifiers' own, 30)")
     parser.add_argument("--verifiers", type=int, default=2, help="verifier replicas (default 2)")
     parser.add_argument("--request-timeout-s", type=float, default=180.0,
                         help="a request still open this long counts as hung (default 180)")
@@ -85,6 +85,12 @@ def main(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise SpecrelayError(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("claim_timeout_s", "request_timeout_s", "recover_within_s", "settle_timeout_s", "startup_timeout_s"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            raise SpecrelayError(f"--{flag.replace('_', '-')} must be positive")
+    if args.redis_down_s < 0:
+        raise SpecrelayError("--redis-down-s must be 0 or more")
     if args.verifiers < 2 and "verifier" in faults:
         raise SpecrelayError("the verifier kill needs --verifiers 2 or more (one must survive)")
     from specrelay.models.resolve import choose_proposer, resolve_model
@@ -145,7 +151,8 @@ async def run(args: argparse.Namespace, faults: list[str], log_dir: Path) -> dic
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     draft = None if args.draft_dir is None else str(args.draft_dir)
     specs = T.services(redis_url, str(args.model_dir), draft, proposer=args.proposer, num_verifiers=args.verifiers,
-                       verifier_args=claim_timeout_args("verifier", args.claim_timeout_s))
+                       verifier_args=() if args.claim_timeout_s is None else
+                       ("--claim-idle-s", f"{args.claim_timeout_s:g}"))
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731 - as the gateway streams
     t0 = time.monotonic()
     # side by side: the references decode in this process while the services load their models
@@ -180,25 +187,6 @@ async def run(args: argparse.Namespace, faults: list[str], log_dir: Path) -> dic
             "verifiers": args.verifiers,
             "plan": vars(plan),
             "scenarios": [r.as_json() for r in results]}
-
-
-def claim_timeout_args(command: str, claim_timeout_s: float | None) -> tuple[str, ...]:
-    """The flag by which `specrelay COMMAND` takes the bus's claim timeout (one whose name has "claim" or "lease"
-    in it, in seconds or, ending in -ms, milliseconds), set to `claim_timeout_s`; () if none was asked for."""
-    if claim_timeout_s is None:
-        return ()
-    import importlib
-
-    from specrelay.cli import COMMANDS
-
-    parser = argparse.ArgumentParser()
-    importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
-    for action in parser._actions:
-        for option in action.option_strings:
-            if option.startswith("--") and ("claim" in option or "lease" in option):
-                value = claim_timeout_s * 1000 if option.endswith("-ms") else claim_timeout_s
-                return option, f"{value:g}"
-    raise SpecrelayError(f"--claim-timeout-s: `specrelay {command}` has no claim timeout flag to pass it to")
 
 
 def chat_prompt(tokenizer, question: str) -> list[int]:

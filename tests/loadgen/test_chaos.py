@@ -4,9 +4,9 @@ from its table and JSON: 0 failed requests when the drafter, a verifier or the k
 longer than the claim timeout, every service back after a Redis restart with no request hung, poison inputs
 answered or refused without killing anything, outputs equal to the greedy reference and 0 duplicated tokens.
 
-The end-to-end tests (`quick_run`) fail on the code before issue 18's Redis fixes (verifiers crash on a request
-outlasting the claim timeout, on a poison message and on a Redis restart; streams then hang): they pass once
-those land.
+The end-to-end tests (`quick_run`) fail on the code before issue 18's Redis fixes (6e73404: verifiers crash on a
+request outlasting the claim timeout and on a Redis restart, after which every stream in flight hangs; a seed or
+top_k past 64 bits is a 500) and pass with them.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def test_a_different_output_is_not_equal_and_says_where_it_went_its_own_way():
     (["--verifiers", "1"], "needs --verifiers 2"),
     (["--requests", "0"], "--requests must be at least 1"),
     (["--model", "/nonexistent"], "--model /nonexistent: not a directory"),
+    (["--claim-timeout-s", "0"], "--claim-timeout-s must be positive"),
 ])
 def test_bad_arguments_are_refused_with_a_clear_message_before_anything_starts(argv, message):
     with pytest.raises(SpecrelayError, match=re.escape(message)):
@@ -123,24 +124,15 @@ def test_bad_arguments_are_refused_with_a_clear_message_before_anything_starts(a
 
 # --- a reduced run over Redis ----------------------------------------------------------------------------------
 
-def _claim_timeout_flag() -> bool:
-    try:
-        return bool(chaos.claim_timeout_args("verifier", 5.0))
-    except SpecrelayError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """One `specrelay chaos --quick` for the module: the exit status, the JSON report, what it printed."""
     out = tmp_path_factory.mktemp("chaos")
     argv = ["--quick", "--json", str(out / "chaos.json"), "--log-dir", str(out / "logs"),
             # generous for a loaded 2-core machine: the tests assert what happened, not how fast
-            "--recover-within-s", "60", "--request-timeout-s", "150", "--settle-timeout-s", "90"]
-    if _claim_timeout_flag():  # a short claim timeout: the long request and the verifier kill take seconds
-        argv += ["--claim-timeout-s", "5", "--long-tokens", "600"]
-    else:  # the bus's own 30 s: issue 18's repro, two 2,000-token requests at once
-        argv += ["--long-requests", "2"]
+            "--recover-within-s", "60", "--request-timeout-s", "150", "--settle-timeout-s", "90",
+            # a short claim timeout: a 600-token request outlasts it, and a killed verifier's work moves in seconds
+            "--claim-timeout-s", "5", "--long-tokens", "600"]
     rc = chaos.main(_args(*argv))
     report = json.loads((out / "chaos.json").read_text())
     return rc, {s["name"]: s for s in report["scenarios"]}
