@@ -34,7 +34,7 @@ def root_children(tree) -> list[int]:
 
 def test_a_pattern_from_earlier_in_the_request_is_proposed():
     # [1 2 3] was followed by 4 5 9 earlier; the context ends in [1 2 3] again
-    tree = propose(SuffixProposer(VOCAB), 0, [7, 1, 2, 3, 4, 5, 9, 8, 1, 2, 3])
+    tree = propose(SuffixProposer(VOCAB, max_spec_factor=1.0), 0, [7, 1, 2, 3, 4, 5, 9, 8, 1, 2, 3])
     assert tree.tokens[0] == 3
     assert chain(tree) == [4, 5, 9]  # a match of 3 tokens earns 3 (max_spec_factor 1)
     assert tree.values[1] == pytest.approx(0.5)  # [1 2 3] occurred twice, once followed by 4
@@ -42,7 +42,7 @@ def test_a_pattern_from_earlier_in_the_request_is_proposed():
 
 def test_the_draft_is_sized_by_the_match_length():
     context = [50, 60, 10, 11, 12, 13, 14, 15, 60]  # only [60] matches: one token earned
-    assert chain(propose(SuffixProposer(VOCAB), 0, context)) == [10]
+    assert chain(propose(SuffixProposer(VOCAB, max_spec_factor=1.0), 0, context)) == [10]
     longer = SuffixProposer(VOCAB, max_spec_factor=3.0)
     assert chain(propose(longer, 0, context)) == [10, 11, 12]
 
@@ -103,7 +103,7 @@ def test_indexing_as_tokens_arrive_equals_indexing_at_once():
 
 
 def test_a_request_id_that_restarts_with_another_context_drafts_from_the_new_one():
-    proposer = SuffixProposer(VOCAB)
+    proposer = SuffixProposer(VOCAB, max_spec_factor=1.0)
     propose(proposer, 0, [1, 2, 3, 4, 1, 2])
     assert chain(propose(proposer, 0, [8, 7, 6, 9, 8, 7])) == [6, 9]
 
