@@ -19,7 +19,7 @@ import aiohttp
 
 from specrelay.loadgen.chaos_check import Comparison, Reference, compare
 from specrelay.loadgen.chaos_client import Outcome, completion_body, stream_completion
-from specrelay.loadgen.chaos_topology import Exit, Stack
+from specrelay.loadgen.chaos_topology import BUS_PREFIX, Exit, Stack
 
 # What a request may end as and still be right: a normal one completes; a poison one completes or is refused
 # (4xx); one caught in a Redis outage completes or fails cleanly (an error, never a hang).
@@ -134,8 +134,37 @@ async def kill_drafter(ctx: Context) -> Result:
 
 
 async def kill_verifier(ctx: Context) -> Result:
-    return await run_scenario(ctx, "verifier kill", "kill -9 verifier-1 of 2 mid-stream; restarted",
-                              normals(ctx, "verifier"), lambda: _kill(ctx, "verifier-1"))
+    killed: list[str] = []
+
+    async def fault() -> None:
+        name, serving = await asyncio.to_thread(busiest_verifier, ctx.stack)
+        ctx.stack.kill(name)
+        killed.append(f"{name}, serving {serving}")
+
+    result = await run_scenario(ctx, "verifier kill", "kill -9 the verifier replica serving the most requests "
+                                "mid-stream; restarted", normals(ctx, "verifier"), fault)
+    result.fault += f" ({killed[0]})" if killed else ""
+    return result
+
+
+def busiest_verifier(stack: Stack) -> tuple[str, int]:
+    """The replica with the most Generates pending on it (a replica holds each one it serves until it finishes),
+    so the kill lands on work in flight; with how many."""
+    import redis
+
+    client = redis.Redis.from_url(stack.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        pending = client.xpending_range(f"{BUS_PREFIX}stream:verifier.generate", "verifier", "-", "+", 1000)
+    finally:
+        client.close()
+    serving = {name: 0 for name, run in stack.running.items() if run.spec.service == "verifier"}
+    for entry in pending:
+        consumer = entry["consumer"].decode(errors="replace")
+        for name in serving:
+            if consumer.endswith(f"-{stack.running[name].popen.pid}"):
+                serving[name] += 1
+    name = max(serving, key=lambda n: serving[n])
+    return name, serving[name]
 
 
 async def kill_kvstore(ctx: Context) -> Result:
