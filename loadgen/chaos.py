@@ -177,8 +177,8 @@ async def run(args: argparse.Namespace, faults: list[str], log_dir: Path) -> dic
                 t0 = time.monotonic()
                 result = await scenario(ctx)
                 results.append(result)
-                print(f"{result.name}: {'ok' if not result.failures else 'FAILED'} in {time.monotonic() - t0:.1f}s",
-                      flush=True)
+                print(f"{result.name} ({result.fault}): {'ok' if not result.failures else 'FAILED'} in "
+                      f"{time.monotonic() - t0:.1f}s", flush=True)
                 await settle(stack, plan.settle_timeout_s)
     finally:
         supervisor.cancel()
