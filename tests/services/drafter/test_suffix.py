@@ -129,3 +129,27 @@ def test_under_sampling_children_are_a_draw_from_the_q_they_carry():
     # greedy orders by count, no distribution attached
     greedy = propose(SuffixProposer(VOCAB, max_spec_factor=10.0), 0, context)
     assert root_children(greedy) == [6, 7, 8] and greedy.q is None
+
+
+def test_the_drafter_service_drafts_with_suffix_for_requests_named_over_the_bus():
+    from pathlib import Path
+
+    from specrelay.services.drafter.service import Drafter, DrafterConfig, build_proposer
+    from specrelay.shared.messages import DraftBatch, DraftFeedback, DraftItem, SamplingSpec
+
+    models = Path(__file__).resolve().parents[3] / "models"
+    proposer = build_proposer(DrafterConfig(str(models / "target"), None, "suffix"))  # no draft model needed
+    assert isinstance(proposer, SuffixProposer)
+    drafter = Drafter(proposer)
+
+    def draft(rid: str, tokens: list[int]) -> list[int]:
+        item = DraftItem(rid, tokens, SamplingSpec(temperature=0.0), 8)
+        [tree] = drafter.draft(DraftBatch(0, "unused", [item])).trees
+        return tree.tokens[1:]
+
+    answer = [300, 301, 302, 303]
+    for n in range(1, len(answer) + 1):  # "a" decodes its answer
+        draft("a", [1, 2] + answer[:n])
+    drafter.feedback(DraftFeedback([], released=["a"]))
+    assert proposer.requests == {}  # released over the bus: its own tree is gone
+    assert draft("b", [7, 8, 300, 301]) == [302, 303]  # ...and its output serves the next request
