@@ -35,15 +35,15 @@ from pathlib import Path
 
 from specrelay.services.bench import finish_report
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "target"
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the default served model (models/resolve.py); the small pair: models/target
 BLOCK_SIZE = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from specrelay.services.toolcoord.tir_run import POLICIES
 
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF model directory (default: the "
-                        "embedded target, models/target)")
+    parser.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL), help="a model directory, a .gguf file "
+                        f"or a built-in model (default: {DEFAULT_MODEL}; the small pair: models/target)")
     parser.add_argument("--quick", action="store_true", help="6 trajectories of at most 3 tool calls, policies "
                         "drop, keep, pte, and a quick profile (under a minute)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results here")

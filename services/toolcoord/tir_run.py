@@ -178,8 +178,10 @@ class TirRun:
             c = ready[0]
             bs = self.cache.block_size
             need = -(-(len(c.context) + c.decode_tokens) // bs) - (len(c.table.blocks) if c.table else 0)
+            # Turns queued behind this one may hold KV kept across their pause too: with nothing running and
+            # nothing paused, only evicting theirs can make room (a load-dependent schedule reached that state).
             if need > self._free_blocks(running, admitted, tables) and not await self._evict(
-                    need, paused, running, admitted, tables):
+                    need, paused + ready[1:], running, admitted, tables):
                 break
             ready.pop(0)
             table, cached = c.table or BlockTable(), 0
@@ -211,9 +213,10 @@ class TirRun:
         owed += sum(-(-(len(c.context) + c.decode_tokens) // bs) - len(t.blocks) for c, t in zip(admitted, tables))
         return self.cache.num_free_blocks - owed
 
-    async def _evict(self, need: int, paused: list[_Conv], running, admitted, tables) -> bool:
-        """Free blocks held by paused, kept conversations until `need` fit; False if they cannot."""
-        kept = [c for c in paused if c.table is not None]
+    async def _evict(self, need: int, waiting: list[_Conv], running, admitted, tables) -> bool:
+        """Free blocks held by kept conversations (paused, or back from their pause but queued) until `need` fit;
+        False if they cannot."""
+        kept = [c for c in waiting if c.table is not None]
         short = need - self._free_blocks(running, admitted, tables)
         if sum(len(c.table.blocks) for c in kept) < short:
             return False

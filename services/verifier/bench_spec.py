@@ -16,18 +16,23 @@ from pathlib import Path
 
 SYSTEMS = ("hf_generate", "hf_assisted", "hf_prompt_lookup", "specrelay_plain", "specrelay_chain", "specrelay_tree",
            "specrelay_recycle", "specrelay_suffix")
+NEEDS_DRAFT = ("hf_assisted", "specrelay_chain", "specrelay_tree")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from specrelay.services.serve import MODELS_DIR
+    from specrelay.models.resolve import DEFAULT_MODEL
 
-    parser.add_argument("--model", default=str(MODELS_DIR / "target"))
-    parser.add_argument("--draft", default=str(MODELS_DIR / "draft"))
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="a model directory, a .gguf file or a built-in model "
+                        f"(default: {DEFAULT_MODEL}; the small pair: models/target)")
+    parser.add_argument("--draft", default=None, help="the draft model of hf_assisted, specrelay_chain and "
+                        "specrelay_tree (default: the pair's draft for the pair's target; none for other models, "
+                        "and those systems are left out)")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter generations (about a minute)")
     parser.add_argument("--num-prompts", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--batch-sizes", default="1,8")
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--systems", default=None, help=f"comma-separated, from {', '.join(SYSTEMS)} (default: "
+                        "all that the model can run)")
     parser.add_argument("--max-nodes", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: small models are overhead-bound, and two threads "
@@ -119,24 +124,33 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from specrelay.models.resolve import resolve_model
+    from specrelay.models.resolve import check_same_vocabulary, pair_draft, resolve_model
     from specrelay.shared.errors import ConfigError
     from specrelay.shared.modeling.loader import load_model
     from specrelay.shared.sampling import SamplingParams
 
-    args.model, args.draft = str(resolve_model(args.model)), str(resolve_model(args.draft, "--draft"))
-    systems = [s for s in args.systems.split(",") if s]
+    model_dir = resolve_model(args.model)
+    draft_dir = resolve_model(args.draft, "--draft") if args.draft else pair_draft(model_dir)
+    if draft_dir is not None:
+        check_same_vocabulary(model_dir, draft_dir)
+    args.model, args.draft = str(model_dir), None if draft_dir is None else str(draft_dir)
+    systems = [s for s in (args.systems or "").split(",") if s] or [
+        s for s in SYSTEMS if draft_dir is not None or s not in NEEDS_DRAFT]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise ConfigError(f"unknown system {unknown[0]!r} (choose from {', '.join(SYSTEMS)})")
+    if draft_dir is None and (needing := [s for s in systems if s in NEEDS_DRAFT]):
+        raise ConfigError(f"{needing[0]} needs a draft model of {model_dir.name}'s vocabulary: pass --draft")
     if args.threads:
         torch.set_num_threads(args.threads)
     num_prompts = args.num_prompts or (4 if args.quick else 16)
     max_tokens = args.max_tokens or (32 if args.quick else 128)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    target, draft = load_model(args.model), load_model(args.draft)
+    target = load_model(args.model)
+    draft = None if args.draft is None else load_model(args.draft)
     hf_target = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    hf_draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=torch.float32).eval()
+    hf_draft = None if args.draft is None else AutoModelForCausalLM.from_pretrained(args.draft,
+                                                                                    dtype=torch.float32).eval()
     stops = stop_ids(args.model)
     params = SamplingParams(max_tokens=max_tokens, stop_token_ids=stops)
     runs = []
@@ -159,8 +173,9 @@ def main(args: argparse.Namespace) -> int:
             runs.append({"workload": workload, "batch_size": batch, "systems": results})
             print_run(runs[-1])
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "num_prompts": num_prompts, "max_tokens": max_tokens,
-                                               "threads": torch.get_num_threads()}, indent=2))
+        Path(args.json).write_text(json.dumps({"model": Path(args.model).name, "runs": runs, "num_prompts": num_prompts,
+                                               "max_tokens": max_tokens, "threads": torch.get_num_threads()},
+                                              indent=2))
     return 0
 
 

@@ -22,15 +22,15 @@ from pathlib import Path
 
 from specrelay.services.bench import finish_report
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "target"
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the default served model (models/resolve.py); the small pair: models/target
 SPANS = (256, 512, 1024, 2048)
 QUICK_SPANS = (256, 512)
 NEAR_TIE = 0.01  # full prefill's top-2 probability margin under which either greedy choice is a coin flip
 
 
 def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF model directory (default: the "
-                        "embedded target, models/target)")
+    parser.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL), help="a model directory, a .gguf file "
+                        f"or a built-in model (default: {DEFAULT_MODEL}; the small pair: models/target)")
     parser.add_argument("--quick", action="store_true", help=f"spans {QUICK_SPANS}, one pipeline, one timing run")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results here")
     parser.add_argument("--spans", type=str, default=None, help="planner output lengths in tokens, comma-separated "
@@ -105,7 +105,7 @@ def main_relay(args: argparse.Namespace) -> int:
     texts = Texts(args.model, cfg.vocab_size, set(banned))
     if texts.tokenizer is not None:
         banned = sorted(set(banned) | set(texts.tokenizer.special_ids))
-    report = {"model": str(args.model), "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+    report = {"model": args.model.name, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
               "num_layers": cfg.num_layers, "pipelines": pipelines, "repeats": repeats,
               "settings": {"recompute_ratio": args.recompute_ratio, "deviation_factor": args.deviation_factor,
                            "influence_factor": args.influence_factor, "influence_from": args.influence_from,

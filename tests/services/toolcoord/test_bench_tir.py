@@ -9,17 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from specrelay.services.toolcoord.bench_tir import DEFAULT_MODEL, add_arguments, main, pearson
+from specrelay.models.resolve import PAIR_DIR
+from specrelay.services.toolcoord.bench_tir import add_arguments, main, pearson
 from specrelay.services.toolcoord.tir_workload import TOOL_KINDS, WorkloadConfig, make_workload
 from specrelay.shared.errors import ConfigError
 
-pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").is_file(), reason="embedded target not built")
+TARGET = PAIR_DIR / "target"  # the small pair: the bench's default is the real model, too slow for the suite
+pytestmark = pytest.mark.skipif(not (TARGET / "config.json").is_file(), reason="embedded target not built")
 
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return parser.parse_args(list(argv))
+    return parser.parse_args(list(argv) if "--model" in argv else ["--model", str(TARGET), *argv])
 
 
 @pytest.fixture(scope="module")
