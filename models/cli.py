@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev = sub.add_parser("eval", help="val loss, tool-call validity and draft agreement; prints a table")
     which = ev.add_mutually_exclusive_group()
     which.add_argument("--models", type=Path, default=DEFAULT_MODELS_DIR, help="a folder holding target/ and draft/")
-    which.add_argument("--model", type=Path, help="instead: one model directory, its tool-call validity only "
-                                                  "(prompts rendered as the gateway renders them)")
+    which.add_argument("--model", type=Path, help="instead: one model (a directory, FILE.gguf or a built-in name), "
+                                                  "its tool-call validity only (prompts rendered as the gateway "
+                                                  "renders them)")
     ev.add_argument("--json", type=Path, help="also write the figures to this file")
     ev.add_argument("--seed", type=int, default=0, help="the seed the pair was trained with")
     ev.add_argument("--tool-prompts", type=int, default=200, help="held-out tool-use prompts to complete")

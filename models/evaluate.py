@@ -8,9 +8,10 @@
 - first_call_exact_rate (with --details, not part of the JSON): the first call equals the reference call, name and
   arguments. Validity only checks the form; this checks that the values were copied from the request.
 
-`--model DIR` measures one model directory's tool-call validity alone (no draft, no val loss: the val split is our
-corpus, meaningless to a model not trained on it). Its prompts are rendered as the gateway renders them
-(`shared.tokenizer.Tokenizer.render_chat`), so a template without a tools section gets the Hermes tools block.
+`--model DIR` (or FILE.gguf, or a built-in name) measures one model's tool-call validity alone (no draft, no val
+loss: the val split is our corpus, meaningless to a model not trained on it). Its prompts are rendered as the gateway
+renders them (`shared.tokenizer.Tokenizer.render_chat`), so a template without a tools section gets the Hermes
+tools block.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 @dataclass(frozen=True)
 class EvalConfig:
-    models_dir: Path  # holds target/ and draft/; or, with single=True, the one model directory itself
+    models_dir: Path  # holds target/ and draft/; or, with single=True, the one model (directory, .gguf, name)
     single: bool = False
     seed: int = 0
     seq_len: int = 1024
@@ -151,10 +152,12 @@ def tool_call_rates(model, tokenizer, cfg: EvalConfig, render=None) -> tuple[flo
 def evaluate_model(cfg: EvalConfig) -> tuple[dict, dict]:
     """One model directory: {"model": {"tool_call_valid_rate"}}, and the details {"first_call_exact_rate"}.
     Prompts are rendered by our gateway's renderer, which is what a served model is sent."""
+    from specrelay.models.resolve import resolve_model
     from specrelay.shared.tokenizer import Tokenizer
 
-    model, tokenizer = _load(cfg.models_dir)
-    ours = Tokenizer(cfg.models_dir)
+    model_dir = resolve_model(cfg.models_dir)  # a GGUF file or a built-in name is imported once, as for serve
+    model, tokenizer = _load(model_dir)
+    ours = Tokenizer(model_dir)
     valid, exact = tool_call_rates(model, tokenizer, cfg,
                                    render=lambda messages, tools: ours.render_chat(messages, tools))
     return {"model": {"tool_call_valid_rate": valid}}, {"first_call_exact_rate": exact}

@@ -83,3 +83,48 @@ async def test_required_tool_choice_forces_a_hermes_call(gateway, plain_tokenize
     assert "<tools>" in prompt and prompt.endswith('<|im_start|>assistant\n<tool_call>\n{"name": "')
     [call] = (await response.json())["choices"][0]["message"]["tool_calls"]
     assert call["function"]["name"] == "get_weather"
+
+
+@pytest.mark.slow
+async def test_smollm2_is_served_a_tool_conversation_with_the_tools_in_its_prompt():
+    """The real default model through the real verifier, one short greedy request: the second turn of a tool round
+    (null content with tool_calls, text parts) is answered, and the prompt the verifier ran is the Hermes render."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from specrelay.models.resolve import DEFAULT_MODEL, resolve_model
+    from specrelay.services.gateway import GatewayConfig, create_app
+    from specrelay.services.verifier.service import VerifierConfig, VerifierService
+    from specrelay.shared.bus import LocalBus
+
+    model_dir = resolve_model(DEFAULT_MODEL)
+    tokenizer = Tokenizer(model_dir)
+    assert not tokenizer.renders_tools
+    bus = LocalBus()
+    verifier = VerifierService(VerifierConfig(str(model_dir), speculate=False, num_blocks=64, report_kv=False), bus)
+    task = asyncio.create_task(verifier.run())
+    app = create_app(GatewayConfig(model_name=DEFAULT_MODEL, max_model_len=2048, default_temperature=0.0,
+                                   chunk_timeout_s=120), bus, tokenizer)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "What's the weather in Oslo?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "-3 C, snow"}]},
+    ]
+    try:
+        response = await client.post("/v1/chat/completions", json={
+            "model": DEFAULT_MODEL, "messages": messages, "tools": [WEATHER_TOOL], "max_tokens": 4})
+        assert response.status == 200, await response.text()
+        body = await response.json()
+    finally:
+        await client.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await bus.close()
+    with_tools = tokenizer.encode(tokenizer.render_chat(messages, [WEATHER_TOOL]))
+    assert body["usage"]["prompt_tokens"] == len(with_tools)
+    assert len(with_tools) > len(tokenizer.encode(tokenizer.render_chat(messages))) + 50  # the schemas are in it
+    assert body["usage"]["completion_tokens"] >= 1 and body["choices"][0]["finish_reason"] in ("stop", "length")
