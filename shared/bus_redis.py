@@ -276,7 +276,10 @@ class RedisBus(Bus):
                     group_ready = True
                 if time.monotonic() >= next_trim:
                     next_trim = time.monotonic() + cfg.trim_interval_ms / 1000
-                    await self.maintain(stream)
+                    try:
+                        await self.maintain(stream)
+                    except ResponseError as e:  # housekeeping: never a reason to stop consuming
+                        log.warning("bus: could not trim %s: %s", key, e)
                 if own_pending_from is not None:
                     entries = _entries(await self._redis.xreadgroup(
                         group, consumer, {key: own_pending_from}, count=cfg.batch_size))

@@ -26,6 +26,7 @@ import uuid
 import msgspec
 
 from specrelay.services.toolcoord.tools.base import ToolResult
+from specrelay.shared.bus import BusUnavailable
 from specrelay.shared.stopping import leave, serve_until_stopped
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,11 @@ class RemoteTools:
     async def call(self, name: str, arguments: str) -> ToolResult:
         started = time.monotonic()
         async with self.bus.open_reply_channel(ToolCallReply) as channel:  # open before publishing: no lost reply
-            await self.bus.publish(TOOL_CALLS_STREAM, ToolCallRequest(uuid.uuid4().hex, name, arguments,
-                                                                      channel.name, time.time() + self.timeout_s))
             try:
+                await self.bus.publish(TOOL_CALLS_STREAM, ToolCallRequest(uuid.uuid4().hex, name, arguments,
+                                                                          channel.name, time.time() + self.timeout_s))
                 reply = await channel.get(timeout_s=self.timeout_s)
-            except TimeoutError:
+            except (TimeoutError, BusUnavailable):
                 reply = None
         if reply is None:
             return ToolResult(f"error: {name} got no answer within {self.timeout_s:g}s", is_error=True,
