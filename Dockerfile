@@ -14,6 +14,8 @@ WORKDIR /app
 # For a small CPU-only image pass the index of the CPU wheels: --build-arg TORCH_INDEX_URL=<that index>.
 ARG TORCH_INDEX_URL=""
 RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+# bubblewrap: the python tool's sandbox (services/toolcoord/tools/sandbox.py); without it that tool is switched off.
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends bubblewrap && rm -rf /var/lib/apt/lists/*
 
 # The whole checkout, models/ included (.dockerignore keeps out the venv, tests and caches). An editable install
 # keeps the package at /app, where the commands' defaults look for models/target and models/draft. The services

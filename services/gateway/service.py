@@ -82,6 +82,24 @@ def api_keys(flag_keys: list[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
+def sampling_defaults(model_dir: Path) -> dict[str, float]:
+    """The sampling a request that names none gets: the model card's, from generation_config.json (as vLLM's
+    `--generation-config auto`); SmolLM2's is temperature 0.2, top_p 0.9. Absent or unusable values keep OpenAI's."""
+    try:
+        found = json.loads((model_dir / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    out = {}
+    for key, name, ok in (("temperature", "default_temperature", lambda v: 0 <= v <= 2),
+                          ("top_p", "default_top_p", lambda v: 0 < v <= 1)):
+        value = found.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and ok(value):
+            out[name] = float(value)
+    return out
+
+
 def build_config(args: argparse.Namespace) -> ServiceConfig:
     from specrelay.models.resolve import resolve_model
     from specrelay.services.gateway.state import GatewayConfig
@@ -91,7 +109,7 @@ def build_config(args: argparse.Namespace) -> ServiceConfig:
         model_name=args.served_model_name or model_dir.resolve().name,
         max_model_len=args.max_model_len or model_max_len(model_dir), api_keys=api_keys(args.api_key),
         tool_call_format=args.tool_call_format, policy=args.schedule, max_running=args.max_running,
-        max_queued=args.max_queued, class_slos=tuple(args.class_slo or ()))
+        max_queued=args.max_queued, class_slos=tuple(args.class_slo or ()), **sampling_defaults(model_dir))
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port}: not a TCP port")
     from specrelay.services.gateway.tool_rounds import tool_options

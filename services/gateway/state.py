@@ -32,7 +32,8 @@ class GatewayConfig:
     class_slos: tuple[str, ...] = ()  # `--class-slo` specs: the SLO policy's per-class targets over its defaults
     max_running: int = 256  # requests in flight to the verifier
     max_queued: int = 1024  # requests waiting for a slot; beyond: 503
-    default_temperature: float = 1.0  # OpenAI's default when a request gives none
+    default_temperature: float = 1.0  # when a request gives none: the model's generation_config.json, else OpenAI's
+    default_top_p: float = 1.0  # the same, for top_p
     chunk_timeout_s: float = 300.0  # silence from the verifier before a request fails with 504
     cancel_grace_s: float = 1.0  # wait for the verifier's final usage after a stop string
     queue_sample_s: float = 1.0  # how often the verifier's queue depth is sampled for /metrics

@@ -43,6 +43,19 @@ def test_flags_become_the_config(model_dir, monkeypatch):
     assert (named.gateway.model_name, named.gateway.max_model_len) == ("chat", 300)
 
 
+def test_a_request_without_sampling_gets_the_model_cards(model_dir):
+    """As vLLM's --generation-config auto: SmolLM2's card says temperature 0.2, top_p 0.9; OpenAI's 1.0 otherwise."""
+    plain = service.build_config(parse("--model", str(model_dir))).gateway
+    assert (plain.default_temperature, plain.default_top_p) == (1.0, 1.0)
+    (model_dir / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.2,
+                                                                   "top_p": 0.9}))
+    card = service.build_config(parse("--model", str(model_dir))).gateway
+    assert (card.default_temperature, card.default_top_p) == (0.2, 0.9)
+    (model_dir / "generation_config.json").write_text(json.dumps({"temperature": "hot", "top_p": 0}))
+    odd = service.build_config(parse("--model", str(model_dir))).gateway
+    assert (odd.default_temperature, odd.default_top_p) == (1.0, 1.0)
+
+
 @pytest.mark.parametrize("argv,message", [
     (("--model", "/nonexistent/model"), "not a directory"),
     (("--port", "70000"), "not a TCP port"),
