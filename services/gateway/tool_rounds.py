@@ -132,6 +132,7 @@ class ChatTurns:
         # Tool answers that reached the verifier inside a fresh Generate's prompt, which it books as plain prompt:
         # one round's per fallback (the answers of earlier rounds are in `_earlier_usage` already).
         self._fallback_tool_tokens = 0
+        self._fallbacks = 0  # fresh Generates sent in place of a Continue: each goes under a new request id
 
     @property
     def server_names(self) -> set[str]:
@@ -164,10 +165,6 @@ class ChatTurns:
                 # had held is evicted.
                 self._earlier_usage = add_usage(self._earlier_usage, self.gen.finish.usage)
                 resume, generate = gen.resume[1], gen.generate
-                if finish.reason == "timeout":
-                    # The Continue was cancelled, but a holder still alive may read that Cancel after a Generate
-                    # of the same id (another stream) and cancel it too: the fresh turn goes under a new id.
-                    generate = msgspec.structs.replace(generate, request_id=f"{generate.request_id}-r{self.rounds}")
                 gen = self._fresh(generate, context - len(resume.token_ids), resume.tool_response_tokens,
                                   "continue_error" if finish.reason == "error" else "continue_timeout")
                 self.contents.pop()
@@ -234,12 +231,16 @@ class ChatTurns:
         return self._make(generate, (holder, resume))
 
     def _fresh(self, generate: Generate, evicted: int, tool_tokens: int, why: str) -> Generation:
-        """The round as a fresh Generate of the whole conversation (`tool_tokens`: the round's tool answers)."""
+        """The round as a fresh Generate of the whole conversation (`tool_tokens`: the round's tool answers).
+
+        It goes under a new request id: verifiers serve a request id once (a second copy of a Generate they have
+        finished is a redelivery, not new work), and a holder still alive may yet read the Cancel of the old id."""
         self.metrics.tool_fallbacks.inc(reason=why)
         self._fallback_tool_tokens += tool_tokens
+        self._fallbacks += 1
         prompt_ids = self._encode(self._render(self.messages, tools=self.tools, add_generation_prompt=True))
-        return self._make(msgspec.structs.replace(generate, prompt_token_ids=prompt_ids, evicted_tokens=evicted),
-                          None)
+        return self._make(msgspec.structs.replace(generate, request_id=f"{generate.request_id}-f{self._fallbacks}",
+                                                  prompt_token_ids=prompt_ids, evicted_tokens=evicted), None)
 
     def _client_call_names(self) -> list[str]:
         """The client tools the last turn called (the turn ends with finish_reason "tool_calls" if any)."""
