@@ -43,7 +43,7 @@ class SpecStats:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: `r in requests` by identity (value equality made it O(n²))
 class Request:
     request_id: int
     prompt: list[int]

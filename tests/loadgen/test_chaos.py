@@ -131,8 +131,10 @@ def quick_run(tmp_path_factory):
     argv = ["--quick", "--json", str(out / "chaos.json"), "--log-dir", str(out / "logs"),
             # generous for a loaded 2-core machine: the tests assert what happened, not how fast
             "--recover-within-s", "60", "--request-timeout-s", "150", "--settle-timeout-s", "90",
-            # a short claim timeout: a 400-token request outlasts it, and a killed verifier's work moves in seconds
-            "--claim-timeout-s", "5", "--long-tokens", "400"]
+            # a short claim timeout, and a request that outlasts it on any machine (1,500 tokens in under 2 s would
+            # be over 750 tokens/s on one stream; an idle 2-core machine decodes the pair at about 200): a
+            # killed verifier's work moves in seconds, and the long request cannot end before it was at risk
+            "--claim-timeout-s", "2", "--long-tokens", "1500"]
     rc = chaos.main(_args(*argv))
     report = json.loads((out / "chaos.json").read_text())
     return rc, {s["name"]: s for s in report["scenarios"]}

@@ -84,7 +84,8 @@ class FakeVerifier:
         if "BROKEN" in last_turn and "<tools>" in prompt:
             return 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": }}\n</tool_call>'
         if "<tool_response>" in last_turn:
-            answer = last_turn.split("<tool_response>\n", 1)[1].split("\n</tool_response>", 1)[0]
+            # any prompt at all may reach here (the fuzz test sends bare token ids): never fail to answer
+            answer = last_turn.split("<tool_response>", 1)[1].split("</tool_response>", 1)[0].strip("\n")
             return f"The weather in Paris: {answer}."
         if "<tools>" in prompt and "weather" in last_turn.lower():
             return TOOL_CALL
