@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 serve: setup
 	$(VENV)/bin/specrelay models import --default   # SmolLM2-135M-Instruct from its GGUF into the cache, once
-	$(VENV)/bin/specrelay calibrate --if-missing   # the PTE profile of this model on this machine, once
+	$(VENV)/bin/specrelay calibrate --if-missing --quick   # the PTE profile of this model on this machine, once
 	$(VENV)/bin/specrelay serve
 
 test: setup
