@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from .test_errors import assert_error
+
 MODEL = "tiny-chat"
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -25,14 +27,8 @@ async def post_raw(gateway, path: str, data: bytes):
 
 
 async def assert_400(response, param: str | None = None, code: str | None = None) -> dict:
-    assert response.status == 400, await response.text()
-    error = (await response.json())["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
-    assert error["message"] and "Traceback" not in error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    if code is not None:
-        assert error["code"] == code, error
+    error = await assert_error(response, 400, param, code)
+    assert error["type"] == "invalid_request_error"
     return error
 
 
