@@ -40,7 +40,10 @@ RELAY_METHODS: tuple[str, ...] = ("relaycaching", "cacheblend", "naive")
 
 @dataclass(frozen=True)
 class RelayConfig:
-    enabled: bool = True
+    # Whether a verifier publishes outputs and relay-prefills prompts that quote them. Off by default: on the real
+    # model no reuse method yet keeps the answer (README, RelayCaching); `relay_prefill` itself always reuses the
+    # spans it is given, with the settings below.
+    enabled: bool = False
     method: RelayMethod = "relaycaching"
     recompute_ratio: float = 0.15  # cacheblend, and relaycaching with select="top": the share recomputed
     # relaycaching: recompute when deviation ≥ factor · mean, or attention received ≥ factor · mean. The paper's
@@ -148,7 +151,7 @@ def relay_prefill(model: LlamaForCausalLM, cache: PagedKVCache, table: BlockTabl
     if n == 0:
         raise ValueError("empty prompt")
     rows_wanted = logits_rows if logits_rows is not None else [n - 1]
-    spans = sorted(spans, key=lambda s: s.start) if config.enabled else []
+    spans = sorted(spans, key=lambda s: s.start)
     _check_spans(spans, token_ids)
     with torch.inference_mode():
         return _RelayForward(model, cache, table, token_ids, spans, config, rows_wanted).run()

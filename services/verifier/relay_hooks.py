@@ -117,7 +117,9 @@ class VerifierRelay:
 
 def add_relay_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("relay (reuse of upstream agents' decode-phase KV)")
-    group.add_argument("--relay", action=argparse.BooleanOptionalAction, default=True, help="on by default")
+    group.add_argument("--relay", action=argparse.BooleanOptionalAction, default=False,
+                       help="reuse quoted outputs' K/V (off by default: exact prefix reuse only; on the real model "
+                            "relay changes answers, README RelayCaching)")
     group.add_argument("--relay-method", choices=RELAY_METHODS, default="relaycaching")
     group.add_argument("--relay-recompute-ratio", type=float, default=0.15,
                        help="cacheblend, and relaycaching with --relay-select top: share recomputed (default 0.15)")

@@ -52,6 +52,7 @@ AGENT_A = textwrap.dedent("""
 
 REPLICA_A = textwrap.dedent("""
     import asyncio, torch
+    from specrelay.services.verifier.relay import RelayConfig
     from specrelay.services.verifier.service import VerifierConfig, VerifierService
     from specrelay.shared.bus import BusConfig, make_bus
 
@@ -59,7 +60,8 @@ REPLICA_A = textwrap.dedent("""
 
     async def main():
         async with make_bus({url!r}, BusConfig(prefix={prefix!r}, block_ms=20)) as bus:
-            await VerifierService(VerifierConfig(**{config!r}, consumer="replica-a"), bus).run()
+            await VerifierService(VerifierConfig(**{config!r}, relay=RelayConfig(enabled=True),
+                                                 consumer="replica-a"), bus).run()
 
     asyncio.run(main())
 """)
@@ -146,7 +148,8 @@ async def test_two_verifier_replicas_relay_over_redis(model_dir, redis_url, redi
                 _, stderr = replica_a.communicate(timeout=30)
             assert len(out_a) == 80, stderr
 
-            replica_b = VerifierService(VerifierConfig(**config, consumer="replica-b"), bus)
+            replica_b = VerifierService(VerifierConfig(**config, relay=RelayConfig(enabled=True), consumer="replica-b"),
+                                        bus)
             task = asyncio.create_task(replica_b.run())
             try:
                 prompt_b = [95, 96, 97, 98] * 6 + out_a + [99, 100, 99, 100]  # A's answer at row 24

@@ -47,7 +47,7 @@ async def test_publish_on_finish_then_admit_a_quoting_prompt_after_a_prefix_hit(
     prompt_b = [96, 97, 98, 99] * 5 + out + [100, 99, 98]
     table = BlockTable()
     runner.prefill(table, prompt_b[:8])  # a prefix-cache hit filled the first 8 tokens
-    got = await relay_admit(runner, store, "m", table, prompt_b, RelayConfig(), counters)
+    got = await relay_admit(runner, store, "m", table, prompt_b, RelayConfig(enabled=True), counters)
     assert got is not None and got.num_prompt_tokens == len(prompt_b) - 8
     assert got.num_span_tokens == 89 and table.num_tokens == len(prompt_b)
     assert counters.requests_relayed == 1 and counters.reused_tokens + counters.recomputed_tokens == 89
@@ -59,7 +59,7 @@ async def test_publish_on_finish_then_admit_a_quoting_prompt_after_a_prefix_hit(
     exact_table, ref_table = BlockTable(), BlockTable()
     runner.prefill(exact_table, prompt_b[:8])
     exact = await relay_admit(runner, store, "m", exact_table, prompt_b,
-                              RelayConfig(method="cacheblend", recompute_ratio=1.0))
+                              RelayConfig(enabled=True, method="cacheblend", recompute_ratio=1.0))
     runner.prefill(ref_table, prompt_b[:8])
     ref = relay_prefill(runner.model, runner.cache, ref_table, prompt_b[8:], [])
     assert torch.equal(exact.logits, ref.logits)
@@ -68,7 +68,7 @@ async def test_publish_on_finish_then_admit_a_quoting_prompt_after_a_prefix_hit(
 
     off = BlockTable()
     assert await relay_admit(runner, store, "m", off, prompt_b, RelayConfig(enabled=False)) is None
-    assert await relay_admit(runner, store, "m", off, [96, 97] * 40, RelayConfig()) is None  # nothing quoted
+    assert await relay_admit(runner, store, "m", off, [96, 97] * 40, RelayConfig(enabled=True)) is None  # nothing quoted
     assert off.num_tokens == 0 and off.blocks == []
     await store.close()
 
@@ -85,10 +85,13 @@ async def test_short_outputs_are_not_published(runner):
 def test_settings_from_the_command_line():
     parser = argparse.ArgumentParser()
     add_relay_options(parser)
-    cfg = relay_config(parser.parse_args(["--relay-method", "cacheblend", "--relay-recompute-ratio", "0.3",
+    cfg = relay_config(parser.parse_args(["--relay", "--relay-method", "cacheblend", "--relay-recompute-ratio", "0.3",
                                           "--relay-check-layers", "1,2"]))
     assert (cfg.enabled, cfg.method, cfg.recompute_ratio, cfg.check_layers) == (True, "cacheblend", 0.3, (1, 2))
     assert relay_config(parser.parse_args(["--no-relay"])).enabled is False
+    # off unless asked for: `specrelay serve` and `specrelay verifier` reuse exact prefixes only by default
+    assert relay_config(parser.parse_args([])).enabled is False
+    assert relay_config(parser.parse_args(["--relay-method", "naive"])).enabled is False
     cfg = relay_config(parser.parse_args(["--relay-select", "top", "--relay-recompute-ratio", "0.2"]))
     assert (cfg.method, cfg.select, cfg.recompute_ratio) == ("relaycaching", "top", 0.2)
     assert relay_config(parser.parse_args([])).select == "threshold"

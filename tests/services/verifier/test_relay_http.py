@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from specrelay.services.gateway import GatewayConfig, create_app
 from specrelay.services.serve import MODELS_DIR
+from specrelay.services.verifier.relay import RelayConfig
 from specrelay.services.verifier.service import VerifierConfig, VerifierService
 from specrelay.shared.bus import LocalBus
 from specrelay.shared.tokenizer import Tokenizer
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.skipif(not (TARGET / "config.json").is_file(), reason="
 
 async def test_agent_b_quoting_agent_a_gets_usage_relay_over_http():
     bus = LocalBus()
-    verifier = VerifierService(VerifierConfig(str(TARGET), speculate=False, num_blocks=128, report_kv=False), bus)
+    verifier = VerifierService(VerifierConfig(str(TARGET), speculate=False, num_blocks=128, report_kv=False,
+                                              relay=RelayConfig(enabled=True)), bus)
     task = asyncio.create_task(verifier.run())
     app = create_app(GatewayConfig(model_name="target", max_model_len=1024, chunk_timeout_s=60.0), bus,
                      Tokenizer(TARGET))

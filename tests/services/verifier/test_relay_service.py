@@ -63,8 +63,11 @@ async def pipeline(cfg: VerifierConfig) -> tuple[list[int], object, list[int], o
             await asyncio.gather(task, return_exceptions=True)
 
 
+RELAY_ON = RelayConfig(enabled=True)
+
+
 async def test_a_later_request_reuses_what_an_earlier_one_decoded(model_dir):
-    out_a, usage_a, out_b, usage_b, service = await pipeline(config(model_dir))
+    out_a, usage_a, out_b, usage_b, service = await pipeline(config(model_dir, relay=RELAY_ON))
     assert len(out_a) == 90 and usage_a.relay is None  # A quoted nothing
     # A's last token has no K/V yet when A finishes: the other 89 are published and found in B's prompt
     assert usage_b.relay is not None and usage_b.relay.span_tokens == 89
@@ -81,15 +84,21 @@ async def test_full_recompute_answers_like_relay_off_and_relay_off_reports_nothi
     *_, out_off, usage_off, _ = await pipeline(config(model_dir, relay=RelayConfig(enabled=False)))
     assert usage_off.relay is None
     *_, out_exact, usage_exact, _ = await pipeline(
-        config(model_dir, relay=RelayConfig(method="cacheblend", recompute_ratio=1.0)))
+        config(model_dir, relay=RelayConfig(enabled=True, method="cacheblend", recompute_ratio=1.0)))
     assert usage_exact.relay.span_tokens == 89 and usage_exact.relay.reused_tokens == 0
     assert out_exact == out_off  # recomputing every relayed token is a full prefill: the same greedy answer
+
+
+async def test_relay_is_off_unless_asked_for(model_dir):
+    """The default verifier reuses exact prefixes only: B's quote of A's answer is prefilled as usual."""
+    *_, usage_default, service = await pipeline(config(model_dir))
+    assert usage_default.relay is None and service.relay is None and service.prefix is not None
 
 
 async def test_an_answer_held_for_a_tool_round_is_quotable_at_once(model_dir):
     """A turn whose KV is held for a Continue (hold_s) publishes its span when it finishes, not when released."""
     async with make_bus(None) as bus:
-        service = VerifierService(config(model_dir), bus)
+        service = VerifierService(config(model_dir, relay=RELAY_ON), bus)
         task = asyncio.create_task(service.run())
         try:
             channel = bus.open_reply_channel(TokenChunk)
