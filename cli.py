@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "kvstore": ("specrelay.services.kvstore.service", "keep the shared Redis KV store within its capacity"),
     "toolcoord": ("specrelay.services.toolcoord.service", "run server-side tool calls from the bus (over --redis)"),
     "calibrate": ("specrelay.services.calibrate", "measure prefill and decode costs: the PTE profile (gamma, beta)"),
-    "bench": ("specrelay.services.bench", "benchmarks: ours and the baselines side by side (spec, bus, relay)"),
+    "bench": ("specrelay.bench.cli", "benchmarks: ours and the baselines side by side (spec, bus, relay)"),
     "loadgen": ("specrelay.loadgen.cli", "drive an OpenAI-compatible endpoint and measure SLO attainment and goodput"),
     "models": ("specrelay.models.cli", "import a GGUF model; train and evaluate the small target + draft pair"),
     "chaos": ("specrelay.loadgen.chaos", "inject faults into the Redis topology and check that requests survive"),

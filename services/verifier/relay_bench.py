@@ -20,7 +20,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from specrelay.services.bench import finish_report
+from specrelay.bench.report import finish_report
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the default served model (models/resolve.py); the small pair: models/target
 SPANS = (256, 512, 1024, 2048)

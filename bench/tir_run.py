@@ -43,7 +43,7 @@ from specrelay.services.toolcoord.retention import (
     RetentionDecision,
     RetentionPolicy,
 )
-from specrelay.services.toolcoord.tir_workload import Trajectory
+from specrelay.bench.tir_workload import Trajectory
 from specrelay.services.verifier.engine import Request, SpecEngine
 from specrelay.services.verifier.prefix_cache import PrefixCache
 from specrelay.shared.modeling.kv_cache import BlockTable

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from specrelay.bench.tir import add_arguments, main, pearson
+from specrelay.bench.tir_workload import TOOL_KINDS, WorkloadConfig, make_workload
 from specrelay.models.resolve import PAIR_DIR
-from specrelay.services.toolcoord.bench_tir import add_arguments, main, pearson
-from specrelay.services.toolcoord.tir_workload import TOOL_KINDS, WorkloadConfig, make_workload
 from specrelay.shared.errors import ConfigError
 
 TARGET = PAIR_DIR / "target"  # the small pair: the bench's default is the real model, too slow for the suite
@@ -109,7 +109,7 @@ def test_workload_too_long_for_the_context_is_refused():
 
 
 def test_bench_is_registered_under_specrelay_bench():
-    from specrelay.services import bench
+    from specrelay.bench import cli as bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)

@@ -33,14 +33,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from specrelay.services.bench import finish_report
+from specrelay.bench.report import finish_report
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the default served model (models/resolve.py); the small pair: models/target
 BLOCK_SIZE = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from specrelay.services.toolcoord.tir_run import POLICIES
+    from specrelay.bench.tir_run import POLICIES
 
     parser.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL), help="a model directory, a .gguf file "
                         f"or a built-in model (default: {DEFAULT_MODEL}; the small pair: models/target)")
@@ -68,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from specrelay.services.toolcoord.tir_run import POLICIES
-    from specrelay.services.toolcoord.tir_workload import WorkloadConfig, make_workload
+    from specrelay.bench.tir_run import POLICIES
+    from specrelay.bench.tir_workload import WorkloadConfig, make_workload
     from specrelay.services.verifier.prefix_cache import model_id
     from specrelay.shared.errors import ConfigError
     from specrelay.shared.modeling.loader import load_model
@@ -132,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _policies(text: str) -> list[str]:
     """keep first (an unset budget is a fraction of its peak), then drop (the baseline), then the rest."""
-    from specrelay.services.toolcoord.tir_run import POLICIES
+    from specrelay.bench.tir_run import POLICIES
     from specrelay.shared.errors import ConfigError
 
     chosen = [p.strip() for p in text.split(",") if p.strip()]
@@ -148,7 +148,7 @@ def run_policies(policies, trajectories, runner, mid: str, profile, bandwidths: 
     cache of exactly the budget. Returns (results by policy, budget in blocks)."""
     from specrelay.services.kvstore import make_store
     from specrelay.services.toolcoord.retention import RetentionConfig
-    from specrelay.services.toolcoord.tir_run import TirRun, make_policy
+    from specrelay.bench.tir_run import TirRun, make_policy
 
     bpb = runner(1).cache.bytes_per_block()
     longest = max(-(-t.total_tokens // BLOCK_SIZE) for t in trajectories)
