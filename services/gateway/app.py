@@ -32,7 +32,8 @@ def create_app(config: GatewayConfig, bus: Bus, tokenizer: Tokenizer,
                kv_stats: KvStatsSource | None = None, server_tools: ServerTools | None = None) -> web.Application:
     """The app; the caller owns `bus` (opens and closes it). `kv_stats` feeds the KV-block gauges of /metrics
     when the verifier runs in this process; `server_tools` turns on tool rounds inside requests (tool_rounds.py)."""
-    gateway = Gateway(config=config, bus=bus, tokenizer=tokenizer, metrics=GatewayMetrics(kv_stats),
+    gateway = Gateway(config=config, bus=bus, tokenizer=tokenizer,
+                      metrics=GatewayMetrics(kv_stats, config.model_name),
                       admission=Admission(make_policy(config.policy, config.class_slos), config.max_running,
                                           config.max_queued),
                       stop_token_ids=end_of_turn_ids(tokenizer), server_tools=server_tools)

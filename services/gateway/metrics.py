@@ -1,122 +1,57 @@
-"""Prometheus metrics of the gateway, in the text exposition format (version 0.0.4), written by hand.
+"""The gateway's Prometheus metrics: vLLM's names (so vLLM dashboards work) beside specrelay's own series.
 
-Plain Python and tiny on purpose: counters, gauges and histograms with labels are all the gateway needs, and a
-dependency would not make `/metrics` more correct. Gauges the gateway does not own (KV blocks of an in-process
-verifier) come from a `KvStatsSource` callable read at scrape time.
+Built on prometheus-client, the library vLLM itself uses: its metric types, label handling, escaping and text
+exposition are what Prometheus' own parser reads, so nothing here formats text by hand. Each app gets its own
+`CollectorRegistry` (two apps in one process, as in tests, never share a count).
+
+vLLM's series carry a `model_name` label, as vLLM's do. What each one means here:
+- `vllm:num_requests_running` / `_waiting`: admitted and generating / waiting in the gateway's admission queue;
+- `vllm:time_to_first_token_seconds`, `vllm:e2e_request_latency_seconds`: per request, arrival to first / last token;
+- `vllm:inter_token_latency_seconds` (vLLM's is per token, so is ours): a chunk of k tokens that arrives g seconds
+  after the previous one counts k observations of g / k (speculative decoding commits several tokens per step).
+  Tokens of the first chunk are in TTFT. Per request, the observations sum to last token - first token;
+- `vllm:request_time_per_output_token_seconds`: per request, (last - first token) / (tokens - 1);
+- `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`, `vllm:request_{prompt,generation}_tokens`;
+- `vllm:prefix_cache_queries_total` / `_hits_total`: prompt tokens / those whose KV was reused (vLLM counts tokens);
+- `vllm:spec_decode_num_drafts_total` (verify steps), `_num_draft_tokens_total`, `_num_accepted_tokens_total`;
+- `vllm:num_preemptions_total`: always 0 — a verifier admits a request only when its KV blocks fit and never
+  preempts one; exposed so that a vLLM dashboard's panel shows a true 0 rather than "no data";
+- `vllm:request_success_total{finished_reason}`: stop (tool calls included) | length | abort (client gone, error,
+  timeout);
+- `vllm:kv_cache_usage_perc`: KV blocks in use / all, 0..1 (only when the verifier runs in this process).
+
+Gauges the gateway does not own (KV blocks of an in-process verifier) come from a `KvStatsSource` read at scrape
+time; derived rates (acceptance, reuse) are computed at scrape time too.
 """
 
 from __future__ import annotations
 
-import math
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
+import prometheus_client as prom
+from prometheus_client.parser import text_string_to_metric_families
+
+# Every name below is a legacy Prometheus name (colons included), so the 0.0.4 text format carries them unchanged
+# (prometheus-client's generate_latest writes it; its newer releases label their default 1.0.0).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Latency buckets in seconds: TTFT spans queueing + prefill, TPOT one decode step of a small model to a large one.
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TPOT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class Counter(prom.Counter):
+    """prometheus-client's Counter, also taking its labels as keywords: `inc(2, reason="stop")`."""
 
-
-def _labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _num(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
-
-
-class _Metric:
-    type = ""
-
-    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()):
-        self.name, self.help, self.label_names = name, help, labels
-
-    def _key(self, labels: dict[str, str]) -> tuple[str, ...]:
-        if set(labels) != set(self.label_names):
-            raise ValueError(f"{self.name}: labels {sorted(labels)} != {sorted(self.label_names)}")
-        return tuple(str(labels[n]) for n in self.label_names)
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.type}"]
-
-
-class Counter(_Metric):
-    type = "counter"
-
-    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()):
-        super().__init__(name, help, labels)
-        self.values: dict[tuple[str, ...], float] = {} if labels else {(): 0.0}
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        if amount < 0:
-            raise ValueError(f"{self.name}: a counter only goes up")
-        key = self._key(labels)
-        self.values[key] = self.values.get(key, 0.0) + amount
-
-    def get(self, **labels: str) -> float:
-        return self.values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        return self.header() + [f"{self.name}{_labels(self.label_names, k)} {_num(v)}"
-                                for k, v in sorted(self.values.items())]
-
-
-class Gauge(Counter):
-    type = "gauge"
-
-    def set(self, value: float, **labels: str) -> None:
-        self.values[self._key(labels)] = float(value)
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = self._key(labels)
-        self.values[key] = self.values.get(key, 0.0) + amount
-
-    def dec(self, amount: float = 1.0, **labels: str) -> None:
-        self.inc(-amount, **labels)
-
-
-class Histogram(_Metric):
-    type = "histogram"
-
-    def __init__(self, name: str, help: str, buckets: Iterable[float], labels: tuple[str, ...] = ()):
-        super().__init__(name, help, labels)
-        self.bounds = tuple(sorted(buckets)) + (math.inf,)
-        self.series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}  # key -> (bucket counts, [sum])
-
-    def observe(self, value: float, **labels: str) -> None:
-        counts, total = self.series.setdefault(self._key(labels), ([0] * len(self.bounds), [0.0]))
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                counts[i] += 1
-                break
-        total[0] += value
-
-    def count(self, **labels: str) -> int:
-        series = self.series.get(self._key(labels))
-        return sum(series[0]) if series else 0
-
-    def render(self) -> list[str]:
-        lines = self.header()
-        for key, (counts, total) in sorted(self.series.items()):
-            cumulative = 0
-            for bound, n in zip(self.bounds, counts):
-                cumulative += n
-                le = 'le="' + _num(bound) + '"'
-                lines.append(f"{self.name}_bucket{_labels(self.label_names, key, le)} {cumulative}")
-            lines.append(f"{self.name}_sum{_labels(self.label_names, key)} {_num(total[0])}")
-            lines.append(f"{self.name}_count{_labels(self.label_names, key)} {cumulative}")
-        return lines
+    def inc(self, amount: float = 1.0, **labels: str) -> None:  # type: ignore[override]
+        if labels:
+            self.labels(**labels).inc(amount)
+        else:
+            super().inc(amount)
 
 
 @dataclass(frozen=True)
@@ -130,67 +65,176 @@ KvStatsSource = Callable[[], KvStats]
 
 
 class GatewayMetrics:
-    def __init__(self, kv_stats: KvStatsSource | None = None):
+    def __init__(self, kv_stats: KvStatsSource | None = None, model_name: str = ""):
         self.kv_stats = kv_stats
+        self.registry = r = prom.CollectorRegistry()
+        # --- specrelay's own series (names kept: dashboards and tests read them) ---
         self.requests = Counter("specrelay_requests_total", "HTTP requests answered, by endpoint and status",
-                                ("endpoint", "status"))
+                                ("endpoint", "status"), registry=r)
         self.finished = Counter("specrelay_request_finish_total", "Generations finished, by finish reason",
-                                ("reason",))
-        self.ttft = Histogram("specrelay_ttft_seconds", "Arrival to the first token from the verifier",
-                              TTFT_BUCKETS_S)
-        self.tpot = Histogram("specrelay_tpot_seconds", "Time per output token after the first, per request",
-                              TPOT_BUCKETS_S)
-        self.e2e = Histogram("specrelay_e2e_seconds", "Arrival to the last token", E2E_BUCKETS_S)
-        self.prompt_tokens = Counter("specrelay_prompt_tokens_total", "Prompt tokens of finished generations")
+                                ("reason",), registry=r)
+        self.ttft = prom.Histogram("specrelay_ttft_seconds", "Arrival to the first token from the verifier",
+                                   buckets=TTFT_BUCKETS_S, registry=r)
+        self.tpot = prom.Histogram("specrelay_tpot_seconds", "Time per output token after the first, per request",
+                                   buckets=TPOT_BUCKETS_S, registry=r)
+        self.e2e = prom.Histogram("specrelay_e2e_seconds", "Arrival to the last token", buckets=E2E_BUCKETS_S,
+                                  registry=r)
+        self.prompt_tokens = Counter("specrelay_prompt_tokens_total", "Prompt tokens of finished generations",
+                                     registry=r)
         self.cached_tokens = Counter("specrelay_prompt_tokens_cached_total",
-                                     "Prompt tokens whose KV was reused, not prefilled")
-        self.completion_tokens = Counter("specrelay_completion_tokens_total", "Generated tokens billed")
-        self.spec_steps = Counter("specrelay_spec_steps_total", "Verify forwards")
-        self.drafted = Counter("specrelay_spec_drafted_tokens_total", "Draft tokens verified")
-        self.accepted = Counter("specrelay_spec_accepted_tokens_total", "Draft tokens the target accepted")
+                                     "Prompt tokens whose KV was reused, not prefilled", registry=r)
+        self.completion_tokens = Counter("specrelay_completion_tokens_total", "Generated tokens billed", registry=r)
+        self.spec_steps = Counter("specrelay_spec_steps_total", "Verify forwards", registry=r)
+        self.drafted = Counter("specrelay_spec_drafted_tokens_total", "Draft tokens verified", registry=r)
+        self.accepted = Counter("specrelay_spec_accepted_tokens_total", "Draft tokens the target accepted",
+                                registry=r)
         self.relay_span = Counter("specrelay_relay_span_tokens_total",
-                                  "Prompt tokens covered by relayed spans (RelayCaching)")
-        self.relay_reused = Counter("specrelay_relay_reused_tokens_total", "Relayed tokens whose K/V was reused")
+                                  "Prompt tokens covered by relayed spans (RelayCaching)", registry=r)
+        self.relay_reused = Counter("specrelay_relay_reused_tokens_total", "Relayed tokens whose K/V was reused",
+                                    registry=r)
         self.relay_recomputed = Counter("specrelay_relay_recomputed_tokens_total",
-                                        "Relayed tokens selected for recomputation")
+                                        "Relayed tokens selected for recomputation", registry=r)
         self.pte = Counter("specrelay_pte_total", "Prefill token equivalents of finished generations, by part",
-                           ("part",))
+                           ("part",), registry=r)
         self.tool_rounds = Counter("specrelay_tool_rounds_total",
-                                   "Server-side tool rounds: the turn's tools ran and the model went on")
+                                   "Server-side tool rounds: the turn's tools ran and the model went on", registry=r)
         self.server_tool_calls = Counter("specrelay_server_tool_calls_total",
                                          "Server-side tool calls run, by tool and outcome (ok | error)",
-                                         ("tool", "outcome"))  # tool: a name of the server's registry
+                                         ("tool", "outcome"), registry=r)  # tool: a name of the server's registry
         self.tool_call_errors = Counter("specrelay_tool_call_errors_total",
-                                        "Malformed tool calls, reported in message.tool_call_errors")
+                                        "Malformed tool calls, reported in message.tool_call_errors", registry=r)
         self.tool_fallbacks = Counter("specrelay_tool_fallbacks_total",
                                       "Tool rounds sent as a fresh Generate of the whole conversation, by reason "
-                                      "(continue_error | continue_timeout | not_held)", ("reason",))
-        self.acceptance = Gauge("specrelay_spec_acceptance_rate", "Accepted / drafted tokens since start")
-        self.reuse = Gauge("specrelay_kv_reuse_rate", "Cached / prompt tokens since start")
-        self.running = Gauge("specrelay_requests_running", "Requests admitted and generating")
-        self.queued = Gauge("specrelay_queue_depth", "Requests waiting for admission in the gateway")
-        self.verifier_queue = Gauge("specrelay_verifier_queue_depth",
-                                    "Generates waiting for or being served by the verifiers (sampled)")
-        self.rejected = Counter("specrelay_admission_rejected_total", "Requests refused with 503 (queue full)")
-        self.kv_used = Gauge("specrelay_kv_blocks_used", "KV cache blocks in use (in-process verifier)")
-        self.kv_total = Gauge("specrelay_kv_blocks_total", "KV cache blocks in all (in-process verifier)")
-        self.kv_kept = Gauge("specrelay_kv_blocks_kept",
-                             "Of the blocks used, those of conversations held across a tool pause")
+                                      "(continue_error | continue_timeout | not_held)", ("reason",), registry=r)
+        self.acceptance = prom.Gauge("specrelay_spec_acceptance_rate", "Accepted / drafted tokens since start",
+                                     registry=r)
+        self.reuse = prom.Gauge("specrelay_kv_reuse_rate", "Cached / prompt tokens since start", registry=r)
+        self.running = prom.Gauge("specrelay_requests_running", "Requests admitted and generating", registry=r)
+        self.queued = prom.Gauge("specrelay_queue_depth", "Requests waiting for admission in the gateway",
+                                 registry=r)
+        self.verifier_queue = prom.Gauge("specrelay_verifier_queue_depth",
+                                         "Generates waiting for or being served by the verifiers (sampled)",
+                                         registry=r)
+        self.rejected = Counter("specrelay_admission_rejected_total", "Requests refused with 503 (queue full)",
+                                registry=r)
+        if kv_stats is not None:  # no verifier in this process: no made-up gauge
+            self.kv_used = prom.Gauge("specrelay_kv_blocks_used", "KV cache blocks in use (in-process verifier)",
+                                      registry=r)
+            self.kv_total = prom.Gauge("specrelay_kv_blocks_total", "KV cache blocks in all (in-process verifier)",
+                                       registry=r)
+            self.kv_kept = prom.Gauge("specrelay_kv_blocks_kept",
+                                      "Of the blocks used, those of conversations held across a tool pause",
+                                      registry=r)
+        self.vllm = VllmMetrics(r, model_name, with_kv=kv_stats is not None)
 
-    def _all(self) -> list[_Metric]:
-        return [v for v in vars(self).values() if isinstance(v, _Metric)]
+    def set_load(self, num_running: int, num_waiting: int) -> None:
+        self.running.set(num_running)
+        self.queued.set(num_waiting)
+        self.vllm.running.set(num_running)
+        self.vllm.waiting.set(num_waiting)
 
-    def render(self) -> str:
-        if self.accepted.get() or self.drafted.get():
-            self.acceptance.set(self.accepted.get() / max(self.drafted.get(), 1.0))
-        if self.prompt_tokens.get():
-            self.reuse.set(self.cached_tokens.get() / self.prompt_tokens.get())
-        metrics = self._all()
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's current value (0 when it has none yet), by its exposed name."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def render(self) -> bytes:
+        drafted, accepted = self.value("specrelay_spec_drafted_tokens_total"), self.value(
+            "specrelay_spec_accepted_tokens_total")
+        if accepted or drafted:
+            self.acceptance.set(accepted / max(drafted, 1.0))
+        if prompt := self.value("specrelay_prompt_tokens_total"):
+            self.reuse.set(self.value("specrelay_prompt_tokens_cached_total") / prompt)
         if self.kv_stats is not None:
             stats = self.kv_stats()
             self.kv_used.set(stats.blocks_used)
             self.kv_total.set(stats.blocks_total)
             self.kv_kept.set(stats.blocks_kept)
-        else:
-            metrics = [m for m in metrics if m not in (self.kv_used, self.kv_total, self.kv_kept)]
-        return "\n".join(line for m in metrics for line in m.render()) + "\n"
+            self.vllm.kv_usage.set(stats.blocks_used / stats.blocks_total if stats.blocks_total else 0.0)
+        return prom.generate_latest(self.registry)
+
+
+class VllmMetrics:
+    """vLLM's series (see the module docstring), each already bound to this server's `model_name`."""
+
+    def __init__(self, r: prom.CollectorRegistry, model_name: str, with_kv: bool):
+        label = ("model_name",)
+
+        def bound(metric):
+            return metric.labels(model_name=model_name)
+
+        self.running = bound(prom.Gauge("vllm:num_requests_running", "Requests admitted and generating", label,
+                                        registry=r))
+        self.waiting = bound(prom.Gauge("vllm:num_requests_waiting", "Requests waiting for admission", label,
+                                        registry=r))
+        self.ttft = bound(prom.Histogram("vllm:time_to_first_token_seconds", "Time to first token", label,
+                                         buckets=TTFT_BUCKETS_S, registry=r))
+        self.itl = bound(prom.Histogram("vllm:inter_token_latency_seconds", "Time between output tokens, per token",
+                                        label, buckets=TPOT_BUCKETS_S, registry=r))
+        self.tpot = bound(prom.Histogram("vllm:request_time_per_output_token_seconds",
+                                         "Time per output token after the first, per request", label,
+                                         buckets=TPOT_BUCKETS_S, registry=r))
+        self.e2e = bound(prom.Histogram("vllm:e2e_request_latency_seconds", "Arrival to the last token", label,
+                                        buckets=E2E_BUCKETS_S, registry=r))
+        self.prompt_tokens = bound(prom.Counter("vllm:prompt_tokens", "Prefill tokens processed", label,
+                                                registry=r))
+        self.generation_tokens = bound(prom.Counter("vllm:generation_tokens", "Generation tokens processed", label,
+                                                    registry=r))
+        self.request_prompt_tokens = bound(prom.Histogram("vllm:request_prompt_tokens", "Prompt tokens per request",
+                                                          label, buckets=TOKEN_BUCKETS, registry=r))
+        self.request_generation_tokens = bound(prom.Histogram("vllm:request_generation_tokens",
+                                                              "Generated tokens per request", label,
+                                                              buckets=TOKEN_BUCKETS, registry=r))
+        self.prefix_queries = bound(prom.Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the "
+                                                 "prefix cache", label, registry=r))
+        self.prefix_hits = bound(prom.Counter("vllm:prefix_cache_hits", "Prompt tokens whose KV was reused", label,
+                                              registry=r))
+        self.spec_drafts = bound(prom.Counter("vllm:spec_decode_num_drafts", "Verify steps over a draft", label,
+                                              registry=r))
+        self.spec_draft_tokens = bound(prom.Counter("vllm:spec_decode_num_draft_tokens", "Draft tokens verified",
+                                                    label, registry=r))
+        self.spec_accepted_tokens = bound(prom.Counter("vllm:spec_decode_num_accepted_tokens",
+                                                       "Draft tokens the target accepted", label, registry=r))
+        self.preemptions = bound(prom.Counter("vllm:num_preemptions", "Preemptions (specrelay never preempts)",
+                                              label, registry=r))
+        self.success = prom.Counter("vllm:request_success", "Finished requests, by finish reason",
+                                    ("model_name", "finished_reason"), registry=r)
+        self._model_name = model_name
+        if with_kv:
+            self.kv_usage = bound(prom.Gauge("vllm:kv_cache_usage_perc", "KV cache usage, 1 = full", label,
+                                             registry=r))
+
+    def finished(self, reason: str) -> None:
+        """Count a finished request under vLLM's finished_reason (stop | length | abort)."""
+        vllm_reason = "stop" if reason in ("stop", "tool_calls") else "length" if reason == "length" else "abort"
+        self.success.labels(model_name=self._model_name, finished_reason=vllm_reason).inc()
+
+
+class InterTokenLatency:
+    """vLLM's per-token inter-token latency for one generation: a chunk of k tokens g seconds after the previous
+    one is k observations of g / k. The first chunk's tokens are in TTFT, not here."""
+
+    def __init__(self, histogram, clock: Callable[[], float] = time.monotonic):
+        self.histogram, self.clock = histogram, clock
+        self.num_tokens = 0
+        self.last_s: float | None = None
+
+    def arrived(self, num_tokens: int) -> None:
+        """`num_tokens`: the generation's tokens so far, now that a chunk of them arrived."""
+        now, new = self.clock(), num_tokens - self.num_tokens
+        if new <= 0:
+            return
+        if self.last_s is not None:
+            for _ in range(new):
+                self.histogram.observe((now - self.last_s) / new)
+        self.num_tokens, self.last_s = num_tokens, now
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """`name{label="value",...}` -> value for every sample of an exposition, read by Prometheus' own parser (what a
+    scraper sees); labels sorted by name."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return out

@@ -21,7 +21,7 @@ from specrelay.services.gateway import responses as R
 from specrelay.services.gateway.admission import AdmissionFull, Ticket
 from specrelay.services.gateway.errors import ApiError, bad_request
 from specrelay.services.gateway.generation import Finish, Generation, Timeouts, Timing
-from specrelay.services.gateway.metrics import CONTENT_TYPE
+from specrelay.services.gateway.metrics import CONTENT_TYPE, InterTokenLatency
 from specrelay.services.gateway.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -104,7 +104,7 @@ def _check_model(gw: Gateway, model: str) -> None:
 
 @contextlib.asynccontextmanager
 async def _admitted(gw: Gateway, ticket: Ticket):
-    gw.metrics.queued.set(gw.admission.num_waiting + 1)
+    gw.metrics.set_load(gw.admission.num_running, gw.admission.num_waiting + 1)
     try:
         await gw.admission.admit(ticket)
     except AdmissionFull as e:
@@ -112,14 +112,12 @@ async def _admitted(gw: Gateway, ticket: Ticket):
         raise ApiError(503, f"the server is at capacity ({e}); retry later", code="server_overloaded",
                        headers={"Retry-After": "1"}) from None
     finally:
-        gw.metrics.queued.set(gw.admission.num_waiting)
-    gw.metrics.running.set(gw.admission.num_running)
+        gw.metrics.set_load(gw.admission.num_running, gw.admission.num_waiting)
     try:
         yield
     finally:
         gw.admission.release(ticket)
-        gw.metrics.running.set(gw.admission.num_running)
-        gw.metrics.queued.set(gw.admission.num_waiting)
+        gw.metrics.set_load(gw.admission.num_running, gw.admission.num_waiting)
 
 
 def _generation(gw: Gateway, request: web.Request, prep: Prepared, generate: Generate | None = None,
@@ -132,19 +130,32 @@ def _generation(gw: Gateway, request: web.Request, prep: Prepared, generate: Gen
 
 
 def _observe(gw: Gateway, gen: Generation, reason: str, usage: dict[str, Any]) -> None:
-    m, t = gw.metrics, gen.timing
+    m, v, t = gw.metrics, gw.metrics.vllm, gen.timing
     m.finished.inc(reason=reason)
+    v.finished(reason)
     if t.first_token_s is not None:
-        m.ttft.observe(t.first_token_s - t.arrival_s)
-        m.e2e.observe(t.last_token_s - t.arrival_s)
+        for ours, theirs, seconds in ((m.ttft, v.ttft, t.first_token_s - t.arrival_s),
+                                      (m.e2e, v.e2e, t.last_token_s - t.arrival_s)):
+            ours.observe(seconds)
+            theirs.observe(seconds)
         if usage["completion_tokens"] > 1:
-            m.tpot.observe((t.last_token_s - t.first_token_s) / (usage["completion_tokens"] - 1))
-    m.prompt_tokens.inc(usage["prompt_tokens"])
-    m.completion_tokens.inc(usage["completion_tokens"])
-    m.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
-    for counter, key in ((m.spec_steps, "spec_steps"), (m.drafted, "drafted_tokens"), (m.accepted, "accepted_tokens")):
+            tpot_s = (t.last_token_s - t.first_token_s) / (usage["completion_tokens"] - 1)
+            m.tpot.observe(tpot_s)
+            v.tpot.observe(tpot_s)
+    prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    for counter, amount in ((m.prompt_tokens, prompt), (v.prompt_tokens, prompt), (v.prefix_queries, prompt),
+                            (m.completion_tokens, completion), (v.generation_tokens, completion),
+                            (m.cached_tokens, cached), (v.prefix_hits, cached)):
+        counter.inc(amount)
+    v.request_prompt_tokens.observe(prompt)
+    v.request_generation_tokens.observe(completion)
+    for counters, key in (((m.spec_steps, v.spec_drafts), "spec_steps"),
+                          ((m.drafted, v.spec_draft_tokens), "drafted_tokens"),
+                          ((m.accepted, v.spec_accepted_tokens), "accepted_tokens")):
         if isinstance(usage.get(key), (int, float)):
-            counter.inc(usage[key])
+            for counter in counters:
+                counter.inc(usage[key])
     relay = usage.get("relay") or {}
     for counter, key in ((m.relay_span, "span_tokens"), (m.relay_reused, "reused_tokens"),
                          (m.relay_recomputed, "recomputed_tokens")):
@@ -160,10 +171,12 @@ async def _events(gw: Gateway, request_id: str, gen: Generation) -> AsyncIterato
     learns time per token and output lengths from them. `request_id`: the admission ticket's (a tool round's
     fallback may run under another id at the verifier)."""
     completed = False
+    itl = InterTokenLatency(gw.metrics.vllm.itl)
     try:
         async with contextlib.aclosing(gen.events()) as events:
             async for text in events:
                 gw.admission.progress(request_id, gen.text.num_tokens)
+                itl.arrived(gen.text.num_tokens)
                 yield text
         completed = gen.finish is not None and gen.finish.reason in ("stop", "length")
     finally:
@@ -172,6 +185,7 @@ async def _events(gw: Gateway, request_id: str, gen: Generation) -> AsyncIterato
 
 def _observe_failure(gw: Gateway, finish: Finish | None, reason: str) -> None:
     gw.metrics.finished.inc(reason=finish.reason if finish is not None else reason)
+    gw.metrics.vllm.finished("abort")
 
 
 # --- chat --------------------------------------------------------------------------------------------------------
@@ -362,4 +376,4 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[GATEWAY].metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
+    return web.Response(body=request.app[GATEWAY].metrics.render(), headers={"Content-Type": CONTENT_TYPE})

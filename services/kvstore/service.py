@@ -5,7 +5,8 @@ serves no data. It does the two things no verifier can do alone:
 - hold the store to *its* capacity. Each put evicts down to the capacity its caller was configured with, so a
   verifier started with a larger capacity, or an operator who lowers it, leaves the store over budget; every
   `--interval-s` this process evicts least recently used unpinned entries until `used <= capacity`;
-- show the store: `/health` (200 with the stats while Redis answers, else 503) and `/metrics` (Prometheus text).
+- show the store: `/health` (200 with the stats while Redis answers, else 503) and `/metrics` (Prometheus text,
+  written by prometheus-client).
 
 Loop: sleep -> trim (one bounded Lua script per batch, so Redis never stalls on a large store) -> log evictions.
 Redis away (restarting): the trim is retried at the next interval, /health and /metrics answer 503 meanwhile.
@@ -118,21 +119,33 @@ class StoreKeeper:
         await self._redis.aclose()
 
 
-def metrics_text(stats) -> str:
-    lines = []
-    for field, kind, help_text in (
-            ("capacity_bytes", "gauge", "bytes the store may hold"),
-            ("used_bytes", "gauge", "bytes of KV frames held"),
-            ("num_entries", "gauge", "blocks and relayed spans held"),
-            ("num_pinned", "gauge", "entries with at least one pin"),
-            ("hits", "counter", "lookups that found an entry"),
-            ("misses", "counter", "lookups that found none"),
-            ("puts", "counter", "entries written"),
-            ("rejected", "counter", "puts refused for lack of room"),
-            ("evictions", "counter", "entries evicted, by puts and by this keeper")):
-        name = f"specrelay_kvstore_{field}" + ("_total" if kind == "counter" else "")
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {getattr(stats, field)}"]
-    return "\n".join(lines) + "\n"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_STATS = (("capacity_bytes", "gauge", "bytes the store may hold"),
+          ("used_bytes", "gauge", "bytes of KV frames held"),
+          ("num_entries", "gauge", "blocks and relayed spans held"),
+          ("num_pinned", "gauge", "entries with at least one pin"),
+          ("hits", "counter", "lookups that found an entry"),
+          ("misses", "counter", "lookups that found none"),
+          ("puts", "counter", "entries written"),
+          ("rejected", "counter", "puts refused for lack of room"),
+          ("evictions", "counter", "entries evicted, by puts and by this keeper"))
+
+
+def metrics_text(stats) -> bytes:
+    """The store's stats in Prometheus' text format, through prometheus-client. The counts live in Redis, so they
+    are a custom collector's metric families read fresh at each scrape, not counters kept in this process."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class StoreStats:
+        def collect(self):
+            for field, kind, help_text in _STATS:
+                family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+                yield family(f"specrelay_kvstore_{field}", help_text, value=getattr(stats, field))
+
+    registry = CollectorRegistry()
+    registry.register(StoreStats())
+    return generate_latest(registry)
 
 
 def create_app(keeper: StoreKeeper):
@@ -153,7 +166,7 @@ def create_app(keeper: StoreKeeper):
         except (RedisError, OSError) as e:
             return web.Response(text=f"# the store's Redis is unavailable: {e}\n", status=503,
                                 content_type="text/plain")
-        return web.Response(text=metrics_text(stats), content_type="text/plain")
+        return web.Response(body=metrics_text(stats), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     app = web.Application()
     app.router.add_get("/health", health)

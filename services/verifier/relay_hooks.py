@@ -48,8 +48,12 @@ class RelayCounters:
         self.recomputed_tokens += prefill.num_recomputed_tokens
 
     def prometheus(self, prefix: str = "specrelay_relay_") -> str:
-        return "".join(f"# TYPE {prefix}{name}_total counter\n{prefix}{name}_total {value}\n"
-                       for name, value in vars(self).items())
+        import prometheus_client as prom
+
+        registry = prom.CollectorRegistry()
+        for name, value in vars(self).items():
+            prom.Counter(f"{prefix}{name}", name.replace("_", " "), registry=registry).inc(value)
+        return prom.generate_latest(registry).decode()
 
 
 async def relay_admit(runner: ModelRunner, store: KVStore, model_id: str, table: BlockTable, prompt: list[int],

@@ -153,7 +153,7 @@ async def test_a_full_queue_answers_503(make_gateway):
         assert error["type"] == "service_unavailable"
         assert refused.headers["Retry-After"] == "1"
         assert await asyncio.gather(first, second) == [200, 200]
-        assert "specrelay_admission_rejected_total 1\n" in await (await h.client.get("/metrics")).text()
+        assert "specrelay_admission_rejected_total 1.0\n" in await (await h.client.get("/metrics")).text()
 
 
 async def test_an_internal_failure_shows_no_trace_and_the_server_goes_on(gateway, monkeypatch):

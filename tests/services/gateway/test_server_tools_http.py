@@ -179,7 +179,7 @@ async def test_metrics_count_tool_rounds_calls_malformed_calls_and_fallbacks(tok
             assert response.status == 200
         metrics = _metrics(await (await client.get("/metrics")).text())
     assert metrics["specrelay_tool_rounds_total"] == 2 and len(calls) == 2
-    assert metrics['specrelay_server_tool_calls_total{tool="get_weather",outcome="ok"}'] == 2
+    assert metrics['specrelay_server_tool_calls_total{outcome="ok",tool="get_weather"}'] == 2
     assert metrics["specrelay_tool_call_errors_total"] == 1  # the BROKEN call
     # the fake verifier holds no KV: each round went again as a whole
     assert metrics['specrelay_tool_fallbacks_total{reason="not_held"}'] == 2
@@ -189,8 +189,8 @@ async def test_metrics_count_tool_rounds_calls_malformed_calls_and_fallbacks(tok
         metrics = _metrics(await (await client.get("/metrics")).text())
     [ran] = data["choices"][0]["message"]["server_tool_calls"]
     assert ran["is_error"] and "the weather service is down" in ran["output"]
-    assert metrics['specrelay_server_tool_calls_total{tool="get_weather",outcome="error"}'] == 1
-    assert 'specrelay_server_tool_calls_total{tool="get_weather",outcome="ok"}' not in metrics
+    assert metrics['specrelay_server_tool_calls_total{outcome="error",tool="get_weather"}'] == 1
+    assert 'specrelay_server_tool_calls_total{outcome="ok",tool="get_weather"}' not in metrics
     assert metrics["specrelay_tool_rounds_total"] == 1 and metrics["specrelay_tool_call_errors_total"] == 0
 
 

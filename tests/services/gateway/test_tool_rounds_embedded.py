@@ -156,6 +156,6 @@ async def test_an_expired_hold_falls_back_to_a_fresh_generate_with_the_same_answ
     # The calculator's answer is counted once, whether it went in a Continue or in the fresh Generate's prompt.
     assert pte["tool_response_tokens"] == held["usage"]["pte"]["tool_response_tokens"] > 0
     for text, fallbacks in ((held_metrics, 0), (metrics, 1)):
-        assert "specrelay_tool_rounds_total 1\n" in text
-        assert 'specrelay_server_tool_calls_total{tool="calculator",outcome="ok"} 1\n' in text
-        assert ('specrelay_tool_fallbacks_total{reason="continue_error"} 1\n' in text) == bool(fallbacks)
+        assert "specrelay_tool_rounds_total 1.0\n" in text
+        assert 'specrelay_server_tool_calls_total{outcome="ok",tool="calculator"} 1.0\n' in text
+        assert ('specrelay_tool_fallbacks_total{reason="continue_error"} 1.0\n' in text) == bool(fallbacks)

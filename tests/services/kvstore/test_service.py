@@ -82,7 +82,7 @@ async def test_health_and_metrics_show_the_store(filled, redis_url, redis_prefix
         assert body["status"] == "ok" and body["store"]["num_entries"] == len(hashes)
         assert body["store"]["capacity_bytes"] == 1 << 20
         text = await (await client.get("/metrics")).text()
-        values = dict(re.findall(r"^(specrelay_kvstore_\w+) (\d+)$", text, re.MULTILINE))
+        values = dict(re.findall(r"^(specrelay_kvstore_\w+) (\d+)\.0$", text, re.MULTILINE))
         assert values["specrelay_kvstore_num_entries"] == str(len(hashes))
         assert values["specrelay_kvstore_hits_total"] == "2" and values["specrelay_kvstore_misses_total"] == "1"
         assert values["specrelay_kvstore_used_bytes"] == str((await store.stats()).used_bytes)
