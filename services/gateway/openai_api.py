@@ -78,7 +78,7 @@ def _prepare(gw: Gateway, request: web.Request, req: Sampling, prompt_ids: list[
     sampling = SamplingSpec(
         temperature=cfg.default_temperature if req.temperature is None else req.temperature,
         top_p=cfg.default_top_p if req.top_p is None else req.top_p, top_k=top_k(req), seed=req.seed, max_tokens=limit,
-        stop_token_ids=list(gw.stop_token_ids))
+        stop_token_ids=[] if req.ignore_eos else list(gw.stop_token_ids))
     generate = Generate(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling, reply_to="",
                         model=cfg.model_name, slo_class=slo_class or "interactive",
                         deadline_ms=None if deadline_ms is None else arrival_ms + deadline_ms, arrival_ms=arrival_ms)

@@ -131,11 +131,13 @@ class Sampling(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     n: int | None = None
     logprobs: bool | int | None = None
+    top_logprobs: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = None  # an end-user id for abuse monitoring: accepted, changes no output (as at OpenAI)
     response_format: dict[str, Any] | None = None
+    ignore_eos: bool | None = None  # vLLM's: generate past the model's end-of-turn tokens (benchmark clients)
     # specrelay extensions (also as headers X-SLO-Class / X-Deadline-Ms)
     slo_class: str | None = None
     deadline_ms: float | None = None  # relative to arrival
@@ -147,6 +149,20 @@ class ChatCompletionRequest(Sampling, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None  # tags of a stored completion: with store refused, only null or {}
+    modalities: list[str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None  # OpenAI's cache-routing hint: one server, accepted, changes no output
+    safety_identifier: str | None = None  # as `user`
+    # Refused whenever set (UNSUPPORTED_CHAT): typed Any so that any value gets the message saying why.
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
 
 
 class CompletionRequest(Sampling, kw_only=True):
@@ -154,6 +170,21 @@ class CompletionRequest(Sampling, kw_only=True):
     prompt: str | list[Any]
     echo: bool | None = None
     suffix: str | None = None
+    best_of: int | None = None
+
+
+# OpenAI chat fields this server refuses when set to anything but null, and why (never accepted and ignored).
+UNSUPPORTED_CHAT = {
+    "functions": "the legacy 'functions' parameter is not supported: send the same schemas as 'tools' "
+                 "([{\"type\": \"function\", \"function\": {...}}])",
+    "function_call": "the legacy 'function_call' parameter is not supported: use 'tool_choice'",
+    "audio": "audio output is not supported (this server generates text)",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "reasoning_effort is not supported: the served model is not a reasoning model",
+    "verbosity": "verbosity is not supported by the served model",
+    "web_search_options": "web search is not supported",
+}
+SERVICE_TIERS = ("auto", "default")  # one tier here: what these two promise; flex / priority / scale are refused
 
 
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
@@ -232,8 +263,11 @@ def check_sampling(req: Sampling, max_tokens: int | None, max_tokens_param: str)
     if req.n not in (None, 1):
         raise bad_request(f"n={req.n} is not supported: specrelay returns one choice per request (n=1)",
                           param="n", code="unsupported_value")
-    if req.logprobs:
+    if req.logprobs is not None and req.logprobs is not False:  # completions' logprobs=0: the sampled token's
         raise bad_request("logprobs are not supported", param="logprobs", code="unsupported_value")
+    if req.top_logprobs:
+        raise bad_request("top_logprobs is not supported (logprobs are not)", param="top_logprobs",
+                          code="unsupported_value")
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise bad_request(f"response_format {req.response_format.get('type')!r} is not supported (only 'text')",
                           param="response_format", code="unsupported_value")
@@ -304,6 +338,21 @@ def check_chat(req: ChatCompletionRequest) -> int | None:
                           param="tool_choice", code="invalid_value")
     if req.tool_choice == "required" and not names:
         raise bad_request("tool_choice 'required' needs tools", param="tool_choice", code="invalid_value")
+    for field, why in UNSUPPORTED_CHAT.items():
+        if getattr(req, field) is not None:
+            raise bad_request(why, param=field, code="unsupported_parameter")
+    if req.store:
+        raise bad_request("store=true is not supported: this server stores no completion", param="store",
+                          code="unsupported_value")
+    if req.metadata:
+        raise bad_request("metadata tags a stored completion, and this server stores none", param="metadata",
+                          code="unsupported_value")
+    if req.modalities is not None and req.modalities != ["text"]:
+        raise bad_request(f"modalities {req.modalities} are not supported (only [\"text\"])", param="modalities",
+                          code="unsupported_value")
+    if req.service_tier is not None and req.service_tier not in SERVICE_TIERS:
+        raise bad_request(f"service_tier {req.service_tier!r} is not supported (only {', '.join(SERVICE_TIERS)})",
+                          param="service_tier", code="unsupported_value")
     return max_tokens
 
 
@@ -313,6 +362,9 @@ def check_completion(req: CompletionRequest) -> int | None:
         raise bad_request("echo is not supported", param="echo", code="unsupported_value")
     if req.suffix:
         raise bad_request("suffix is not supported", param="suffix", code="unsupported_value")
+    if req.best_of not in (None, 1):
+        raise bad_request(f"best_of={req.best_of} is not supported: specrelay generates one candidate per request "
+                          f"(best_of=1)", param="best_of", code="unsupported_value")
     prompt = completion_prompt(req)
     if not prompt:
         raise bad_request("prompt must not be empty", param="prompt", code="invalid_value")

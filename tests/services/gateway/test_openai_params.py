@@ -1,0 +1,69 @@
+"""OpenAI parameters are honoured or refused with a 400 naming them, never accepted and ignored."""
+
+from __future__ import annotations
+
+import pytest
+
+MODEL = "tiny-chat"  # conftest's
+HELLO = [{"role": "user", "content": "Hello there"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+
+REFUSED_CHAT = [
+    ("functions", [{"name": "f", "parameters": {"type": "object"}}]),
+    ("function_call", "auto"),
+    ("function_call", {"name": "f"}),
+    ("logprobs", True),
+    ("top_logprobs", 2),
+    ("n", 3),
+    ("logit_bias", {"50256": -100}),
+    ("audio", {"voice": "alloy", "format": "wav"}),
+    ("modalities", ["text", "audio"]),
+    ("prediction", {"type": "content", "content": "x"}),
+    ("reasoning_effort", "low"),
+    ("verbosity", "low"),
+    ("web_search_options", {}),
+    ("store", True),
+    ("metadata", {"k": "v"}),
+    ("service_tier", "flex"),
+    ("presence_penalty", 0.5),
+]
+REFUSED_COMPLETION = [("best_of", 2), ("logprobs", 0), ("logprobs", 3), ("n", 2), ("echo", True), ("suffix", "x")]
+
+
+@pytest.mark.parametrize("field,value", REFUSED_CHAT, ids=[f"{f}={v}" for f, v in REFUSED_CHAT])
+async def test_chat_refuses_what_it_cannot_honour_naming_the_field(gateway, field, value):
+    response = await gateway.client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": HELLO, "tools": [TOOL], field: value})
+    assert response.status == 400, await response.text()
+    error = (await response.json())["error"]
+    assert error["param"] == field and error["type"] == "invalid_request_error" and error["message"]
+    assert not gateway.fake.generates  # nothing reached the verifier
+
+
+@pytest.mark.parametrize("field,value", REFUSED_COMPLETION, ids=[f"{f}={v}" for f, v in REFUSED_COMPLETION])
+async def test_completions_refuse_what_they_cannot_honour(gateway, field, value):
+    response = await gateway.client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", field: value})
+    assert response.status == 400, await response.text()
+    assert (await response.json())["error"]["param"] == field
+
+
+async def test_values_that_change_nothing_are_accepted(gateway):
+    response = await gateway.client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": HELLO, "max_tokens": 3, "logprobs": False, "top_logprobs": 0, "n": 1,
+        "logit_bias": {"5": 0}, "modalities": ["text"], "service_tier": "auto", "store": False, "metadata": {},
+        "user": "u-1", "prompt_cache_key": "k", "safety_identifier": "s"})
+    assert response.status == 200, await response.text()
+    response = await gateway.client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3,
+                                                                  "best_of": 1})
+    assert response.status == 200, await response.text()
+
+
+async def test_ignore_eos_sends_no_stop_token_to_the_verifier(gateway):
+    for ignore_eos, path, body in ((None, "/v1/chat/completions", {"messages": HELLO}),
+                                   (True, "/v1/chat/completions", {"messages": HELLO}),
+                                   (True, "/v1/completions", {"prompt": "Hi"})):
+        response = await gateway.client.post(path, json={"model": MODEL, "max_tokens": 4, "ignore_eos": ignore_eos,
+                                                         **body})
+        assert response.status == 200, await response.text()
+        sampling = gateway.fake.generates[-1].sampling
+        assert (sampling.stop_token_ids == []) == bool(ignore_eos)
