@@ -34,3 +34,8 @@ def connect(url: str, retry_s: float, name: str | None = None) -> aioredis.Redis
     return aioredis.Redis.from_url(url, client_name=name, retry=retry,
                                    retry_on_error=[BusyLoadingError, ConnectionError, TimeoutError],
                                    socket_connect_timeout=CONNECT_TIMEOUT_S)
+
+
+def stream_entries(response) -> list[tuple[bytes, dict]]:
+    """[(id, fields)] of a single-stream XREAD/XREADGROUP answer (RESP2: [[stream, entries]]; empty: [] or None)."""
+    return response[0][1] if response else []

@@ -179,36 +179,48 @@ class ChatTurns:
                                                      self.client_tools)
             context += gen.text.num_tokens
             room = min(self.max_model_len - context - 1, gen.generate.sampling.max_tokens - gen.text.num_tokens)
-            why_not = ("the turn also calls the client's tools" if client_calls else
-                       "the turn has malformed tool calls" if parser.result.errors else
-                       f"the request reached {self.server.max_rounds} tool rounds"
-                       if round_no >= self.server.max_rounds else
-                       "no tokens left for another turn" if room < 2 else
-                       "generation did not end at the model's end of turn"
-                       if finish.reason != "stop" or finish.stop_string else None)
+            why_not = self._why_no_round(round_no, finish, parser, bool(client_calls), room)
             if not server_calls or why_not is not None:
                 self.server_calls += [{**c.to_openai(), "round": round_no + 1, "output": None,
                                        "not_run": why_not} for c in server_calls]
                 await self._release(gen, self._client_call_names())
                 return
-            outcomes = await run_tool_calls(server_calls, self.server.runner, self.tokenizer, self.server.trim)
             generated = (self.forced if first else "") + "".join(parts)
-            cont = build_continuation(self._render, self.messages, self.tools, generated, parser.result, outcomes)
-            self.messages = cont.messages
-            cont_ids = self._encode(cont.text)
-            self.rounds += 1
-            self.metrics.tool_rounds.inc()
-            for o in outcomes:
-                self.metrics.server_tool_calls.inc(tool=o.call.name, outcome="error" if o.result.is_error else "ok")
-            self.trimmed_tokens += cont.trimmed_tokens
-            ran = [{**o.call.to_openai(), "round": self.rounds, "output": o.content, "is_error": o.result.is_error}
-                   for o in outcomes]
-            self.server_calls += ran
+            ran, cont_ids, tool_response_tokens = await self._run_round(server_calls, parser, generated)
             yield {"server_tool_calls": ran}
             context = context - 1 + len(cont_ids)  # the stop token is dropped, the continuation appended
             room = min(self.max_model_len - context - 1, room)
-            gen = self._next(gen, cont_ids, cont.tool_response_tokens, room, context)
+            gen = self._next(gen, cont_ids, tool_response_tokens, room, context)
             first = False
+
+    def _why_no_round(self, round_no: int, finish, parser: StreamingToolParser, calls_client: bool,
+                      room: int) -> str | None:
+        """Why the server-side calls of this turn are not run (None: they are)."""
+        return ("the turn also calls the client's tools" if calls_client else
+                "the turn has malformed tool calls" if parser.result.errors else
+                f"the request reached {self.server.max_rounds} tool rounds"
+                if round_no >= self.server.max_rounds else
+                "no tokens left for another turn" if room < 2 else
+                "generation did not end at the model's end of turn"
+                if finish.reason != "stop" or finish.stop_string else None)
+
+    async def _run_round(self, calls: list, parser: StreamingToolParser,
+                         generated: str) -> tuple[list[dict[str, Any]], list[int], int]:
+        """Run one round's server-side calls and render the continuation: (the calls as the client sees them, the
+        continuation's token ids, how many of them are tool answers)."""
+        outcomes = await run_tool_calls(calls, self.server.runner, self.tokenizer, self.server.trim)
+        cont = build_continuation(self._render, self.messages, self.tools, generated, parser.result, outcomes)
+        self.messages = cont.messages
+        cont_ids = self._encode(cont.text)
+        self.rounds += 1
+        self.metrics.tool_rounds.inc()
+        for o in outcomes:
+            self.metrics.server_tool_calls.inc(tool=o.call.name, outcome="error" if o.result.is_error else "ok")
+        self.trimmed_tokens += cont.trimmed_tokens
+        ran = [{**o.call.to_openai(), "round": self.rounds, "output": o.content, "is_error": o.result.is_error}
+               for o in outcomes]
+        self.server_calls += ran
+        return ran, cont_ids, cont.tool_response_tokens
 
     def _content(self, delta: dict[str, Any], content_before: bool) -> dict[str, Any]:
         """A later turn's content starts on a new line; the turn's content is kept for the message."""
