@@ -75,7 +75,6 @@ def main(args: argparse.Namespace) -> int:
     from specrelay.shared.modeling.loader import load_model
     from specrelay.models.resolve import BUILTIN_MODELS, resolve_model
     from specrelay.shared.modeling.runner import ModelRunner
-    from specrelay.shared.pte import PteProfile
 
     if args.model.suffix == ".gguf" or str(args.model) in BUILTIN_MODELS:
         args.model = resolve_model(args.model)  # a .gguf file or a built-in model name
@@ -105,17 +104,7 @@ def main(args: argparse.Namespace) -> int:
     def runner(num_blocks: int) -> ModelRunner:
         return ModelRunner(model, num_blocks=num_blocks, block_size=BLOCK_SIZE, prefill_chunk=512)
 
-    if args.profile:
-        profile = PteProfile.load(args.profile)
-    elif args.profile_decode_batch == 1:
-        from specrelay.services.calibrate import FULL_LENGTHS, QUICK_LENGTHS, calibrate
-
-        lengths = QUICK_LENGTHS if args.quick else FULL_LENGTHS
-        profile = calibrate(runner(4 * cfg.max_model_len // BLOCK_SIZE), lengths, lengths, 2 if args.quick else 3,
-                            device=str(model.device), model=args.model.name)
-    else:
-        profile = measure_tir_profile(runner(4 * cfg.max_model_len // BLOCK_SIZE), cfg.vocab_size, args.quick,
-                                      str(model.device), args.model.name, batch=args.profile_decode_batch)
+    profile = tir_profile(args, runner, model)
     print(f"profile: p={profile.prefill_s_per_token * 1e6:.1f} us/token, gamma={profile.gamma:.4g}, "
           f"beta={profile.beta:.1f} ({'loaded' if args.profile else 'measured'})", flush=True)
     offload_bps, reload_bps = measure_store_bandwidth(runner(2 * 1024 // BLOCK_SIZE + 4), mid, cfg.vocab_size)
@@ -128,6 +117,24 @@ def main(args: argparse.Namespace) -> int:
     print(table(report))
     finish_report(report, args.json)
     return 0
+
+
+def tir_profile(args: argparse.Namespace, make_runner, model):
+    """The PTE profile the bench prices with: loaded from --profile, else measured on this model here (calibrate's
+    fit at decode batch 1, else `measure_tir_profile` at --profile-decode-batch). `make_runner(num_blocks)`."""
+    from specrelay.shared.pte import PteProfile
+
+    if args.profile:
+        return PteProfile.load(args.profile)
+    runner = make_runner(4 * model.config.max_model_len // BLOCK_SIZE)
+    if args.profile_decode_batch == 1:
+        from specrelay.services.calibrate import FULL_LENGTHS, QUICK_LENGTHS, calibrate
+
+        lengths = QUICK_LENGTHS if args.quick else FULL_LENGTHS
+        return calibrate(runner, lengths, lengths, 2 if args.quick else 3, device=str(model.device),
+                         model=args.model.name)
+    return measure_tir_profile(runner, model.config.vocab_size, args.quick, str(model.device), args.model.name,
+                               batch=args.profile_decode_batch)
 
 
 def _policies(text: str) -> list[str]:

@@ -182,10 +182,10 @@ def num_params(model) -> int:
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run every step and write `out_dir/target`, `out_dir/draft` and `out_dir/train_report.json`."""
     import torch
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from specrelay.models.corpus import generate
-    from specrelay.models.tokenizer_train import save_tokenizer, train_tokenizer
+    from specrelay.models.tokenizer_train import train_tokenizer
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible")
@@ -227,17 +227,27 @@ def train(cfg: TrainConfig, log=print) -> dict:
                   "final_train_kl": sum(draft_losses[-10:]) / len(draft_losses[-10:]),
                   "val_loss": val_loss(draft, val_stream, cfg)},
     }
-    eos = [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
-    for name, model in (("target", target), ("draft", draft)):
-        directory = cfg.out_dir / name
-        if directory.exists():
-            shutil.rmtree(directory)
-        model.to("cpu").save_pretrained(directory, safe_serialization=True)
-        GenerationConfig(eos_token_id=eos, pad_token_id=eos[1], do_sample=False).save_pretrained(directory)
-        save_tokenizer(tokenizer, directory)
+    save_pair(target, draft, tokenizer, cfg.out_dir)
     timings["total_s"] = time.time() - started
     report["timings"] = timings
     (cfg.out_dir / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"done in {timings['total_s']:.0f}s: target val loss {report['target']['val_loss']:.4f}, "
         f"draft val loss {report['draft']['val_loss']:.4f}")
     return report
+
+
+def save_pair(target, draft, tokenizer, out_dir: Path) -> None:
+    """Write `out_dir/target` and `out_dir/draft` as Hugging Face directories (greedy generation config, both
+    end-of-turn tokens as EOS), each with the tokenizer."""
+    from transformers import GenerationConfig
+
+    from specrelay.models.tokenizer_train import save_tokenizer
+
+    eos = [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
+    for name, model in (("target", target), ("draft", draft)):
+        directory = out_dir / name
+        if directory.exists():
+            shutil.rmtree(directory)
+        model.to("cpu").save_pretrained(directory, safe_serialization=True)
+        GenerationConfig(eos_token_id=eos, pad_token_id=eos[1], do_sample=False).save_pretrained(directory)
+        save_tokenizer(tokenizer, directory)
