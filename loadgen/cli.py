@@ -1,4 +1,4 @@
-"""`specrelay loadgen run|report|sweep`. aiohttp, numpy and matplotlib are imported only inside the handlers."""
+"""`specrelay loadgen run|report|capacity|sweep`. aiohttp, numpy and matplotlib are imported only inside the handlers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 from specrelay.loadgen.slo import format_slos, parse_slo_specs
 from specrelay.loadgen.workloads import WORKLOADS
 from specrelay.shared.errors import ConfigError
+
+DEFAULT_CAPACITY_DURATION_S = 180.0  # minutes, not seconds: a queue that grows slowly needs time to show
 
 
 def _positive_float(text: str) -> float:
@@ -73,6 +75,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--plot", metavar="PNG")
     report.set_defaults(_handler=_report)
 
+    cap = sub.add_parser("capacity", help="the highest open-loop rate whose completions keep up and whose queue "
+                                          "does not grow (rates rise, then bisect)")
+    cap.add_argument("--endpoint", help="the server's URL, e.g. http://127.0.0.1:8000")
+    cap.add_argument("--server-cmd", help='start the server first, e.g. "specrelay serve --port {port} '
+                                          '--schedule {schedule}"')
+    cap.add_argument("--schedule", default="fcfs", help="the {schedule} of --server-cmd (default fcfs)")
+    cap.add_argument("--port", type=int, help="the {port} of --server-cmd (default: a free port)")
+    cap.add_argument("--server-ready-timeout", type=_positive_float, default=600.0, metavar="S")
+    cap.add_argument("--out-dir", required=True, help="capacity.json and one JSONL of records per rate")
+    _search_options(cap, "")
+    _load_options(cap)
+    cap.set_defaults(_handler=_capacity)
+
     sweep = sub.add_parser("sweep", help="goodput against rate (0.5x..2x of measured capacity) for server policies")
     sweep.add_argument("--endpoint", action="append", default=[], help="a running server; repeat, one per policy")
     sweep.add_argument("--schedule-label", action="append", default=[], help="the policy name of each --endpoint")
@@ -82,14 +97,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--port", type=int, help="the {port} of --server-cmd (default: a free port)")
     sweep.add_argument("--factors", default="0.5,0.75,1,1.25,1.5,2", help="rates as multiples of capacity")
     sweep.add_argument("--capacity", type=_positive_float, help="trajectories/s; skips the capacity measurement")
-    sweep.add_argument("--capacity-concurrency", type=int, default=8, help="workers of the first capacity probe")
-    sweep.add_argument("--capacity-max-concurrency", type=int, default=64,
-                       help="probes double the workers while throughput grows by 10%%, up to this")
-    sweep.add_argument("--capacity-num", type=int, help="trajectories in the capacity run (default: as --num)")
+    sweep.add_argument("--capacity-duration", type=_seconds, default=DEFAULT_CAPACITY_DURATION_S, metavar="S",
+                       help="each capacity rate offers arrivals this long (default 180 s)")
+    _search_options(sweep, "capacity-")
     sweep.add_argument("--server-ready-timeout", type=_positive_float, default=600.0, metavar="S")
     sweep.add_argument("--out-dir", required=True, help="sweep.json, sweep.png and one JSONL per point")
     _load_options(sweep)
     sweep.set_defaults(_handler=_sweep)
+
+
+def _search_options(p: argparse.ArgumentParser, prefix: str) -> None:
+    p.add_argument(f"--{prefix}start-rate", type=_positive_float, default=0.5,
+                   help="trajectories/s of the first capacity run (default 0.5)")
+    p.add_argument(f"--{prefix}growth", type=_positive_float, default=2.0,
+                   help="rates rise (or fall) by this factor until the verdict changes (default 2)")
+    p.add_argument(f"--{prefix}precision", type=_positive_float, default=0.1,
+                   help="then bisect until failing/passing rate <= 1 + this (default 0.1)")
+    p.add_argument(f"--{prefix}max-rates", type=int, default=10, help="capacity runs in all (default 10)")
+    p.add_argument(f"--{prefix}drain", type=_seconds, default=30.0, metavar="S",
+                   help="after each capacity run, in-flight trajectories get S to finish (default 30)")
+
+
+def _search(args: argparse.Namespace, prefix: str, duration_s: float):
+    from specrelay.loadgen.capacity import CapacitySearch
+
+    get = lambda name: getattr(args, prefix + name)  # noqa: E731
+    return CapacitySearch(start_rate=get("start_rate"), duration_s=duration_s, growth=get("growth"),
+                          precision=get("precision"), max_rates=get("max_rates"), drain_s=get("drain"))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -141,6 +175,37 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _capacity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from specrelay.loadgen.capacity import format_curve
+    from specrelay.loadgen.capacity_run import capacity_report, measure_capacity, write_report
+    from specrelay.loadgen.client import api_base
+    from specrelay.loadgen.server_cmd import serving
+
+    if bool(args.server_cmd) == bool(args.endpoint):
+        raise ConfigError("capacity needs --endpoint (a running server) or --server-cmd, one of the two")
+    if args.num is not None:
+        raise ConfigError("capacity offers each rate for --duration seconds (default 180), not --num trajectories")
+    if args.endpoint:
+        api_base(args.endpoint)
+    search = _search(args, "", args.duration or DEFAULT_CAPACITY_DURATION_S)
+    base = _base_config(args, args.endpoint or "http://127.0.0.1")
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+
+    async def measure():
+        async with serving(args.schedule, args.endpoint, args.server_cmd, out_dir=args.out_dir, port=args.port,
+                           ready_timeout_s=args.server_ready_timeout) as endpoint:
+            return await measure_capacity(base, search, endpoint, args.out_dir, log)
+
+    result = asyncio.run(measure())
+    path = write_report(capacity_report(result, base, search), args.out_dir)
+    print(format_curve(result))
+    print(f"capacity: {path}")
+    return 0 if result.capacity is not None else 1
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from specrelay.loadgen.sweep import SweepConfig, Target, run_sweep
 
@@ -159,8 +224,8 @@ def _sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--factors {args.factors!r}: expected numbers separated by commas") from None
     cfg = SweepConfig(
         targets=targets, base=_base_config(args, args.endpoint[0] if args.endpoint else "http://127.0.0.1"),
-        out_dir=args.out_dir, factors=factors, capacity=args.capacity, capacity_concurrency=args.capacity_concurrency,
-        capacity_max_concurrency=args.capacity_max_concurrency, capacity_num=args.capacity_num,
+        out_dir=args.out_dir, factors=factors, capacity=args.capacity,
+        capacity_search=None if args.capacity else _search(args, "capacity_", args.capacity_duration),
         server_ready_timeout_s=args.server_ready_timeout, port=args.port,
     )
     report = asyncio.run(run_sweep(cfg, log=lambda line: print(line, file=sys.stderr)))

@@ -76,6 +76,9 @@ class RunResult:
     data: RunData
     summary: RunSummary
     num_cancelled: int  # trajectories still running when the drain timeout passed (no trajectory record)
+    # When every trajectory started (seconds since the run began), the cancelled ones included: with the
+    # trajectory records' finishes, this gives the number in flight at any instant (capacity.py).
+    started_s: list[float] = field(default_factory=list)
 
 
 class _Run:
@@ -83,6 +86,7 @@ class _Run:
         self.cfg, self.writer = cfg, writer
         self.requests: list[RequestRecord] = []
         self.trajectories: list[TrajectoryRecord] = []
+        self.started_s: list[float] = []
         self.num_errors = 0
         self.start = time.perf_counter()
         self.ctx = PlayContext(client=client, run_start=self.start, on_request=self.on_request,
@@ -102,6 +106,7 @@ class _Run:
         self.bar.update(done, requests=len(self.requests), errors=self.num_errors, force=force)
 
     async def one(self, index: int, start: float | None = None) -> None:
+        self.started_s.append((start if start is not None else time.perf_counter()) - self.start)
         record = await play(make_task(self.cfg.workload, index, self.cfg.seed, self.cfg.slos), self.ctx, start)
         self.trajectories.append(record)
         self.writer.write(record)
@@ -179,4 +184,4 @@ async def run_load(cfg: RunConfig) -> RunResult:
             writer.write(header)  # the last run line wins: it carries the measured duration
             writer.close()
     data = RunData(header, run.requests, run.trajectories)
-    return RunResult(data, summarize(data), num_cancelled)
+    return RunResult(data, summarize(data), num_cancelled, run.started_s)

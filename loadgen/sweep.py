@@ -1,41 +1,34 @@
 """`specrelay loadgen sweep`: goodput against offered rate, for two (or more) server policies on one workload.
 
-1. Capacity: closed-loop runs against the first target, `--capacity-concurrency` workers back to back, doubled
-   while throughput still grows by 10% (up to `--capacity-max-concurrency`); capacity is the most trajectories
-   per second any probe completed.
+1. Capacity, measured open-loop on the first target (capacity.py: the highest Poisson rate whose completions keep
+   up with its arrivals and whose in-flight count does not grow over the run), or given with `--capacity`.
 2. For each target and each factor f in `--factors` (default 0.5x .. 2x): an open-loop run at f x capacity, the
    same seeded arrivals and tasks for every target, so the policies see identical traffic.
-3. JSON (every point, every class) and a PNG (token goodput against rate; per-class attainment against rate).
+3. JSON (every point, every class, the capacity curve) and a PNG (token goodput against rate; per-class attainment
+   against rate).
 
 Targets are either running endpoints (`--endpoint URL --schedule-label NAME`, repeated) or one server command
-restarted per policy: `--server-cmd "specrelay serve --port {port} --schedule {schedule}" --schedules fcfs,slo`,
-where `{schedule}` and `{port}` are filled in, the loadgen waits for /v1/models, and stops the server (SIGTERM to
-its process group) when that policy's points are done.
+restarted per policy: `--server-cmd "specrelay serve --port {port} --schedule {schedule}" --schedules fcfs,slo`
+(server_cmd.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import shlex
-import signal
-import socket
-import subprocess
-import time
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
-import aiohttp
-
-from specrelay.loadgen.client import EndpointError, discover_model
+from specrelay.loadgen.capacity import CapacitySearch, format_curve
+from specrelay.loadgen.capacity_run import capacity_report, json_clean, measure_capacity
+from specrelay.loadgen.client import EndpointError
+from specrelay.loadgen.metrics import percentile
+from specrelay.loadgen.records import RequestRecord
 from specrelay.loadgen.runner import RunConfig, RunResult, run_load
+from specrelay.loadgen.server_cmd import serving
 from specrelay.shared.errors import ConfigError
 
 DEFAULT_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
-CAPACITY_GAIN = 1.1  # doubling the workers must add 10% throughput for the probe to go on
 
 
 @dataclass
@@ -51,10 +44,8 @@ class SweepConfig:
     base: RunConfig  # workload, SLOs, seed, per-point bound (num or duration), timeouts; endpoint/rate ignored
     out_dir: str
     factors: tuple[float, ...] = DEFAULT_FACTORS
-    capacity: float | None = None  # trajectories/s; None: measure it
-    capacity_concurrency: int = 8  # the first probe's workers; doubled while throughput still grows
-    capacity_max_concurrency: int = 64
-    capacity_num: int | None = None  # trajectories for the capacity run; None: the points' bound
+    capacity: float | None = None  # trajectories/s; None: measure it with `capacity_search`
+    capacity_search: CapacitySearch | None = None
     server_ready_timeout_s: float = 600.0
     port: int | None = None  # for {port}; None: a free port
     labels: list[str] = field(init=False)
@@ -67,82 +58,41 @@ class SweepConfig:
             raise ConfigError(f"sweep labels must differ, got {self.labels}")
         if not self.factors or any(not f > 0 for f in self.factors):
             raise ConfigError(f"--factors must be positive numbers, got {list(self.factors)}")
-        if not 1 <= self.capacity_concurrency <= self.capacity_max_concurrency:
-            raise ConfigError(f"capacity concurrency must be 1 <= {self.capacity_concurrency} <= "
-                              f"{self.capacity_max_concurrency} (--capacity-max-concurrency)")
         if self.capacity is not None and not self.capacity > 0:
             raise ConfigError(f"--capacity must be positive, got {self.capacity:g}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@asynccontextmanager
-async def serving(target: Target, cfg: SweepConfig) -> AsyncIterator[str]:
-    """Yield the target's endpoint; for a server command, start it first and stop it after."""
-    if target.server_cmd is None:
-        yield target.endpoint or ""
-        return
-    port = cfg.port or free_port()
-    argv = shlex.split(target.server_cmd.format(schedule=target.label, port=port))
-    log_path = Path(cfg.out_dir) / f"server-{target.label}.log"
-    endpoint = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        try:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as e:
-            raise ConfigError(f"--server-cmd {argv[0]!r} cannot start: {e.strerror or e}") from None
-        try:
-            await _wait_ready(proc, endpoint, cfg.server_ready_timeout_s, log_path)
-            yield endpoint
-        finally:
-            _stop(proc)
-
-
-async def _wait_ready(proc: subprocess.Popen, endpoint: str, timeout_s: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while True:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-500:]
-                raise EndpointError(f"server command exited with status {proc.returncode} before serving:\n{tail}")
-            try:
-                await discover_model(session, endpoint, timeout_s=2.0)
-                return
-            except EndpointError:
-                if time.monotonic() > deadline:
-                    raise EndpointError(f"server at {endpoint} not ready after {timeout_s:g}s (log: {log_path})")
-                await asyncio.sleep(0.2)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)  # the group we created: the server and anything it spawned
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        if self.capacity is None and self.capacity_search is None:
+            raise ConfigError("sweep needs --capacity or a capacity search to measure it")
 
 
 def point_summary(factor: float, rate: float, result: RunResult, records: str) -> dict[str, Any]:
     s = result.summary
+    by_class: dict[str, list[RequestRecord]] = {}
+    for r in result.data.requests:
+        by_class.setdefault(r.slo_class, []).append(r)
     return {
         "factor": factor, "rate": rate, "records": records,
         "token_goodput": s.token_goodput, "request_goodput": s.request_goodput,
         "output_throughput": s.output_throughput, "attainment": s.attainment,
         "trajectory_attainment": s.trajectory_attainment, "num_requests": s.num_requests,
         "num_failed": s.num_failed, "num_trajectories": s.num_trajectories, "duration_s": s.duration_s,
-        "ttft_p99_ms": s.ttft.p99, "e2e_p99_ms": s.e2e.p99,
+        **latencies(result.data.requests),
         "per_class": {cls: {"attainment": c.attainment, "trajectory_attainment": c.trajectory_attainment,
-                            "token_goodput": c.token_goodput, "num_trajectories": c.num_trajectories}
+                            "token_goodput": c.token_goodput, "num_trajectories": c.num_trajectories,
+                            **latencies(by_class.get(cls, []))}
                       for cls, c in s.per_class.items()},
         "starved_classes": s.starved_classes(),
     }
+
+
+def latencies(requests: list[RequestRecord]) -> dict[str, float]:
+    """p50/p99 of TTFT, TPOT and E2E over the successful requests (metrics.py's definitions)."""
+    ok = [r for r in requests if r.ok]
+    out = {}
+    for name, values in (("ttft", [r.ttft_ms for r in ok]), ("tpot", [r.tpot_ms for r in ok]),
+                         ("e2e", [r.e2e_ms for r in ok])):
+        known = [v for v in values if v is not None]
+        out[f"{name}_p50_ms"], out[f"{name}_p99_ms"] = percentile(known, 50), percentile(known, 99)
+    return out
 
 
 def compare(policies: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
@@ -167,45 +117,29 @@ def compare(policies: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
     return out
 
 
-async def measure_capacity(cfg: SweepConfig, endpoint: str, log=print) -> tuple[float, list[dict[str, float]]]:
-    """Closed-loop runs at doubling concurrency until throughput grows less than `CAPACITY_GAIN` (or the cap):
-    with tool pauses in the workload, a few workers leave the server idle, so one level would understate it."""
-    bound = ({"num": cfg.capacity_num, "duration_s": None} if cfg.capacity_num
-             else {"num": cfg.base.num, "duration_s": cfg.base.duration_s})
-    runs: list[dict[str, float]] = []
-    concurrency = cfg.capacity_concurrency
-    while True:
-        run_cfg = replace(cfg.base, endpoint=endpoint, rate=None, concurrency=concurrency, label="capacity",
-                          out=str(Path(cfg.out_dir) / f"capacity-c{concurrency}.jsonl"), **bound)
-        s = (await run_load(run_cfg)).summary
-        if s.num_trajectories == 0 or s.duration_s <= 0:
-            raise EndpointError(f"capacity run at concurrency {concurrency} completed no trajectory")
-        runs.append({"concurrency": concurrency, "trajectories_per_s": s.num_trajectories / s.duration_s,
-                     "num_failed": s.num_failed})
-        log(f"capacity probe: concurrency {concurrency}: {runs[-1]['trajectories_per_s']:.3f} trajectories/s")
-        grew = len(runs) == 1 or runs[-1]["trajectories_per_s"] >= CAPACITY_GAIN * runs[-2]["trajectories_per_s"]
-        if not grew or concurrency * 2 > cfg.capacity_max_concurrency:
-            break
-        concurrency *= 2
-    return max(r["trajectories_per_s"] for r in runs), runs
-
-
 async def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     capacity = cfg.capacity
-    capacity_runs: list[dict[str, float]] = []
+    measured: dict[str, Any] | None = None
     policies: dict[str, list[dict[str, Any]]] = {}
     for target in cfg.targets:
-        async with serving(target, cfg) as endpoint:
+        async with serving(target.label, target.endpoint, target.server_cmd, out_dir=cfg.out_dir, port=cfg.port,
+                           ready_timeout_s=cfg.server_ready_timeout_s) as endpoint:
             if capacity is None:
-                capacity, capacity_runs = await measure_capacity(cfg, endpoint, log)
-                log(f"capacity on {target.label}: {capacity:.3f} trajectories/s")
+                assert cfg.capacity_search is not None  # __post_init__
+                found = await measure_capacity(cfg.base, cfg.capacity_search, endpoint, cfg.out_dir, log)
+                measured = capacity_report(found, cfg.base, cfg.capacity_search)
+                log(format_curve(found))
+                if found.capacity is None:
+                    raise EndpointError(f"capacity on {target.label}: no rate passed (lowest tried "
+                                        f"{min(v.rate for v in found.curve):.4g}/s)")
+                capacity = found.capacity
             points = []
             for factor in cfg.factors:
                 rate = factor * capacity
-                records = str(Path(cfg.out_dir) / f"{target.label}-{factor:g}x.jsonl")
+                records = f"{target.label}-{factor:g}x.jsonl"  # inside out_dir: no machine path in the JSON
                 run_cfg = replace(cfg.base, endpoint=endpoint, rate=rate, concurrency=None,
-                                  label=target.label, out=records)
+                                  label=target.label, out=str(Path(cfg.out_dir) / records))
                 result = await run_load(run_cfg)
                 points.append(point_summary(factor, rate, result, records))
                 log(f"{target.label} {factor:g}x ({rate:.3f}/s): token goodput {result.summary.token_goodput:.1f} "
@@ -215,25 +149,14 @@ async def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
     report = {
         "workload": cfg.base.workload, "seed": cfg.base.seed,
         "capacity_trajectories_per_s": capacity, "capacity_measured_on": cfg.labels[0] if cfg.capacity is None
-        else "given", "capacity_runs": capacity_runs, "factors": list(cfg.factors),
+        else "given", "capacity": measured, "factors": list(cfg.factors),
         "slos": {cls: slo.as_dict() for cls, slo in cfg.base.slos.items()},
         "policies": policies, "comparison": compare(policies),
     }
-    report = _json_clean(report)
+    report = json_clean(report)
     (Path(cfg.out_dir) / "sweep.json").write_text(json.dumps(report, indent=2, allow_nan=False))
     plot_sweep(report, str(Path(cfg.out_dir) / "sweep.png"))
     return report
-
-
-def _json_clean(x: Any) -> Any:
-    """NaN (a metric with no sample) is not JSON: write null."""
-    if isinstance(x, float) and x != x:
-        return None
-    if isinstance(x, dict):
-        return {k: _json_clean(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_clean(v) for v in x]
-    return x
 
 
 def plot_sweep(report: dict[str, Any], path: str) -> None:

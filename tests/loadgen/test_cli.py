@@ -95,11 +95,14 @@ def test_report_on_a_file_that_is_not_records_is_a_clear_error(tmp_path):
 def test_sweep_restarts_a_server_command_per_policy(tmp_path):
     cmd = f"{sys.executable} {FAKE} --port {{port}} --schedule {{schedule}}"
     out = loadgen("sweep", "--server-cmd", cmd, "--schedules", "fcfs,slo", "--workload", "chat", "--num", "8",
-                  "--capacity-num", "12", "--capacity-concurrency", "4", "--capacity-max-concurrency", "8", "--factors", "0.5,2",
+                  "--capacity-start-rate", "5", "--capacity-max-rates", "2", "--capacity-duration", "1",
+                  "--capacity-drain", "1", "--factors", "0.5,2",
                   "--out-dir", str(tmp_path), timeout=240)
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "sweep.json").read_text())
     assert report["capacity_trajectories_per_s"] > 0 and report["capacity_measured_on"] == "fcfs"
+    assert [v["rate"] for v in report["capacity"]["curve"]] == [5.0, 10.0]
+    assert "verdict" in out.stderr and "capacity:" in out.stderr
     assert list(report["policies"]) == ["fcfs", "slo"]
     for points in report["policies"].values():
         assert [p["factor"] for p in points] == [0.5, 2.0]
