@@ -13,7 +13,7 @@ import logging
 
 from aiohttp import web
 
-from specrelay.services.gateway import openai_api
+from specrelay.services.gateway import openai_api, responses_api
 from specrelay.services.gateway.admission import Admission, make_policy
 from specrelay.services.gateway.errors import ApiError, error_middleware
 from specrelay.services.gateway.metrics import GatewayMetrics, KvStatsSource
@@ -42,6 +42,7 @@ def create_app(config: GatewayConfig, bus: Bus, tokenizer: Tokenizer,
     app[GATEWAY] = gateway
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_post("/v1/completions", openai_api.completions)
+    app.router.add_post("/v1/responses", responses_api.create_response)
     app.router.add_get("/v1/models", openai_api.list_models)
     app.router.add_get("/v1/models/{model}", openai_api.get_model)
     app.router.add_get("/health", openai_api.health)

@@ -39,12 +39,13 @@ from specrelay.services.gateway.schemas import (
 )
 from specrelay.services.gateway.sse import SseWriter, client_gone, drain, stream
 from specrelay.services.gateway.state import GATEWAY, Gateway
-from specrelay.services.gateway.tool_rounds import CLIENT_TOOL_HOLD_S, ChatTurns
+from specrelay.services.gateway.tool_rounds import CLIENT_TOOL_HOLD_S, ChatTurns, ServerTools
 from specrelay.shared.messages import Continue, Generate, SamplingSpec
 from specrelay.shared.tokenizer import TemplateError
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": only ever seen in logs and metrics
 LONG_PROMPT_CHARS = 16_384
+PROMPT_PARAM = {"chatcmpl": "messages", "cmpl": "prompt", "resp": "input"}  # by id prefix: the field a 400 names
 
 
 @dataclass
@@ -69,8 +70,8 @@ def _prepare(gw: Gateway, request: web.Request, req: Sampling, prompt_ids: list[
     if room < 1 or (max_tokens is not None and max_tokens > room):
         asked = f" and {max_tokens} output tokens were asked for" if max_tokens is not None else ""
         raise bad_request(f"this model's maximum context length is {cfg.max_model_len} tokens; the prompt has "
-                          f"{len(prompt_ids)} tokens{asked}", param="messages" if id_prefix == "chatcmpl" else
-                          "prompt", code="context_length_exceeded")
+                          f"{len(prompt_ids)} tokens{asked}", param=PROMPT_PARAM[id_prefix],
+                          code="context_length_exceeded")
     slo_class, deadline_ms = header_extensions(request.headers, req)
     arrival_ms = time.time() * 1000.0
     request_id = f"{id_prefix}-{uuid.uuid4().hex}"
@@ -96,14 +97,14 @@ async def _encode(gw: Gateway, text: str, add_special_tokens: bool = False) -> l
     return await asyncio.to_thread(gw.tokenizer.encode, text, add_special_tokens)
 
 
-def _check_model(gw: Gateway, model: str) -> None:
+def check_model(gw: Gateway, model: str) -> None:
     if model != gw.config.model_name:
         raise ApiError(400, f"the model {model!r} does not exist; this server serves {gw.config.model_name!r}",
                        param="model", code="model_not_found")
 
 
 @contextlib.asynccontextmanager
-async def _admitted(gw: Gateway, ticket: Ticket):
+async def admitted(gw: Gateway, ticket: Ticket):
     gw.metrics.set_load(gw.admission.num_running, gw.admission.num_waiting + 1)
     try:
         await gw.admission.admit(ticket)
@@ -129,7 +130,7 @@ def _generation(gw: Gateway, request: web.Request, prep: Prepared, generate: Gen
                       timeouts, prep.timing, resume=resume)
 
 
-def _observe(gw: Gateway, gen: Generation, reason: str, usage: dict[str, Any]) -> None:
+def observe(gw: Gateway, gen: Generation, reason: str, usage: dict[str, Any]) -> None:
     m, v, t = gw.metrics, gw.metrics.vllm, gen.timing
     m.finished.inc(reason=reason)
     v.finished(reason)
@@ -183,7 +184,7 @@ async def _events(gw: Gateway, request_id: str, gen: Generation) -> AsyncIterato
         gw.admission.finished(request_id, gen.text.num_tokens, completed)
 
 
-def _observe_failure(gw: Gateway, finish: Finish | None, reason: str) -> None:
+def observe_failure(gw: Gateway, finish: Finish | None, reason: str) -> None:
     gw.metrics.finished.inc(reason=finish.reason if finish is not None else reason)
     gw.metrics.vllm.finished("abort")
 
@@ -202,41 +203,65 @@ def _forced_prefix(fmt: str, choice: Any) -> str:
     return ""
 
 
+@dataclass
+class ChatPlan:
+    """A chat request rendered and prepared: what `chat_turns` runs (chat completions and the Responses API)."""
+
+    prep: Prepared
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None  # the client's and the server's, as the template shows them
+    client_tools: set[str]
+    forced: str
+    server: ServerTools | None
+
+
+async def plan_chat(gw: Gateway, request: web.Request, req: ChatCompletionRequest, max_tokens: int | None,
+                    timing: Timing, id_prefix: str = "chatcmpl") -> ChatPlan:
+    """Render and tokenize a checked chat request (`check_chat`, `check_model`), ready to admit."""
+    client_tools = tools_for_template(req)
+    server = gw.server_tools if req.tool_choice != "none" else None  # "none": no tool of either side
+    tools = server.template_tools(client_tools) if server is not None else client_tools
+    forced = _forced_prefix(gw.config.tool_call_format, req.tool_choice) if client_tools else ""
+    messages = messages_for_template(req)
+    try:
+        prompt_text = gw.tokenizer.render_chat(messages, tools) + forced
+    except TemplateError as e:
+        raise bad_request(str(e), param=PROMPT_PARAM[id_prefix], code="invalid_value") from None
+    prep = _prepare(gw, request, req, await _encode(gw, prompt_text), max_tokens, id_prefix, timing)
+    if server is not None and server.max_rounds > 0:  # keep the turn's KV for a tool round (tool_rounds.py)
+        prep.generate = msgspec.structs.replace(prep.generate, hold_s=server.hold_s)
+    elif client_tools:  # until the turn is parsed: a client tool pause hands the KV to the retention policy
+        prep.generate = msgspec.structs.replace(prep.generate, hold_s=CLIENT_TOOL_HOLD_S)
+    return ChatPlan(prep, messages, tools, {t["function"]["name"] for t in client_tools or []}, forced, server)
+
+
+def chat_turns(gw: Gateway, request: web.Request, plan: ChatPlan) -> ChatTurns:
+    """The turns of an admitted chat request (iterate `deltas()`)."""
+    prep = plan.prep
+    return ChatTurns(first=_generation(gw, request, prep),
+                     make_generation=lambda generate, resume: _generation(gw, request, prep, generate, resume),
+                     events=lambda gen: _events(gw, prep.request_id, gen), encode=gw.tokenizer.encode,
+                     render=gw.tokenizer.render_chat, messages=plan.messages, tools=plan.tools,
+                     client_tools=plan.client_tools, fmt=gw.config.tool_call_format, forced=plan.forced,
+                     server=plan.server, max_model_len=gw.config.max_model_len, tokenizer=gw.tokenizer,
+                     metrics=gw.metrics)
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     timing = Timing()
     req = decode(await request.read(), ChatCompletionRequest)
     max_tokens = check_chat(req)
-    _check_model(gw, req.model)
-    client_tools = tools_for_template(req)
-    server = gw.server_tools if req.tool_choice != "none" else None  # "none": no tool of either side
-    tools = server.template_tools(client_tools) if server is not None else client_tools
-    fmt = gw.config.tool_call_format
-    forced = _forced_prefix(fmt, req.tool_choice) if client_tools else ""
-    messages = messages_for_template(req)
-    try:
-        prompt_text = gw.tokenizer.render_chat(messages, tools) + forced
-    except TemplateError as e:
-        raise bad_request(str(e), param="messages", code="invalid_value") from None
-    prep = _prepare(gw, request, req, await _encode(gw, prompt_text), max_tokens, "chatcmpl", timing)
-    if server is not None and server.max_rounds > 0:  # keep the turn's KV for a tool round (tool_rounds.py)
-        prep.generate = msgspec.structs.replace(prep.generate, hold_s=server.hold_s)
-    elif client_tools:  # until the turn is parsed: a client tool pause hands the KV to the retention policy
-        prep.generate = msgspec.structs.replace(prep.generate, hold_s=CLIENT_TOOL_HOLD_S)
-    async with _admitted(gw, prep.ticket):
-        turns = ChatTurns(first=_generation(gw, request, prep),
-                          make_generation=lambda generate, resume: _generation(gw, request, prep, generate, resume),
-                          events=lambda gen: _events(gw, prep.request_id, gen), encode=gw.tokenizer.encode,
-                          render=gw.tokenizer.render_chat, messages=messages, tools=tools,
-                          client_tools={t["function"]["name"] for t in client_tools or []}, fmt=fmt, forced=forced,
-                          server=server, max_model_len=gw.config.max_model_len, tokenizer=gw.tokenizer,
-                          metrics=gw.metrics)
+    check_model(gw, req.model)
+    plan = await plan_chat(gw, request, req, max_tokens, timing)
+    async with admitted(gw, plan.prep.ticket):
+        turns = chat_turns(gw, request, plan)
         if req.stream:
-            return await _stream_chat(gw, request, req.model, prep, turns)
-        return await _complete_chat(gw, req.model, prep, turns)
+            return await _stream_chat(gw, request, req.model, plan.prep, turns)
+        return await _complete_chat(gw, req.model, plan.prep, turns)
 
 
-def _chat_usage(gw: Gateway, prep: Prepared, turns: ChatTurns) -> dict[str, Any]:
+def chat_usage(gw: Gateway, prep: Prepared, turns: ChatTurns) -> dict[str, Any]:
     usage = R.usage_to_openai(turns.usage(), len(prep.generate.prompt_token_ids), turns.gen.finish)
     if turns.server is not None:  # beyond OpenAI's usage: what the server-side tool rounds did
         usage["tool_rounds"] = turns.rounds
@@ -245,17 +270,17 @@ def _chat_usage(gw: Gateway, prep: Prepared, turns: ChatTurns) -> dict[str, Any]
 
 
 async def _complete_chat(gw: Gateway, model: str, prep: Prepared, turns: ChatTurns) -> web.StreamResponse:
-    if await drain(turns.deltas(), lambda why: _observe_failure(gw, turns.gen.finish, why)) is None:
+    if await drain(turns.deltas(), lambda why: observe_failure(gw, turns.gen.finish, why)) is None:
         return web.Response(status=CLIENT_CLOSED)
     gen = turns.gen
     try:
         message = turns.message()
         reason = R.finish_reason(gen.finish, turns.has_client_calls)
     except ApiError:
-        _observe_failure(gw, gen.finish, "error")
+        observe_failure(gw, gen.finish, "error")
         raise
-    usage = _chat_usage(gw, prep, turns)
-    _observe(gw, gen, reason, usage)
+    usage = chat_usage(gw, prep, turns)
+    observe(gw, gen, reason, usage)
     return web.json_response(R.chat_completion(prep.request_id, model, prep.created, message, reason, usage))
 
 
@@ -275,16 +300,16 @@ async def _stream_chat(gw: Gateway, request: web.Request, model: str, prep: Prep
         try:
             reason = R.finish_reason(gen.finish, turns.has_client_calls)
         except ApiError as e:
-            _observe_failure(gw, gen.finish, "error")
+            observe_failure(gw, gen.finish, "error")
             await sse.send(e.body())
             return
-        usage = _chat_usage(gw, prep, turns)
-        _observe(gw, gen, reason, usage)
+        usage = chat_usage(gw, prep, turns)
+        observe(gw, gen, reason, usage)
         await sse.send(chunk({}, reason))
         if prep.include_usage:
             await sse.send(chunk(None, usage=usage))
 
-    return await stream(sse, send_events, lambda why: _observe_failure(gw, turns.gen.finish, why), prep.request_id)
+    return await stream(sse, send_events, lambda why: observe_failure(gw, turns.gen.finish, why), prep.request_id)
 
 
 # --- completions -------------------------------------------------------------------------------------------------
@@ -294,7 +319,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     timing = Timing()
     req = decode(await request.read(), CompletionRequest)
     max_tokens = check_completion(req)
-    _check_model(gw, req.model)
+    check_model(gw, req.model)
     prompt = completion_prompt(req)
     if isinstance(prompt, str):
         prompt_ids = await _encode(gw, prompt, add_special_tokens=True)
@@ -304,20 +329,20 @@ async def completions(request: web.Request) -> web.StreamResponse:
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise bad_request(f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
     prep = _prepare(gw, request, req, prompt_ids, max_tokens, "cmpl", timing)
-    async with _admitted(gw, prep.ticket):
+    async with admitted(gw, prep.ticket):
         gen = _generation(gw, request, prep)
         if req.stream:
             return await _stream_completion(gw, request, req.model, prep, gen)
-        pieces = await drain(_events(gw, prep.request_id, gen), lambda why: _observe_failure(gw, gen.finish, why))
+        pieces = await drain(_events(gw, prep.request_id, gen), lambda why: observe_failure(gw, gen.finish, why))
         if pieces is None:
             return web.Response(status=CLIENT_CLOSED)
         try:
             reason = R.finish_reason(gen.finish, False)
         except ApiError:
-            _observe_failure(gw, gen.finish, "error")
+            observe_failure(gw, gen.finish, "error")
             raise
         usage = R.usage_to_openai(gen.finish.usage, len(prompt_ids), gen.finish)
-        _observe(gw, gen, reason, usage)
+        observe(gw, gen, reason, usage)
         return web.json_response(R.text_completion(prep.request_id, req.model, prep.created, "".join(pieces), reason,
                                                    usage))
 
@@ -338,16 +363,16 @@ async def _stream_completion(gw: Gateway, request: web.Request, model: str, prep
         try:
             reason = R.finish_reason(gen.finish, False)
         except ApiError as e:
-            _observe_failure(gw, gen.finish, "error")
+            observe_failure(gw, gen.finish, "error")
             await sse.send(e.body())
             return
         usage = R.usage_to_openai(gen.finish.usage, len(prep.generate.prompt_token_ids), gen.finish)
-        _observe(gw, gen, reason, usage)
+        observe(gw, gen, reason, usage)
         await sse.send(chunk("", reason))
         if prep.include_usage:
             await sse.send(chunk(None, usage=usage))
 
-    return await stream(sse, send_events, lambda why: _observe_failure(gw, gen.finish, why), prep.request_id)
+    return await stream(sse, send_events, lambda why: observe_failure(gw, gen.finish, why), prep.request_id)
 
 
 # --- models, health, metrics -------------------------------------------------------------------------------------
