@@ -179,7 +179,7 @@ async def search_capacity(search: CapacitySearch, probe: Callable[[float], Await
 
 
 def format_verdict(v: Verdict) -> str:
-    why = [] if v.passed else (["falls behind"] if not v.keeps_up else []) + (["queue grows"] if not v.queue_flat else [])
+    why = (["falls behind"] if not v.keeps_up else []) + (["queue grows"] if not v.queue_flat else [])
     return (f"rate {v.rate:.4g}/s: achieved {v.achieved_per_s:.4g} of {v.offered_per_s:.4g}/s offered, in flight "
             f"{v.mean_in_flight:.1f} rising {v.in_flight_rise:+.1f} (allowed {v.allowance:.1f}): "
             f"{'passes' if v.passed else 'fails (' + ', '.join(why) + ')'}")
