@@ -20,6 +20,7 @@ import aiohttp
 from specrelay.loadgen.chaos_check import Comparison, Reference, compare
 from specrelay.loadgen.chaos_client import Outcome, completion_body, stream_completion
 from specrelay.loadgen.chaos_topology import BUS_PREFIX, Exit, Stack
+from specrelay.shared.redis_keys import work_stream
 
 # What a request may end as and still be right: a normal one completes; a poison one completes or is refused
 # (4xx); one caught in a Redis outage completes or fails cleanly (an error, never a hang).
@@ -154,7 +155,7 @@ def busiest_verifier(stack: Stack) -> tuple[str, int]:
 
     client = redis.Redis.from_url(stack.redis_url, socket_timeout=2, socket_connect_timeout=2)
     try:
-        pending = client.xpending_range(f"{BUS_PREFIX}stream:verifier.generate", "verifier", "-", "+", 1000)
+        pending = client.xpending_range(work_stream(BUS_PREFIX, "verifier.generate"), "verifier", "-", "+", 1000)
     finally:
         client.close()
     serving = {name: 0 for name, run in stack.running.items() if run.spec.service == "verifier"}

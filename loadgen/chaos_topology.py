@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from specrelay.shared.errors import SpecrelayError
+from specrelay.shared.redis_keys import DEFAULT_PREFIX, work_stream
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS_DIR = ROOT / "models"
-BUS_PREFIX = "specrelay:"  # shared.bus.BusConfig's default: compose's services do not change it
+BUS_PREFIX = DEFAULT_PREFIX  # shared.bus.BusConfig's default: compose's services do not change it
 KV_CAPACITY = "2G"  # compose's ${SPECRELAY_KV_CAPACITY:-2G}
 # docker's restart policy: wait 100 ms before the first restart, double the wait on each further one, and start
 # again from 100 ms once a container has run 10 s.
@@ -246,7 +246,7 @@ class Stack:
 
         stream, group = spec.group
         try:
-            consumers = redis_client.xinfo_consumers(f"{BUS_PREFIX}stream:{stream}", group)
+            consumers = redis_client.xinfo_consumers(work_stream(BUS_PREFIX, stream), group)
         except RedisError:  # no stream or group yet, or Redis away
             return False
         # a killed replica stays listed (by its pid-named consumer) until pruned: ours must be there

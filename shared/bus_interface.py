@@ -13,6 +13,7 @@ from typing import Generic, TypeVar
 import msgspec
 
 from specrelay.shared.errors import ConfigError
+from specrelay.shared.redis_keys import DEFAULT_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ encoder = msgspec.msgpack.Encoder()  # one per process: msgpack of a Struct need
 
 @dataclass(frozen=True)
 class BusConfig:
-    prefix: str = "specrelay:"  # every Redis key and stream lives under it
+    prefix: str = DEFAULT_PREFIX  # every Redis key and stream lives under it (shared/redis_keys.py)
     maxlen: int = 10_000  # entries kept per work stream (approximate on Redis: MAXLEN ~)
     batch_size: int = 16  # messages fetched per read
     block_ms: int = 200  # longest wait of one read; also how soon a consumer notices close()

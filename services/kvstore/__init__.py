@@ -15,11 +15,12 @@ from __future__ import annotations
 from specrelay.services.kvstore.index import KEY_BYTES, block_hashes, model_root, span_key
 from specrelay.services.kvstore.store import KVStore, StoreStats
 from specrelay.shared.errors import ConfigError
+from specrelay.shared.redis_keys import DEFAULT_PREFIX
 
 __all__ = ["KEY_BYTES", "KVStore", "StoreStats", "block_hashes", "make_store", "model_root", "span_key"]
 
 
-def make_store(url: str | None, capacity_bytes: int | None = None, *, prefix: str = "specrelay:",
+def make_store(url: str | None, capacity_bytes: int | None = None, *, prefix: str = DEFAULT_PREFIX,
                attach: bool = False) -> KVStore:
     """None or "local" -> in-process; "shm://NAME" -> shared memory (creates and owns NAME unless `attach`);
     "redis://..." -> Redis under `prefix`."""

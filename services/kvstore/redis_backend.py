@@ -1,11 +1,7 @@
 """The Redis backend: frames as plain string values, our own LRU within `capacity_bytes`.
 
 Redis's maxmemory is server-wide and would evict other services' streams, so the store keeps its own accounting:
-  {prefix}{kv}:e:<hex key>   the frame
-  {prefix}{kv}:size          hash  hex key -> frame bytes (also the index of what exists)
-  {prefix}{kv}:lru           zset  hex key -> logical clock of its last use
-  {prefix}{kv}:pins          hash  hex key -> pin count (absent when unpinned)
-  {prefix}{kv}:meta          hash  used bytes, clock, hits, misses, puts, rejected, evictions
+the frames, and their sizes, last uses, pins and totals (the keys: shared/redis_keys.py, `StoreKeys`).
 Every operation that reads and changes this state is one Lua script, so processes sharing the store never see a
 half-done put or evict a block between another's lookup and refresh. The `{kv}` hash tag keeps all of it in one
 cluster slot, which Lua needs; a store too big for one node wants several prefixes (one per model), not one slot.
@@ -20,6 +16,7 @@ from collections.abc import Sequence
 
 from specrelay.services.kvstore.store import KVStore, StoreStats
 from specrelay.shared.redis_client import connect
+from specrelay.shared.redis_keys import DEFAULT_PREFIX, StoreKeys
 
 # KEYS: meta, size, lru, pins. ARGV: entry key prefix, hex key, frame, capacity, replace (0/1).
 _PUT = """
@@ -123,14 +120,14 @@ class RedisStore(KVStore):
     """Processes that share a prefix share one store; give them the same `capacity_bytes` (each put enforces the
     capacity its caller was configured with)."""
 
-    def __init__(self, url: str, capacity_bytes: int, prefix: str = "specrelay:", retry_s: float = 2.0):
+    def __init__(self, url: str, capacity_bytes: int, prefix: str = DEFAULT_PREFIX, retry_s: float = 2.0):
         if capacity_bytes < 1:
             raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
         self.capacity_bytes = capacity_bytes
         self._redis = connect(url, retry_s)
-        base = f"{prefix}{{kv}}:"
-        self._entry_prefix = base + "e:"
-        self._meta, self._size, self._lru, self._pins = (base + k for k in ("meta", "size", "lru", "pins"))
+        keys = StoreKeys.under(prefix)
+        self._entry_prefix = keys.entry_prefix
+        self._meta, self._size, self._lru, self._pins = keys.accounting
         self._put = self._redis.register_script(_PUT)
         self._get = self._redis.register_script(_GET)
         self._longest_prefix = self._redis.register_script(_LONGEST_PREFIX)

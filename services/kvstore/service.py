@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from specrelay.shared.errors import ConfigError
 from specrelay.shared.http import listen
+from specrelay.shared.redis_keys import DEFAULT_PREFIX, StoreKeys
 from specrelay.shared.stopping import serve_until_stopped
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def parse_bytes(text: str) -> int:
 class KeeperConfig:
     redis_url: str
     capacity_bytes: int
-    prefix: str = "specrelay:"  # the store's prefix: the one the verifiers give make_store
+    prefix: str = DEFAULT_PREFIX  # the store's prefix: the one the verifiers give make_store
     host: str = "127.0.0.1"
     port: int = 8100
     interval_s: float = 5.0
@@ -87,9 +88,8 @@ class StoreKeeper:
         self.config = config
         self.store = RedisStore(config.redis_url, config.capacity_bytes, prefix=config.prefix)  # for stats()
         self._redis = connect(config.redis_url, retry_s=2.0)
-        base = f"{config.prefix}{{kv}}:"
-        self._keys = [base + k for k in ("meta", "size", "lru", "pins")]
-        self._entry_prefix = base + "e:"
+        keys = StoreKeys.under(config.prefix)
+        self._keys, self._entry_prefix = keys.accounting, keys.entry_prefix
         self._trim = self._redis.register_script(_TRIM)
 
     async def trim(self) -> int:
@@ -179,7 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the Redis that holds the store (or SPECRELAY_REDIS)")
     parser.add_argument("--capacity", default=os.environ.get(CAPACITY_ENV) or "2G",
                         help=f"bytes the store may hold, e.g. 2G (or ${CAPACITY_ENV})")
-    parser.add_argument("--prefix", default="specrelay:", help="the store's key prefix")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="the store's key prefix")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100, help="/health and /metrics")
     parser.add_argument("--interval-s", type=float, default=5.0, help="seconds between capacity checks")
