@@ -7,9 +7,9 @@ import asyncio
 import os
 import sys
 
-from specrelay.loadgen.slo import format_slos, parse_slo_specs
 from specrelay.loadgen.workloads import WORKLOADS
 from specrelay.shared.errors import ConfigError
+from specrelay.shared.slo import format_slos, parse_slo_specs
 
 DEFAULT_CAPACITY_DURATION_S = 180.0  # minutes, not seconds: a queue that grows slowly needs time to show
 

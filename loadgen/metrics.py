@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from specrelay.loadgen.records import RequestRecord, RunData, TrajectoryRecord
-from specrelay.loadgen.slo import SLO_CLASSES
+from specrelay.shared.slo import SLO_CLASSES
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from specrelay.loadgen.metrics import RunSummary, summarize
 from specrelay.loadgen.records import RunData, read_records
-from specrelay.loadgen.slo import SLO_CLASSES
+from specrelay.shared.slo import SLO_CLASSES
 
 
 @dataclass

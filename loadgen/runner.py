@@ -14,10 +14,10 @@ from specrelay.loadgen.client import OpenAIClient, discover_model
 from specrelay.loadgen.metrics import RunSummary, summarize
 from specrelay.loadgen.progress import ProgressBar
 from specrelay.loadgen.records import RecordWriter, RequestRecord, RunData, RunRecord, TrajectoryRecord
-from specrelay.loadgen.slo import DEFAULT_SLOS, Slo
 from specrelay.loadgen.trajectories import PlayContext, play
 from specrelay.loadgen.workloads import WORKLOADS, make_task
 from specrelay.shared.errors import ConfigError
+from specrelay.shared.slo import DEFAULT_SLOS, Slo
 
 DEFAULT_NUM = 100
 

@@ -16,10 +16,10 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from specrelay.loadgen.client import ChatRequest, ChatResult
 from specrelay.loadgen.records import RequestRecord, TrajectoryRecord
-from specrelay.loadgen.slo import Slo
 from specrelay.loadgen.workloads import (
     AGENT_SYSTEM, MAX_AGENT_STEPS, TOOL_PROFILES, TOOLS, UNKNOWN_TOOL, TaskSpec, words,
 )
+from specrelay.shared.slo import Slo
 
 
 class ChatClient(Protocol):

@@ -14,8 +14,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from specrelay.loadgen.slo import Slo
 from specrelay.shared.errors import ConfigError
+from specrelay.shared.slo import Slo
 
 WORKLOADS = ("chat", "agentic", "relay", "research", "mixed")
 MIX_WEIGHTS = {"chat": 0.4, "agentic": 0.25, "relay": 0.15, "research": 0.2}

@@ -31,9 +31,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from specrelay.loadgen.slo import DEFAULT_SLOS, Slo, parse_slo_specs
 from specrelay.services.gateway.scheduling import SchedulingPolicy, Ticket
 from specrelay.services.gateway.slo_estimator import Estimator, EstimatorConfig
+from specrelay.shared.slo import DEFAULT_SLOS, Slo, parse_slo_specs
 
 
 @dataclass(frozen=True)

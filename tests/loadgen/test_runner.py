@@ -10,8 +10,8 @@ from specrelay.loadgen.client import EndpointError
 from specrelay.loadgen.records import read_records
 from specrelay.loadgen.runner import RunConfig, run_load
 from specrelay.loadgen.workloads import make_task
-from specrelay.loadgen.slo import DEFAULT_SLOS
 from specrelay.shared.errors import ConfigError
+from specrelay.shared.slo import DEFAULT_SLOS
 
 OPENAI_MESSAGES = TypeAdapter(list[ChatCompletionMessageParam])
 

@@ -4,9 +4,9 @@ import pytest
 from openai.types.chat import ChatCompletionToolParam
 from pydantic import TypeAdapter
 
-from specrelay.loadgen.slo import DEFAULT_SLOS, parse_slo_specs
 from specrelay.loadgen.workloads import MIX_WEIGHTS, TOOL_PROFILES, TOOLS, make_task
 from specrelay.shared.errors import ConfigError
+from specrelay.shared.slo import DEFAULT_SLOS, parse_slo_specs
 
 
 def test_tasks_are_seeded():

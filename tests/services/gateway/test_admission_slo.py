@@ -7,11 +7,11 @@ import asyncio
 
 import pytest
 
-from specrelay.loadgen.slo import Slo
 from specrelay.services.gateway.admission import Admission, Ticket
 from specrelay.services.gateway.slo_estimator import Estimator, EstimatorConfig
 from specrelay.services.gateway.slo_policy import SloPolicy, SloPolicyConfig
 from specrelay.services.gateway.state import GATEWAY
+from specrelay.shared.slo import Slo
 
 TARGETS = {"interactive": Slo(ttft_ms=1000.0, tpot_ms=100.0), "deadline": Slo(e2e_ms=30_000.0), "batch": Slo()}
 # Priors a test can reason with: 0.1 s to the first token, 0.01 s per token.

@@ -1,6 +1,6 @@
 import pytest
 
-from specrelay.loadgen.slo import DEFAULT_SLOS, Slo, SloSpecError, format_slos, parse_slo_specs
+from specrelay.shared.slo import DEFAULT_SLOS, Slo, SloSpecError, format_slos, parse_slo_specs
 
 
 def test_a_plain_spec_sets_every_class_and_bare_numbers_are_ms():

@@ -1,4 +1,4 @@
-"""SLO classes and the `--slo` spec.
+"""SLO classes and the `--slo` spec: one language for the gateway's `--schedule slo` and the load generator.
 
 A spec is `[CLASS:]key=value[,key=value...]`; keys are `ttft`, `tpot`, `e2e`; a value is a number with an optional
 unit (`ms`, the default as in vLLM's `--goodput`, or `s`). A spec without a class applies to every class; one with a
