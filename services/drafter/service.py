@@ -25,7 +25,8 @@ from specrelay.services.drafter.base import DraftInput, Proposer, Verified
 from specrelay.shared.bus import Bus, BusUnavailable, make_bus
 from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.messages import DRAFT_STREAM, DraftBatch, DraftFeedback, DraftReply, TreeMsg
-from specrelay.shared.sampling import SamplingParams, make_generator
+from specrelay.shared.sampling import make_generator
+from specrelay.shared.sampling_wire import params_from_spec
 from specrelay.shared.stopping import leave, serve_until_stopped
 from specrelay.shared.wire import WireTensor
 
@@ -85,7 +86,7 @@ class Drafter:
         for item in batch.items:
             if (rid := self.ids.get(item.request_id)) is None:
                 rid = self.ids[item.request_id] = next(self._next_id)
-            params = SamplingParams(**{f: getattr(item.sampling, f) for f in item.sampling.__struct_fields__})
+            params = params_from_spec(item.sampling)
             if item.request_id not in self.generators:  # a stream of its own, independent of the verifier's
                 seeded = None if params.seed is None else replace(params, seed=(params.seed * 1_000_003 + 7) % 2**63)
                 self.generators[item.request_id] = make_generator(seeded or params)

@@ -22,8 +22,8 @@ from specrelay.shared.messages import (
     DraftItem,
     DraftReply,
     FeedbackItem,
-    SamplingSpec,
 )
+from specrelay.shared.sampling_wire import spec_from_params
 from specrelay.shared.wire import WireTensor
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class RemoteDrafter:
 
     async def propose(self, inputs: list[DraftInput], names: dict[int, str]) -> list[DraftTree] | None:
         self.step_id += 1
-        items = [DraftItem(names[i.request_id], i.tokens, _spec(i), i.max_nodes) for i in inputs]
+        items = [DraftItem(names[i.request_id], i.tokens, spec_from_params(i.params), i.max_nodes) for i in inputs]
         try:
             await self.bus.publish(DRAFT_STREAM, DraftBatch(self.step_id, self.channel.name, items))
         except BusUnavailable as e:
@@ -76,8 +76,3 @@ class RemoteDrafter:
 
     def close(self) -> None:
         self.channel.close()
-
-
-def _spec(i: DraftInput) -> SamplingSpec:
-    p = i.params
-    return SamplingSpec(p.temperature, p.top_p, p.top_k, p.seed, p.max_tokens, list(p.stop_token_ids))
