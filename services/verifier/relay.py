@@ -61,7 +61,12 @@ class RelayConfig:
     # the largest influence (over all spans of the prompt, so a fixed budget), either way ∪ deviation ≥ α·mean.
     # With influence_layers="all" the ranking is close to the best one by true deep-layer error (README)
     select: Literal["threshold", "top"] = "threshold"
-    check_layers: tuple[int, ...] = (1,)  # layers where every span row is run afresh and compared
+    # layers where every span row is run afresh and compared; the last one ends the recompute-all band. None: the
+    # band measured for the model (relay_profile.py), which the caller resolves before prefilling
+    check_layers: tuple[int, ...] | None = (1,)
+    # EPIC (arXiv 2410.15332): the first tokens of each span lost the context they were decoded in, so they are
+    # recomputed in every layer whatever the rule says; method="naive" with recompute_first=16 is EPIC itself
+    recompute_first: int = 0
     min_span_tokens: int = 16  # shorter matches are prefilled as usual
 
     def __post_init__(self):
@@ -79,7 +84,10 @@ class RelayConfig:
             raise ConfigError(f"relay select must be 'threshold' or 'top', got {self.select!r}")
         if self.influence_window < 1 or self.min_span_tokens < 1:
             raise ConfigError("relay influence window and minimum span length must be positive")
-        if self.method != "naive" and (not self.check_layers or min(self.check_layers) < 0):
+        if self.recompute_first < 0:
+            raise ConfigError(f"relay recompute_first must be non-negative, got {self.recompute_first}")
+        if self.method != "naive" and self.check_layers is not None and (
+                not self.check_layers or min(self.check_layers) < 0):
             raise ConfigError(f"relay check layers must be non-negative layer indices, got {self.check_layers}")
 
 
@@ -151,6 +159,8 @@ def relay_prefill(model: LlamaForCausalLM, cache: PagedKVCache, table: BlockTabl
     if n == 0:
         raise ValueError("empty prompt")
     rows_wanted = logits_rows if logits_rows is not None else [n - 1]
+    if config.check_layers is None and config.method != "naive":
+        raise ValueError("relay check layers unresolved: pass the model's band (relay_profile.band_for)")
     spans = sorted(spans, key=lambda s: s.start)
     _check_spans(spans, token_ids)
     with torch.inference_mode():
@@ -188,6 +198,8 @@ class _RelayForward:
             self._probe_influence()
         must = torch.zeros(self.n, dtype=torch.bool, device=self.device)
         must[self.rows_wanted] = True
+        for s in self.spans:  # EPIC's span heads
+            must[s.start : s.start + min(self.config.recompute_first, len(s.kv))] = True
         if self.probe:  # the probe computed the tail rows over relayed K/V: recompute any that sit in a span
             must[max(0, self.n - self.config.influence_window):] = True
         keep = ~self.span_rows | must  # rows active past the check layers whatever the rule says

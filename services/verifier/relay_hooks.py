@@ -96,6 +96,12 @@ class VerifierRelay:
     """A verifier's relay: one store, one model id, one config; what the service calls at admit and at finish."""
 
     def __init__(self, runner: ModelRunner, store: KVStore, model_id: str, config: RelayConfig):
+        if config.check_layers is None:  # the band measured for this model, once (`bench relay --layer-profile`)
+            from dataclasses import replace
+
+            from specrelay.services.verifier.relay_profile import band_for
+
+            config = replace(config, check_layers=band_for(model_id))
         self.runner, self.store, self.model_id, self.config = runner, store, model_id, config
         self.counters = RelayCounters()
 
@@ -139,13 +145,18 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--relay-select", choices=("threshold", "top"), default="threshold",
                        help="relaycaching: recompute influence ≥ β·mean, or the top --relay-recompute-ratio share "
                             "by influence (either way ∪ deviation ≥ α·mean)")
-    group.add_argument("--relay-check-layers", default="1", help="comma-separated layer indices (default 1)")
+    group.add_argument("--relay-check-layers", default="auto",
+                       help="comma-separated layer indices, or auto (default): the band `specrelay bench relay "
+                            "--layer-profile` measured and cached for the model, else layer 1")
+    group.add_argument("--relay-recompute-first", type=int, default=0,
+                       help="recompute the first N tokens of every quoted span in every layer (EPIC; default 0)")
     group.add_argument("--relay-min-tokens", type=int, default=16, help="shortest quote reused (default 16)")
 
 
 def relay_config(args: argparse.Namespace) -> RelayConfig:
     try:
-        check = tuple(int(x) for x in args.relay_check_layers.split(",") if x.strip())
+        check = (None if args.relay_check_layers.strip() == "auto"
+                 else tuple(int(x) for x in args.relay_check_layers.split(",") if x.strip()))
     except ValueError:
         raise ConfigError(f"--relay-check-layers: expected comma-separated integers, got "
                           f"{args.relay_check_layers!r}") from None
@@ -153,4 +164,5 @@ def relay_config(args: argparse.Namespace) -> RelayConfig:
                        deviation_factor=args.relay_deviation_factor, influence_factor=args.relay_influence_factor,
                        influence_from=args.relay_influence_from, influence_layers=args.relay_influence_layers,
                        select=args.relay_select,
-                       check_layers=check, min_span_tokens=args.relay_min_tokens)
+                       check_layers=check, recompute_first=args.relay_recompute_first,
+                       min_span_tokens=args.relay_min_tokens)

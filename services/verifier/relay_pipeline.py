@@ -19,7 +19,7 @@ from specrelay.services.verifier.relay_index import lookup_relay, publish_span
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.modeling.runner import ModelRunner, StepInput
 
-METHODS = ("full_prefill", "naive_reuse", "cacheblend", "relaycaching")
+METHODS = ("full_prefill", "naive_reuse", "epic", "cacheblend", "relaycaching")
 # (system, user) of each agent, in the shape of the handoff documents the embedded pair was trained on
 # (models/corpus.py); "{}" marks where an earlier agent's output is quoted verbatim.
 PLANNER = ("You are the planner agent.", "{lead} asks for a short brief on {topic}. Make a plan.")

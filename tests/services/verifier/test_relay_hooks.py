@@ -73,6 +73,22 @@ async def test_publish_on_finish_then_admit_a_quoting_prompt_after_a_prefix_hit(
     await store.close()
 
 
+def test_a_verifier_checks_over_the_band_cached_for_its_model(runner, tmp_path, monkeypatch):
+    from specrelay.services.verifier import relay_profile
+    from specrelay.services.verifier.relay_hooks import VerifierRelay
+
+    monkeypatch.setenv("SPECRELAY_CACHE_DIR", str(tmp_path))
+    store = make_store(None, 1 << 20)
+    assert VerifierRelay(runner, store, "tiny:abc", RelayConfig(enabled=True, check_layers=None)).config.check_layers \
+        == (1,)  # nothing measured yet: layer 1
+    profile = relay_profile.LayerProfile("tiny", 3, [64], 1, 16, [0.0, 0.1, 0.2], [0.0, 0.1, 0.2], [0.0] * 3,
+                                         [0.0] * 3, check_layers=[1, 2])
+    relay_profile.save(profile, relay_profile.profile_path("tiny:abc"))
+    relay = VerifierRelay(runner, store, "tiny:abc", RelayConfig(enabled=True, check_layers=None))
+    assert relay.config.check_layers == (1, 2)
+    assert VerifierRelay(runner, store, "tiny:abc", RelayConfig(enabled=True)).config.check_layers == (1,)
+
+
 async def test_short_outputs_are_not_published(runner):
     store = make_store(None, 1 << 20)
     table, out = finished_request(runner, list(range(10, 30)), 10)
@@ -95,6 +111,9 @@ def test_settings_from_the_command_line():
     cfg = relay_config(parser.parse_args(["--relay-select", "top", "--relay-recompute-ratio", "0.2"]))
     assert (cfg.method, cfg.select, cfg.recompute_ratio) == ("relaycaching", "top", 0.2)
     assert relay_config(parser.parse_args([])).select == "threshold"
+    # the check band comes from the model's layer profile unless given; EPIC's head is opt-in
+    assert relay_config(parser.parse_args(["--relay"])).check_layers is None
+    assert relay_config(parser.parse_args(["--relay-recompute-first", "16"])).recompute_first == 16
     with pytest.raises(ConfigError, match="check-layers"):
         relay_config(parser.parse_args(["--relay-check-layers", "one"]))
     with pytest.raises(ConfigError, match="recompute ratio"):

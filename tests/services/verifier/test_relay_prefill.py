@@ -263,3 +263,38 @@ def test_a_prompt_ending_inside_a_span_recomputes_its_last_token(runner, pipelin
         runner.release(table)
     assert got.num_recomputed_tokens == 1 and got.selected_rows == [len(prompt) - 1]
     assert got.num_reused_kv == (len(span) - 1) * NUM_LAYERS
+
+
+def test_epic_recomputes_each_span_head_in_every_layer(runner, pipeline):
+    """EPIC = naive reuse but the first tokens of each span recomputed: those rows' K/V are a full prefill's in
+    every layer (they attend only to fresh rows), the rest of the span keeps the relayed K/V."""
+    _, _, span, prompt_b, start = pipeline
+    ref_table, _ = full_prefill(runner, prompt_b)
+    table = BlockTable()
+    try:
+        got = relay_prefill(runner.model, runner.cache, table, prompt_b, [PlacedSpan(start, span)],
+                            RelayConfig(method="naive", recompute_first=16))
+        assert got.selected_rows == list(range(start, start + 16)) and got.num_recomputed_tokens == 16
+        assert got.num_reused_kv == (len(span) - 16) * NUM_LAYERS
+        k, v = kv_of(runner, table, len(prompt_b))
+        ref_k, ref_v = kv_of(runner, ref_table, len(prompt_b))
+        head, rest = slice(start, start + 16), slice(start + 16, start + len(span))
+        assert (k[:, head] - ref_k[:, head]).abs().max() <= 1e-4 and (v[:, head] - ref_v[:, head]).abs().max() <= 1e-4
+        assert (v[2:, rest] - ref_v[2:, rest]).abs().max() > 1e-3
+    finally:
+        runner.release(table)
+        runner.release(ref_table)
+    with pytest.raises(ConfigError, match="recompute_first"):
+        RelayConfig(recompute_first=-1)
+    with pytest.raises(ValueError, match="check layers unresolved"):
+        relay_prefill(runner.model, runner.cache, BlockTable(), prompt_b, [PlacedSpan(start, span)],
+                      RelayConfig(check_layers=None))
+
+
+def test_the_band_ends_where_deviation_reaches_half_the_deep_layers():
+    from specrelay.services.verifier.relay_profile import choose_band
+
+    rising = [0.0, 0.01, 0.02, 0.05, 0.08, 0.1, 0.1, 0.1, 0.1, 0.1] * 1  # 10 layers, deep mean 0.1
+    assert choose_band(rising, band_share=0.5, max_band_share=0.5) == [1, 2, 3]  # 0.05 at layer 3
+    assert choose_band(rising, band_share=0.5, max_band_share=0.2) == [1]  # capped at a fifth of the layers
+    assert choose_band([0.0, 0.2, 0.2, 0.2], band_share=0.5, max_band_share=1.0) == [1]

@@ -1,0 +1,172 @@
+"""Where relayed K/V deviate from a full prefill, layer by layer, on one model — and the recompute band chosen
+from that measurement, cached once per model like the PTE profile (services/calibrate.py).
+
+The measurement (RelayCaching, arXiv 2603.13289, its layer-similarity figure): an upstream agent decodes a span
+after its own prompt; a downstream prompt quotes it after different instructions. For every layer ℓ and span token
+j, compare the relayed K/V (keys re-rotated to the new positions) with what a full prefill of the downstream prompt
+computes there:
+
+    dev_V(ℓ, j) = 1 − cos(V_relayed[ℓ, j], V_full[ℓ, j])        (over all kv heads of the token)
+    dev_K(ℓ, j) = 1 − cos(K_relayed[ℓ, j], K_full[ℓ, j])
+
+Layer 0 depends on the token and its position only, so its deviation is rounding; deeper layers have seen a
+different context. `first_tokens` splits the span: its first tokens lost the context they were decoded in
+(EPIC, arXiv 2410.15332: recompute the first tokens of each span), the rest mostly see the span itself.
+
+The band: the engine runs every span token through layers 0 .. c (`check_layers`, the last is c) and only selected
+ones past it, so c is the one knob of the "recompute all" band. The rule (`choose_band`): c is the first layer
+whose mean value deviation reaches `band_share` of the deepest layers' — the point where reuse has already
+lost most of what it will lose — capped so that the band costs at most `max_band_share` of the layers (past that
+no TTFT is left to win).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FIRST_TOKENS = 16  # EPIC's recomputed span head
+BAND_SHARE = 0.5
+MAX_BAND_SHARE = 0.2
+
+
+@dataclass
+class LayerProfile:
+    model: str
+    num_layers: int
+    span_lens: list[int]
+    num_prompts: int
+    first_tokens: int
+    dev_v: list[float]  # [num_layers] mean over span tokens of 1 − cos(V_relayed, V_full)
+    dev_k: list[float]
+    dev_v_first: list[float]  # ... over each span's first `first_tokens` tokens
+    dev_v_rest: list[float]  # ... over the others
+    check_layers: list[int] = field(default_factory=list)  # chosen by `choose_band`
+
+    def table(self) -> str:
+        lines = [f"per-layer deviation of relayed K/V from full prefill ({self.model}, spans "
+                 f"{','.join(map(str, self.span_lens))}, {self.num_prompts} prompts)",
+                 f"  {'layer':>5}{'1-cos V':>10}{'1-cos K':>10}{'V first ' + str(self.first_tokens):>12}"
+                 f"{'V rest':>10}"]
+        for i in range(self.num_layers):
+            mark = "  <- last check layer" if self.check_layers and i == max(self.check_layers) else ""
+            lines.append(f"  {i:>5}{self.dev_v[i]:>10.4f}{self.dev_k[i]:>10.4f}{self.dev_v_first[i]:>12.4f}"
+                         f"{self.dev_v_rest[i]:>10.4f}{mark}")
+        return "\n".join(lines)
+
+
+def choose_band(dev_v: list[float], band_share: float = BAND_SHARE,
+                max_band_share: float = MAX_BAND_SHARE) -> list[int]:
+    """Check layers [1, c] (layer 0 never deviates): c = first layer whose deviation reaches band_share of the
+    mean of the deepest quarter of layers, at most max_band_share of the model's layers."""
+    num_layers = len(dev_v)
+    deep = dev_v[-max(1, num_layers // 4):]
+    target = band_share * sum(deep) / len(deep)
+    cap = max(1, int(max_band_share * num_layers) - 1)
+    c = next((i for i, d in enumerate(dev_v) if i >= 1 and d >= target), cap)
+    c = max(1, min(c, cap, num_layers - 1))
+    return list(range(1, c + 1)) if c > 1 else [1]
+
+
+def span_deviation(runner, span, start: int, full_table) -> tuple[torch.Tensor, torch.Tensor]:
+    """[num_layers, n] value and key deviations of a relayed span placed at row `start` of the sequence in
+    `full_table` (a full prefill of it)."""
+    from specrelay.shared.modeling.rope import rope_shift
+
+    cache, n = runner.cache, len(span)
+    bs = cache.block_size
+    slots = torch.tensor([full_table.blocks[p // bs] * bs + p % bs for p in range(start, start + n)])
+    flat = lambda c: c.view(c.shape[0], -1, *c.shape[3:])[:, slots].float()  # noqa: E731  [L, n, H_kv, D]
+    k_full, v_full = flat(cache.k), flat(cache.v)
+    num_layers = span.k.shape[0]
+    delta = torch.full((num_layers * n,), start, dtype=torch.int64)
+    k_rel = rope_shift(span.k.reshape(num_layers * n, *span.k.shape[2:]), delta, runner.model.inv_freq)
+    k_rel = k_rel.view_as(span.k).float()
+
+    def dev(a, b):
+        return 1.0 - torch.nn.functional.cosine_similarity(a.flatten(2), b.flatten(2), dim=-1, eps=1e-8)
+
+    return dev(span.v.float(), v_full).clamp_min(0.0), dev(k_rel, k_full).clamp_min(0.0)
+
+
+def measure(runner, texts, span_lens: list[int], num_prompts: int, seed: int, banned: list[int], name: str,
+            first_tokens: int = FIRST_TOKENS) -> LayerProfile:
+    """The deviation profile over `num_prompts` planner -> worker handoffs per span length (relay_pipeline's
+    agents: real sampled decodes, their decode-phase K/V)."""
+    from specrelay.services.verifier.relay import capture_span
+    from specrelay.services.verifier.relay_pipeline import PLANNER, TASKS, WORKER, decode_agent
+    from specrelay.shared.modeling.kv_cache import BlockTable
+
+    sums = {key: torch.zeros(runner.model.config.num_layers, dtype=torch.float64) for key in ("v", "k", "vf", "vr")}
+    counts = {"all": 0, "first": 0, "rest": 0}
+    with torch.inference_mode():
+        for span_len in span_lens:
+            for p in range(num_prompts):
+                gen = torch.Generator().manual_seed(seed * 1000 + p)
+                lead, topic = TASKS[p % len(TASKS)]
+                planner = texts.chat(PLANNER, [], lead=lead, topic=topic)
+                plan, table = decode_agent(runner, planner, span_len, gen, banned)
+                span = capture_span(runner.cache, table, len(planner), len(planner) + len(plan), plan,
+                                    runner.model.inv_freq)
+                runner.release(table)
+                worker = texts.chat(WORKER, [plan])
+                start = next(i for i in range(len(worker)) if worker[i : i + len(plan)] == plan)
+                full = BlockTable()
+                runner.prefill(full, worker)
+                dv, dk = span_deviation(runner, span, start, full)
+                runner.release(full)
+                head = min(first_tokens, len(plan))
+                sums["v"] += dv.sum(1).double()
+                sums["k"] += dk.sum(1).double()
+                sums["vf"] += dv[:, :head].sum(1).double()
+                sums["vr"] += dv[:, head:].sum(1).double()
+                counts["all"] += len(plan)
+                counts["first"] += head
+                counts["rest"] += len(plan) - head
+    mean = lambda key, n: [round(float(x) / max(1, n), 6) for x in sums[key]]  # noqa: E731
+    profile = LayerProfile(name, runner.model.config.num_layers, list(span_lens), num_prompts, first_tokens,
+                           mean("v", counts["all"]), mean("k", counts["all"]), mean("vf", counts["first"]),
+                           mean("vr", counts["rest"]))
+    profile.check_layers = choose_band(profile.dev_v)
+    return profile
+
+
+def band_for(model_id: str) -> tuple[int, ...]:
+    """The check layers cached for this model, else layer 1 (CacheBlend's choice), said in the log."""
+    profile = load(profile_path(model_id))
+    if profile is not None and profile.check_layers:
+        return tuple(profile.check_layers)
+    log.warning("relay: no layer profile cached for %s (run `specrelay bench relay --layer-profile --model ...`); "
+                "checking at layer 1", model_id)
+    return (1,)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPECRELAY_CACHE_DIR") or Path.home() / ".cache" / "specrelay")
+
+
+def profile_path(model_id: str) -> Path:
+    """Where the profile of a model (prefix_cache.model_id: config digest, weights size, dtype) is cached."""
+    return cache_dir() / "relay" / (re.sub(r"[^A-Za-z0-9_.-]+", "-", model_id) + ".json")
+
+
+def save(profile: LayerProfile, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(profile), indent=1) + "\n")
+    tmp.replace(path)
+
+
+def load(path: Path) -> LayerProfile | None:
+    try:
+        return LayerProfile(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
