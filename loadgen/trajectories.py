@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from specrelay.loadgen.client import ChatRequest, ChatResult
 from specrelay.loadgen.records import RequestRecord, TrajectoryRecord
+from specrelay.loadgen.slo_mix import TOOL_CALLER_SYSTEM
 from specrelay.loadgen.workloads import (
     AGENT_SYSTEM, MAX_AGENT_STEPS, TOOL_PROFILES, TOOLS, UNKNOWN_TOOL, TaskSpec, words,
 )
@@ -172,8 +173,20 @@ async def _relay(t: _Trajectory) -> None:
         {"role": "user", "content": f"{goal}\n\nThe plan:\n{plan_text}\n\n{quoted}Review the work."}])
 
 
+async def _tool_call(t: _Trajectory) -> None:
+    # One call with the tools offered: its whole response is what triggers the tool, so its deadline is on E2E.
+    await t.call("tool-caller", [{"role": "system", "content": TOOL_CALLER_SYSTEM},
+                                 {"role": "user", "content": t.task.prompt}], tools=True)
+
+
+async def _batch(t: _Trajectory) -> None:
+    await t.call("batch", [{"role": "user", "content": t.task.prompt}])
+
+
 _PLAYERS: dict[str, Callable[[_Trajectory], Awaitable[None]]] = {
     "chat": _chat, "agentic": _agentic, "relay": _relay, "research": _research,
+    # slo-mix's kinds (slo_mix.py): the agent chain is the agentic loop under one deadline
+    "stream-chat": _chat, "tool-call": _tool_call, "agent-chain": _agentic, "batch": _batch,
 }
 
 

@@ -7,6 +7,8 @@
   pipeline has one end-to-end budget, each call is sent the part of it that is left).
 - research: one long output by a deadline (class `deadline`).
 - mixed: a seeded draw from the four, the traffic the sweep compares schedulers on.
+- slo-mix: streaming chat, tool-triggering deadline calls, agent chains under one deadline and batch work, with
+  lognormal lengths (slo_mix.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from specrelay.shared.errors import ConfigError
 from specrelay.shared.slo import Slo
 
-WORKLOADS = ("chat", "agentic", "relay", "research", "mixed")
+WORKLOADS = ("chat", "agentic", "relay", "research", "mixed", "slo-mix")
 MIX_WEIGHTS = {"chat": 0.4, "agentic": 0.25, "relay": 0.15, "research": 0.2}
 SLO_CLASS_OF = {"chat": "interactive", "agentic": "interactive", "relay": "deadline", "research": "deadline"}
 
@@ -73,7 +75,7 @@ UNKNOWN_TOOL = ToolProfile(median_pause_ms=300.0, sigma=0.5, result_words=40)
 @dataclass(frozen=True)
 class TaskSpec:
     trajectory_id: str
-    workload: str  # chat | agentic | relay | research (mixed resolves to one of these)
+    workload: str  # chat | agentic | relay | research, or a kind of slo-mix (mixed resolves to one of these)
     slo_class: str
     seed: int  # everything random inside the task (tool pauses, tool results) comes from this
     prompt: str
@@ -92,6 +94,10 @@ def make_task(workload: str, index: int, seed: int, slos: dict[str, Slo]) -> Tas
     """The index-th task of a run; the same (workload, index, seed) always gives the same task."""
     if workload not in WORKLOADS:
         raise ConfigError(f"unknown workload {workload!r} (one of {', '.join(WORKLOADS)})")
+    if workload == "slo-mix":
+        from specrelay.loadgen.slo_mix import make_slo_mix_task  # it builds on this module's TaskSpec
+
+        return make_slo_mix_task(index, seed, slos)
     rng = random.Random(f"{seed}:{index}")
     if workload == "mixed":
         names = list(MIX_WEIGHTS)

@@ -112,3 +112,41 @@ def test_sweep_restarts_a_server_command_per_policy(tmp_path):
     assert "slo vs fcfs: token goodput ratio under overload" in out.stdout
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
     assert (tmp_path / "slo-2x.jsonl").exists() and (tmp_path / "server-fcfs.log").exists()
+
+
+def _capacity_args(*args):
+    import argparse
+
+    from specrelay.loadgen.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["capacity", *args])
+
+
+def test_capacity_prints_its_curve_and_writes_it(endpoint, tmp_path, capsys):
+    args = _capacity_args("--endpoint", endpoint, "--workload", "chat", "--start-rate", "5", "--max-rates", "2",
+                          "--duration", "1", "--drain", "1", "--out-dir", str(tmp_path))
+    assert args._handler(args) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["rate/s", "offered/s", "achieved/s"]
+    report = json.loads((tmp_path / "capacity.json").read_text())
+    capacity = report["capacity_trajectories_per_s"]  # the verdicts are test_capacity*.py's business
+    assert capacity == max(v["rate"] for v in report["curve"] if v["passed"])
+    assert f"capacity: at least {capacity:.4g} trajectories/s" in out or f"capacity: {capacity:.4g} tra" in out
+    assert report["search"]["duration_s"] == 1.0 and len(report["curve"]) == 2
+    assert report["criterion"]["min_keep_up"] == 0.95 and "sqrt(mean in flight)" in report["criterion"]["rule"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--endpoint", "http://127.0.0.1:1", "--server-cmd", "x"], "one of the two"),
+    ([], "one of the two"),
+    (["--endpoint", "http://127.0.0.1:1", "--num", "5"], "not --num"),
+    (["--endpoint", "http://127.0.0.1:1", "--growth", "1"], "growth must be above 1"),
+])
+def test_capacity_settings_are_checked(args, message, tmp_path):
+    from specrelay.shared.errors import ConfigError
+
+    parsed = _capacity_args(*args, "--out-dir", str(tmp_path))
+    with pytest.raises(ConfigError, match=message):
+        parsed._handler(parsed)
