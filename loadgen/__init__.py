@@ -1,1 +1,1 @@
-"""The load generator: `specrelay loadgen run|report|sweep` (see README.md beside this file)."""
+"""The load generator: `specrelay loadgen run|report|capacity|sweep` (see README.md beside this file)."""
