@@ -68,7 +68,8 @@ async def test_publish_on_finish_then_admit_a_quoting_prompt_after_a_prefix_hit(
 
     off = BlockTable()
     assert await relay_admit(runner, store, "m", off, prompt_b, RelayConfig(enabled=False)) is None
-    assert await relay_admit(runner, store, "m", off, [96, 97] * 40, RelayConfig(enabled=True)) is None  # nothing quoted
+    nothing_quoted = [96, 97] * 40
+    assert await relay_admit(runner, store, "m", off, nothing_quoted, RelayConfig(enabled=True)) is None
     assert off.num_tokens == 0 and off.blocks == []
     await store.close()
 
