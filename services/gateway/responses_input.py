@@ -211,8 +211,8 @@ def _item(raw: Any, i: int) -> MessageItem | FunctionCallItem | FunctionCallOutp
     if not isinstance(raw, dict):
         raise bad_request("each input item must be an object", param=f"input[{i}]", code="invalid_value")
     kind = raw.get("type", "message")
-    if kind not in ITEMS:
-        raise bad_request(f"input item type {kind!r} is not supported (message, function_call, "
+    if not isinstance(kind, str) or kind not in ITEMS:
+        raise bad_request(f"input item type {kind!r:.80} is not supported (message, function_call, "
                           f"function_call_output)", param=f"input[{i}].type", code="unsupported_value")
     try:
         return msgspec.convert({k: v for k, v in raw.items() if k != "type"}, ITEMS[kind])

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from specrelay.services.gateway.responses_input import ResponsesRequest
+
+from .test_fuzz import HOSTILE, TEXT, from_schema, fuzz_settings, to_body
 
 MODEL = "tiny-chat"  # conftest's
 WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Get the current weather for a city",
@@ -135,3 +142,53 @@ async def test_accepted_no_op_fields_are_echoed(gateway):
                              tool_choice="none", tools=[WEATHER_TOOL], parallel_tool_calls=False)).json()
     assert data["metadata"] == {"k": "v"} and data["parallel_tool_calls"] is False and data["tool_choice"] == "none"
     assert data["tools"][0]["name"] == "get_weather"
+
+
+# --- fuzzing: whatever a Responses client sends, never a 5xx, and the server keeps serving (test_fuzz.py's
+# schema-driven strategies, with input items that are mostly well-formed) ---
+
+def _responses_bodies():
+    schema = msgspec.json.schema(ResponsesRequest)
+    part = st.fixed_dictionaries({"type": st.sampled_from(["input_text", "output_text", "refusal", "input_image"]),
+                                  "text": TEXT})
+    item = st.one_of(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "developer", "tool"])},
+                              optional={"content": st.one_of(TEXT, st.lists(part, max_size=2), HOSTILE),
+                                        "type": st.sampled_from(["message", "reasoning", None])}),
+        st.fixed_dictionaries({"type": st.just("function_call"), "call_id": TEXT,
+                               "name": st.sampled_from(["get_weather", "f f", ""]),
+                               "arguments": st.sampled_from(['{"city": "Paris"}', "{", "3", ""])}),
+        st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": TEXT,
+                               "output": st.one_of(TEXT, st.lists(part, max_size=2), HOSTILE)}),
+        HOSTILE)
+    inputs = st.one_of(TEXT, st.lists(item, max_size=4))
+    return from_schema(schema, schema["$defs"]).flatmap(
+        lambda body: inputs.map(lambda value: to_body({**body, "input": value, "max_output_tokens": 8}
+                                                      if "input" in body else body)))
+
+
+@pytest.fixture
+async def session():
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@fuzz_settings(max_examples=200)
+@given(body=_responses_bodies())
+async def test_fuzzed_responses_requests_never_get_a_5xx(gateway, session, body):
+    async with session.post(f"{gateway.url}/v1/responses", data=body,
+                            headers={"Content-Type": "application/json"}) as r:
+        text = await r.text()
+        assert r.status < 500, f"{r.status} for {body[:300]!r}: {text[:500]}"
+        if r.status >= 400:
+            assert set(json.loads(text)["error"]) == {"message", "type", "param", "code"}
+        elif r.content_type == "text/event-stream":
+            assert sse_events(text)[-1]["type"] in ("response.completed", "response.incomplete", "response.failed")
+        else:
+            assert json.loads(text)["object"] == "response"
+    async with session.post(f"{gateway.url}/v1/responses", json={"model": MODEL, "input": "Hi",
+                                                                 "max_output_tokens": 2}) as r:
+        assert r.status == 200
+
