@@ -57,8 +57,9 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
                              "the model's layer profile (cached; measured first if missing)")
     parser.add_argument("--cacheblend-check-layers", type=str, default="1",
                         help="CacheBlend's check layers (default 1, as its paper)")
-    parser.add_argument("--recompute-first", type=int, default=0,
-                        help="RelayCaching also recomputes the first N tokens of each span (EPIC's rule; default 0)")
+    parser.add_argument("--recompute-first", type=int, default=None,
+                        help="RelayCaching also recomputes the first N tokens of each span (EPIC's rule; default: "
+                             "what the layer profile chose with --check-layers auto, else 0)")
     parser.add_argument("--epic-tokens", type=int, default=16, help="EPIC's recomputed span head (default 16)")
     parser.add_argument("--task-questions", type=int, default=None,
                         help="task check: questions per span length about a quoted records list (default 4, "
@@ -95,15 +96,16 @@ def main_relay(args: argparse.Namespace) -> int:
                           "or pass --model DIR)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.recompute_first < 0 or args.epic_tokens < 1 or (args.task_questions or 0) < 0:
+    if (args.recompute_first or 0) < 0 or args.epic_tokens < 1 or (args.task_questions or 0) < 0:
         raise ConfigError("--recompute-first and --task-questions must be non-negative, --epic-tokens positive")
     questions = args.task_questions if args.task_questions is not None else (2 if args.quick else 4)
     setup = _load(args, spans)
     runner, texts, banned, model_id = setup
     if args.layer_profile:
         return _layer_profile(args, setup, spans, pipelines)
-    check = (tuple(_ints(args.check_layers, "--check-layers")) if args.check_layers != "auto"
-             else _band(args, setup))
+    check, head = ((tuple(_ints(args.check_layers, "--check-layers")), 0) if args.check_layers != "auto"
+                   else _band(args, setup))
+    recompute_first = args.recompute_first if args.recompute_first is not None else head
     common = dict(check_layers=check)
     configs = {
         "naive_reuse": RelayConfig(method="naive"),
@@ -115,7 +117,7 @@ def main_relay(args: argparse.Namespace) -> int:
                                     influence_layers=args.influence_layers, select=args.select,
                                     recompute_ratio=(args.select_ratio if args.select_ratio is not None
                                                      else args.recompute_ratio),
-                                    recompute_first=args.recompute_first, **common),
+                                    recompute_first=recompute_first, **common),
     }
     model, cfg = runner.model, runner.model.config
     report = {"model": args.model.name, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
@@ -124,7 +126,7 @@ def main_relay(args: argparse.Namespace) -> int:
                            "influence_factor": args.influence_factor, "influence_from": args.influence_from,
                            "influence_layers": args.influence_layers, "select": args.select,
                            "select_ratio": args.select_ratio,
-                           "check_layers": list(check), "recompute_first": args.recompute_first,
+                           "check_layers": list(check), "recompute_first": recompute_first,
                            "cacheblend_check_layers": list(configs["cacheblend"].check_layers),
                            "epic_tokens": args.epic_tokens, "greedy_tokens": args.greedy_tokens,
                            "task_questions": questions},
@@ -182,14 +184,15 @@ def _layer_profile(args: argparse.Namespace, setup, spans: list[int], pipelines:
     print(profile.table(), flush=True)
     path = relay_profile.profile_path(model_id)
     relay_profile.save(profile, path)
-    print(f"check layers {','.join(map(str, profile.check_layers))} (cached for {args.model.name})", flush=True)
+    print(f"check layers {','.join(map(str, profile.check_layers))}, span head {profile.recompute_first} "
+          f"(cached for {args.model.name})", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(vars(profile) | {"command": "bench relay --layer-profile"}, indent=1) + "\n")
     return 0
 
 
-def _band(args: argparse.Namespace, setup) -> tuple[int, ...]:
+def _band(args: argparse.Namespace, setup) -> tuple[tuple[int, ...], int]:
     """The model's cached band; measured now (one 256-token handoff) and cached when missing."""
     from specrelay.services.verifier import relay_profile
 
@@ -199,7 +202,7 @@ def _band(args: argparse.Namespace, setup) -> tuple[int, ...]:
         profile = relay_profile.measure(runner, texts, [256], 1, args.seed, banned, args.model.name)
         relay_profile.save(profile, relay_profile.profile_path(model_id))
         print(profile.table(), flush=True)
-    return tuple(profile.check_layers)
+    return tuple(profile.check_layers), profile.recompute_first
 
 
 def _aggregate(rows: list[dict]) -> dict[str, dict[str, float]]:

@@ -101,7 +101,8 @@ class VerifierRelay:
 
             from specrelay.services.verifier.relay_profile import band_for
 
-            config = replace(config, check_layers=band_for(model_id))
+            check, head = band_for(model_id)
+            config = replace(config, check_layers=check, recompute_first=max(config.recompute_first, head))
         self.runner, self.store, self.model_id, self.config = runner, store, model_id, config
         self.counters = RelayCounters()
 

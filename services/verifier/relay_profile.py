@@ -17,7 +17,8 @@ The band: the engine runs every span token through layers 0 .. c (`check_layers`
 ones past it, so c is the one knob of the "recompute all" band. The rule (`choose_band`): c is the first layer
 whose mean value deviation reaches `band_share` of the deepest layers' — the point where reuse has already
 lost most of what it will lose — capped so that the band costs at most `max_band_share` of the layers (past that
-no TTFT is left to win).
+no TTFT is left to win). The span head: when the first tokens deviate at least `HEAD_FACTOR` times as much as the
+rest (mean over layers past the band), they are recomputed in every layer (`recompute_first`, EPIC's rule).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 FIRST_TOKENS = 16  # EPIC's recomputed span head
 BAND_SHARE = 0.5
 MAX_BAND_SHARE = 0.2
+HEAD_FACTOR = 2.0
 
 
 @dataclass
@@ -50,10 +52,12 @@ class LayerProfile:
     dev_v_first: list[float]  # ... over each span's first `first_tokens` tokens
     dev_v_rest: list[float]  # ... over the others
     check_layers: list[int] = field(default_factory=list)  # chosen by `choose_band`
+    recompute_first: int = 0  # chosen by `choose_head`
 
     def table(self) -> str:
         lines = [f"per-layer deviation of relayed K/V from full prefill ({self.model}, spans "
-                 f"{','.join(map(str, self.span_lens))}, {self.num_prompts} prompts)",
+                 f"{','.join(map(str, self.span_lens))}, {self.num_prompts} prompts each); band: check layers "
+                 f"{','.join(map(str, self.check_layers))}, span head recomputed: {self.recompute_first}",
                  f"  {'layer':>5}{'1-cos V':>10}{'1-cos K':>10}{'V first ' + str(self.first_tokens):>12}"
                  f"{'V rest':>10}"]
         for i in range(self.num_layers):
@@ -74,6 +78,15 @@ def choose_band(dev_v: list[float], band_share: float = BAND_SHARE,
     c = next((i for i, d in enumerate(dev_v) if i >= 1 and d >= target), cap)
     c = max(1, min(c, cap, num_layers - 1))
     return list(range(1, c + 1)) if c > 1 else [1]
+
+
+def choose_head(profile: LayerProfile, head_factor: float = HEAD_FACTOR) -> int:
+    """`first_tokens` if the span heads deviate ≥ head_factor × the rest past the band, else 0."""
+    past = max(profile.check_layers, default=0) + 1
+    first, rest = profile.dev_v_first[past:], profile.dev_v_rest[past:]
+    if not first or sum(rest) <= 0:
+        return 0
+    return profile.first_tokens if sum(first) >= head_factor * sum(rest) else 0
 
 
 def span_deviation(runner, span, start: int, full_table) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,17 +149,19 @@ def measure(runner, texts, span_lens: list[int], num_prompts: int, seed: int, ba
                            mean("v", counts["all"]), mean("k", counts["all"]), mean("vf", counts["first"]),
                            mean("vr", counts["rest"]))
     profile.check_layers = choose_band(profile.dev_v)
+    profile.recompute_first = choose_head(profile)
     return profile
 
 
-def band_for(model_id: str) -> tuple[int, ...]:
-    """The check layers cached for this model, else layer 1 (CacheBlend's choice), said in the log."""
+def band_for(model_id: str) -> tuple[tuple[int, ...], int]:
+    """(check layers, recomputed span head) cached for this model, else (layer 1 as CacheBlend, no head), said in
+    the log."""
     profile = load(profile_path(model_id))
     if profile is not None and profile.check_layers:
-        return tuple(profile.check_layers)
+        return tuple(profile.check_layers), profile.recompute_first
     log.warning("relay: no layer profile cached for %s (run `specrelay bench relay --layer-profile --model ...`); "
                 "checking at layer 1", model_id)
-    return (1,)
+    return (1,), 0
 
 
 def cache_dir() -> Path:

@@ -78,7 +78,9 @@ def test_layer_profile_prints_the_table_and_caches_the_band(model_dir, tmp_path,
 
     cached = relay_profile.load(relay_profile.profile_path(model_id(model_dir, torch.float32)))
     assert cached is not None and cached.check_layers == profile["check_layers"]
-    assert relay_profile.band_for(model_id(model_dir, torch.float32)) == tuple(profile["check_layers"])
+    assert relay_profile.band_for(model_id(model_dir, torch.float32)) == (tuple(profile["check_layers"]),
+                                                                         profile["recompute_first"])
+    assert profile["recompute_first"] in (0, 16)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -83,10 +83,10 @@ def test_a_verifier_checks_over_the_band_cached_for_its_model(runner, tmp_path, 
     assert VerifierRelay(runner, store, "tiny:abc", RelayConfig(enabled=True, check_layers=None)).config.check_layers \
         == (1,)  # nothing measured yet: layer 1
     profile = relay_profile.LayerProfile("tiny", 3, [64], 1, 16, [0.0, 0.1, 0.2], [0.0, 0.1, 0.2], [0.0] * 3,
-                                         [0.0] * 3, check_layers=[1, 2])
+                                         [0.0] * 3, check_layers=[1, 2], recompute_first=16)
     relay_profile.save(profile, relay_profile.profile_path("tiny:abc"))
     relay = VerifierRelay(runner, store, "tiny:abc", RelayConfig(enabled=True, check_layers=None))
-    assert relay.config.check_layers == (1, 2)
+    assert relay.config.check_layers == (1, 2) and relay.config.recompute_first == 16
     assert VerifierRelay(runner, store, "tiny:abc", RelayConfig(enabled=True)).config.check_layers == (1,)
 
 
