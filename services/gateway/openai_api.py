@@ -213,6 +213,7 @@ class ChatPlan:
     client_tools: set[str]
     forced: str
     server: ServerTools | None
+    max_calls: int | None = None  # parallel_tool_calls: false -> 1
 
 
 async def plan_chat(gw: Gateway, request: web.Request, req: ChatCompletionRequest, max_tokens: int | None,
@@ -232,7 +233,36 @@ async def plan_chat(gw: Gateway, request: web.Request, req: ChatCompletionReques
         prep.generate = msgspec.structs.replace(prep.generate, hold_s=server.hold_s)
     elif client_tools:  # until the turn is parsed: a client tool pause hands the KV to the retention policy
         prep.generate = msgspec.structs.replace(prep.generate, hold_s=CLIENT_TOOL_HOLD_S)
-    return ChatPlan(prep, messages, tools, {t["function"]["name"] for t in client_tools or []}, forced, server)
+    return ChatPlan(prep, messages, tools, {t["function"]["name"] for t in client_tools or []}, forced, server,
+                    1 if req.parallel_tool_calls is False else None)
+
+
+async def client_deltas(plan: ChatPlan, turns: ChatTurns) -> AsyncIterator[dict[str, Any]]:
+    """`turns.deltas()` as the client sees them: with `parallel_tool_calls: false`, calls past the first are
+    dropped (the model may write several; until a grammar stops it, the gateway keeps the promise of at most one)."""
+    async with contextlib.aclosing(turns.deltas()) as deltas:
+        async for delta in deltas:
+            if plan.max_calls is not None:
+                delta = _within(delta, plan.max_calls)
+            if delta:
+                yield delta
+
+
+def client_message(plan: ChatPlan, message: dict[str, Any]) -> dict[str, Any]:
+    """`turns.message()` as the client sees it (see `client_deltas`)."""
+    return _within(message, plan.max_calls) if plan.max_calls is not None else message
+
+
+def _within(delta: dict[str, Any], max_calls: int) -> dict[str, Any]:
+    out = dict(delta)
+    if "tool_calls" in out:
+        calls = [c for i, c in enumerate(out.pop("tool_calls")) if c.get("index", i) < max_calls]
+        if calls:
+            out["tool_calls"] = calls
+    if "tool_call_errors" in out:  # an error about a dropped call names no call the client has
+        out["tool_call_errors"] = [{k: v for k, v in e.items() if k != "index" or v < max_calls}
+                                   for e in out["tool_call_errors"]]
+    return out
 
 
 def chat_turns(gw: Gateway, request: web.Request, plan: ChatPlan) -> ChatTurns:
@@ -257,8 +287,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     async with admitted(gw, plan.prep.ticket):
         turns = chat_turns(gw, request, plan)
         if req.stream:
-            return await _stream_chat(gw, request, req.model, plan.prep, turns)
-        return await _complete_chat(gw, req.model, plan.prep, turns)
+            return await _stream_chat(gw, request, req.model, plan, turns)
+        return await _complete_chat(gw, req.model, plan, turns)
 
 
 def chat_usage(gw: Gateway, prep: Prepared, turns: ChatTurns) -> dict[str, Any]:
@@ -269,12 +299,13 @@ def chat_usage(gw: Gateway, prep: Prepared, turns: ChatTurns) -> dict[str, Any]:
     return usage
 
 
-async def _complete_chat(gw: Gateway, model: str, prep: Prepared, turns: ChatTurns) -> web.StreamResponse:
-    if await drain(turns.deltas(), lambda why: observe_failure(gw, turns.gen.finish, why)) is None:
+async def _complete_chat(gw: Gateway, model: str, plan: ChatPlan, turns: ChatTurns) -> web.StreamResponse:
+    prep = plan.prep
+    if await drain(client_deltas(plan, turns), lambda why: observe_failure(gw, turns.gen.finish, why)) is None:
         return web.Response(status=CLIENT_CLOSED)
     gen = turns.gen
     try:
-        message = turns.message()
+        message = client_message(plan, turns.message())
         reason = R.finish_reason(gen.finish, turns.has_client_calls)
     except ApiError:
         observe_failure(gw, gen.finish, "error")
@@ -284,16 +315,16 @@ async def _complete_chat(gw: Gateway, model: str, prep: Prepared, turns: ChatTur
     return web.json_response(R.chat_completion(prep.request_id, model, prep.created, message, reason, usage))
 
 
-async def _stream_chat(gw: Gateway, request: web.Request, model: str, prep: Prepared,
+async def _stream_chat(gw: Gateway, request: web.Request, model: str, plan: ChatPlan,
                        turns: ChatTurns) -> web.StreamResponse:
-    sse = SseWriter(request)
+    sse, prep = SseWriter(request), plan.prep
 
     def chunk(delta: dict[str, Any] | None, finish: str | None = None, usage: dict | None = None) -> dict:
         return R.chat_chunk(prep.request_id, model, prep.created, delta, finish, usage, prep.include_usage)
 
     async def send_events() -> None:
         await sse.send(chunk({"role": "assistant", "content": ""}))
-        async with contextlib.aclosing(turns.deltas()) as deltas:
+        async with contextlib.aclosing(client_deltas(plan, turns)) as deltas:
             async for delta in deltas:
                 await sse.send(chunk(delta))
         gen = turns.gen

@@ -18,11 +18,12 @@ from specrelay.services.gateway.errors import ApiError, bad_request
 from specrelay.services.gateway.generation import Timing
 from specrelay.services.gateway.openai_api import (
     CLIENT_CLOSED,
-    Prepared,
+    ChatPlan,
     admitted,
     chat_turns,
     chat_usage,
     check_model,
+    client_deltas,
     observe,
     observe_failure,
     plan_chat,
@@ -49,7 +50,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     max_tokens = check_chat(chat)
     check_model(gw, req.model)
     plan = await plan_chat(gw, request, chat, max_tokens, timing, id_prefix="resp")
-    shape = Shape(req, plan.prep)
+    shape = Shape(req, plan)
     async with admitted(gw, plan.prep.ticket):
         turns = chat_turns(gw, request, plan)
         if req.stream:
@@ -60,10 +61,11 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 class Shape:
     """The `response` object's fields that the request fixes; `body` adds what the generation made."""
 
-    def __init__(self, req: ResponsesRequest, prep: Prepared):
+    def __init__(self, req: ResponsesRequest, plan: ChatPlan):
+        prep = plan.prep
         sampling = prep.generate.sampling
         choice = req.tool_choice
-        self.id, self.prep = prep.request_id, prep
+        self.id, self.prep, self.plan = prep.request_id, prep, plan
         self.fixed: dict[str, Any] = {
             "id": prep.request_id, "object": "response", "created_at": prep.created, "model": req.model,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
@@ -84,7 +86,7 @@ class Shape:
 
 async def _complete(gw: Gateway, shape: Shape, turns: ChatTurns) -> web.StreamResponse:
     builder = OutputBuilder(shape.id)
-    deltas = await drain(turns.deltas(), lambda why: observe_failure(gw, turns.gen.finish, why))
+    deltas = await drain(client_deltas(shape.plan, turns), lambda why: observe_failure(gw, turns.gen.finish, why))
     if deltas is None:
         return web.Response(status=CLIENT_CLOSED)
     for delta in deltas:
@@ -102,7 +104,7 @@ async def _stream(gw: Gateway, request: web.Request, shape: Shape, turns: ChatTu
         started = shape.body("in_progress", [])
         await sse.send({"type": "response.created", "response": started})
         await sse.send({"type": "response.in_progress", "response": started})
-        async with contextlib.aclosing(turns.deltas()) as deltas:
+        async with contextlib.aclosing(client_deltas(shape.plan, turns)) as deltas:
             async for delta in deltas:
                 for event in builder.feed(delta):
                     await sse.send(event)

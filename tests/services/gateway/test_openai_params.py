@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 MODEL = "tiny-chat"  # conftest's
@@ -67,3 +69,42 @@ async def test_ignore_eos_sends_no_stop_token_to_the_verifier(gateway):
         assert response.status == 200, await response.text()
         sampling = gateway.fake.generates[-1].sampling
         assert (sampling.stop_token_ids == []) == bool(ignore_eos)
+
+
+TWO_CALLS = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lyon"}}\n</tool_call>')
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_parallel_tool_calls_false_returns_at_most_one_call(gateway, monkeypatch, stream):
+    from .conftest import fake_verifier
+
+    monkeypatch.setattr(fake_verifier.FakeVerifier, "reply_text", lambda self, prompt: TWO_CALLS)
+
+    async def cities(parallel: bool | None) -> list[str]:
+        response = await gateway.client.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "Weather in Paris and Lyon?"}],
+            "tools": [WEATHER], "parallel_tool_calls": parallel, "stream": stream})
+        if not stream:
+            calls = (await response.json())["choices"][0]["message"]["tool_calls"]
+            return [json.loads(c["function"]["arguments"])["city"] for c in calls]
+        pieces: dict[int, str] = {}
+        for line in (await response.text()).splitlines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    for call in choice["delta"].get("tool_calls", []):
+                        pieces[call["index"]] = pieces.get(call["index"], "") + call["function"]["arguments"]
+        return [json.loads(pieces[i])["city"] for i in sorted(pieces)]
+
+    assert await cities(None) == ["Paris", "Lyon"]
+    assert await cities(False) == ["Paris"]
+    for parallel, expected in ((None, ["Paris", "Lyon"]), (False, ["Paris"])):
+        response = await gateway.client.post("/v1/responses", json={
+            "model": MODEL, "input": "Weather in Paris and Lyon?", "stream": stream,
+            "tools": [{"type": "function", **WEATHER["function"]}], "parallel_tool_calls": parallel})
+        text = await response.text()
+        final = json.loads(text) if not stream else json.loads(text.strip().rsplit("data: ", 1)[1])["response"]
+        assert [json.loads(i["arguments"])["city"] for i in final["output"] if i["type"] == "function_call"] == expected
+        assert ("Lyon" in text) == (parallel is None)  # not in any streamed event either
