@@ -62,3 +62,13 @@ def test_refusals_reach_the_sdk_as_bad_request_errors(client, model_name):
     with pytest.raises(openai.BadRequestError) as error:
         client.completions.create(model=model_name, prompt="Hi", best_of=2)
     assert error.value.param == "best_of"
+
+
+def test_ignore_eos_generates_to_max_tokens(client, model_name):
+    """vLLM's `ignore_eos`, as benchmark clients send it: the model's end-of-turn token does not end the reply."""
+    messages = [{"role": "user", "content": "Hi"}]
+    plain = client.chat.completions.create(model=model_name, messages=messages, max_tokens=48, **GREEDY)
+    assert plain.choices[0].finish_reason == "stop"  # the pair ends this turn by itself
+    forced = client.chat.completions.create(model=model_name, messages=messages, max_tokens=48, **GREEDY,
+                                            extra_body={"ignore_eos": True})
+    assert forced.choices[0].finish_reason == "length" and forced.usage.completion_tokens == 48
