@@ -1,5 +1,6 @@
-"""The OpenAI-compatible gateway: validates and tokenizes requests, admits them, streams the verifier's tokens
-back as text (SSE or whole), with tool calls, stop strings, usage and Prometheus metrics.
+"""The OpenAI-compatible gateway (chat, completions, the Responses API): validates and tokenizes requests, admits
+them, streams the verifier's tokens back as text (SSE or whole), with tool calls, stop strings, usage and
+Prometheus metrics in vLLM's names.
 
 Entry points: `create_app(config, bus, tokenizer, kv_stats=None)` for an in-process app; `service.run(config)` /
 `service.main(args)` for a process. Names resolve lazily so that `specrelay --help` never imports aiohttp.
