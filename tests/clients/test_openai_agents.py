@@ -56,8 +56,10 @@ async def test_an_agent_with_a_function_tool_runs_to_a_final_output(server_url, 
     first = result.raw_responses[0]
     called = [item for item in first.output if getattr(item, "type", None) == "function_call"]
     if called:  # a tool round trip: the SDK ran the tool with the model's arguments, then asked again
-        assert calls and calls[0] == json.loads(called[0].arguments)["city"]
-        assert len(result.raw_responses) >= 2
+        assert len(result.raw_responses) >= 2  # the tool's result (or, for bad arguments, its error) went back
+        city = json.loads(called[0].arguments).get("city")
+        if isinstance(city, str):
+            assert calls[0] == city
     else:
         assert not calls
     assert isinstance(result.final_output, str)
