@@ -16,7 +16,9 @@ is carried through the layer and their fresh K/V written) or *reused* (their slo
 so the savings are the hidden states of unselected span rows past the check layer (CacheBlend, arXiv 2405.16444,
 §4: recompute everything at an early check layer, then only the high-deviation tokens). `naive` reuses every span
 row in every layer; when the rule selects every span row no relayed value survives and the result is exactly a full
-prefill.
+prefill. `recompute_first` keeps each span's first tokens active in every layer whatever the rule says (EPIC,
+arXiv 2410.15332; naive + recompute_first is EPIC itself). Which check layers, and whether the span head is
+recomputed, is measured per model (relay_profile.py: where the relayed K/V deviate, layer by layer).
 """
 
 from __future__ import annotations
