@@ -1,0 +1,105 @@
+"""A request's grammar (`grammar.py`) as token masks: the per-request hook the engine applies to the target's
+logits before `processed_probs`, at the first token and at every node of a draft tree.
+
+Exact under speculation: node i of a tree is masked with the grammar state after the committed tokens and the
+path root -> i, which is the state plain decoding would be in had it produced that path. The masked target is then
+the distribution every step samples from, with or without speculation: greedy acceptance compares draft tokens
+with the masked argmax (so constrained greedy output is the same token for token), and rejection sampling keeps
+the masked target law whatever the draft proposed (a draft token outside the grammar has p = 0 and is never
+accepted). The tree is walked depth first; llguidance's `rollback` undoes a node's token when the walk leaves it,
+so a tree costs one mask computation per node and no copies of the matcher.
+
+The request's stop tokens end a turn, not the grammar: they are allowed exactly when the grammar accepts (the
+output so far is complete), and never fed to the matcher. llguidance's own end-of-sequence token is allowed only
+through them.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import llguidance
+import numpy as np
+import torch
+
+from specrelay.shared.errors import SpecrelayError
+
+
+class GrammarCompiler:
+    """One model's tokenizer in llguidance's form (built once: ~0.1-1 s), compiling request grammars on it."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int):
+        """tokenizer_json: the text of tokenizer.json; vocab_size: the model's logits width (may exceed the
+        tokenizer's: the extra ids are never allowed)."""
+        self.vocab_size = vocab_size
+        self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size)
+
+    @classmethod
+    @functools.cache
+    def from_dir(cls, model_dir: str, vocab_size: int) -> GrammarCompiler:
+        return cls((Path(model_dir) / "tokenizer.json").read_text(), vocab_size)
+
+    def start(self, grammar: str, stop_token_ids: tuple[int, ...]) -> Constraint:
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise SpecrelayError(f"the request's grammar does not compile: {matcher.get_error()}")
+        return Constraint(matcher, self.vocab_size, stop_token_ids, self.tokenizer.eos_token)
+
+
+class Constraint:
+    """One request's matcher, holding the state after its committed tokens."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, stop_token_ids: tuple[int, ...],
+                 grammar_eos: int):
+        self.matcher = matcher
+        self.vocab_size = vocab_size
+        self.stop_token_ids = [t for t in stop_token_ids if t < vocab_size]
+        self.grammar_eos = grammar_eos
+
+    def allowed(self) -> torch.Tensor:
+        """[vocab] bool: the tokens the grammar allows next, in the current state."""
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = torch.from_numpy(np.unpackbits(bits, bitorder="little")[: self.vocab_size].astype(bool))
+        allowed[self.grammar_eos] = False
+        if self.matcher.is_accepting() or self.matcher.is_stopped():
+            allowed[self.stop_token_ids] = True
+        return allowed
+
+    def tree_allowed(self, tokens: list[int], parents: list[int]) -> torch.Tensor:
+        """[num_nodes, vocab] bool: row i is what may follow node i (node 0, the root, is the last committed
+        token). A node the grammar forbids after its parent keeps an all-True row: it can never be accepted, so
+        its row is never sampled from, and its subtree is not walked."""
+        rows = torch.ones(len(tokens), self.vocab_size, dtype=torch.bool)
+        children: list[list[int]] = [[] for _ in tokens]
+        for node in range(1, len(tokens)):
+            children[parents[node]].append(node)
+        stack: list[tuple[int, bool]] = [(0, False)]  # (node, leaving): leaving rolls its token back
+        while stack:
+            node, leaving = stack.pop()
+            if leaving:
+                self.matcher.rollback(1)
+                continue
+            if node > 0:
+                token = tokens[node]
+                if not rows[parents[node], token] or token in self.stop_token_ids:
+                    continue  # off the grammar (or the end of the turn): nothing follows it
+                if not self.matcher.consume_token(token):
+                    raise SpecrelayError(f"the grammar refused an allowed token: {self.matcher.get_error()}")
+                stack.append((node, True))
+            rows[node] = self.allowed()
+            stack += [(child, False) for child in reversed(children[node])]
+        return rows
+
+    def commit(self, tokens: list[int]) -> None:
+        """Advance past newly committed tokens (stop tokens end the turn and are not grammar text)."""
+        tokens = [t for t in tokens if t not in self.stop_token_ids]
+        if tokens and not self.matcher.consume_tokens(tokens):
+            raise SpecrelayError(f"a committed token broke the grammar: {self.matcher.get_error()}")
+
+
+def constrained(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """logits [num_rows, vocab] (or [vocab]) with every token the grammar forbids at -inf; None: unchanged."""
+    if allowed is None:
+        return logits
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
