@@ -33,6 +33,9 @@ class SamplingSpec(msgspec.Struct, frozen=True):
     seed: int | None = None
     max_tokens: int = 128
     stop_token_ids: list[int] = []  # the model's end-of-turn tokens; stop *strings* are the gateway's job
+    # What the output must match: an llguidance grammar (shared/grammar.py), compiled by each side that samples
+    # or drafts against its own tokenizer (shared/grammar_mask.py); None: free text.
+    grammar: str | None = None
 
 
 class Generate(msgspec.Struct, frozen=True, tag=True):

@@ -31,6 +31,7 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 128
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    grammar: str | None = None  # llguidance grammar the output must match (shared/grammar.py); None: free text
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN fails every comparison

@@ -11,9 +11,9 @@ from specrelay.shared.sampling import SamplingParams
 def params_from_spec(spec: SamplingSpec) -> SamplingParams:
     """Raises SpecrelayError for values the engine refuses (a negative temperature, top_p outside (0, 1], ...)."""
     return SamplingParams(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, seed=spec.seed,
-                          max_tokens=spec.max_tokens, stop_token_ids=tuple(spec.stop_token_ids))
+                          max_tokens=spec.max_tokens, stop_token_ids=tuple(spec.stop_token_ids), grammar=spec.grammar)
 
 
 def spec_from_params(params: SamplingParams) -> SamplingSpec:
     return SamplingSpec(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
-                        max_tokens=params.max_tokens, stop_token_ids=list(params.stop_token_ids))
+                        max_tokens=params.max_tokens, stop_token_ids=list(params.stop_token_ids), grammar=params.grammar)

@@ -39,6 +39,7 @@ from specrelay.services.gateway.schemas import (
 )
 from specrelay.services.gateway.sse import SseWriter, client_gone, drain, stream
 from specrelay.services.gateway.state import GATEWAY, Gateway
+from specrelay.services.gateway.structured import chat_grammar, response_format_grammar
 from specrelay.services.gateway.tool_rounds import CLIENT_TOOL_HOLD_S, ChatTurns, ServerTools
 from specrelay.shared.messages import Continue, Generate, SamplingSpec
 from specrelay.shared.tokenizer import TemplateError
@@ -62,7 +63,7 @@ class Prepared:
 
 
 def _prepare(gw: Gateway, request: web.Request, req: Sampling, prompt_ids: list[int], max_tokens: int | None,
-             id_prefix: str, timing: Timing) -> Prepared:
+             id_prefix: str, timing: Timing, grammar: str | None = None) -> Prepared:
     cfg = gw.config
     if not prompt_ids:
         raise bad_request("the prompt is empty after tokenization", param="messages", code="invalid_value")
@@ -79,7 +80,7 @@ def _prepare(gw: Gateway, request: web.Request, req: Sampling, prompt_ids: list[
     sampling = SamplingSpec(
         temperature=cfg.default_temperature if req.temperature is None else req.temperature,
         top_p=cfg.default_top_p if req.top_p is None else req.top_p, top_k=top_k(req), seed=req.seed, max_tokens=limit,
-        stop_token_ids=[] if req.ignore_eos else list(gw.stop_token_ids))
+        stop_token_ids=[] if req.ignore_eos else list(gw.stop_token_ids), grammar=grammar)
     generate = Generate(request_id=request_id, prompt_token_ids=prompt_ids, sampling=sampling, reply_to="",
                         model=cfg.model_name, slo_class=slo_class or "interactive",
                         deadline_ms=None if deadline_ms is None else arrival_ms + deadline_ms, arrival_ms=arrival_ms)
@@ -223,12 +224,13 @@ async def plan_chat(gw: Gateway, request: web.Request, req: ChatCompletionReques
     server = gw.server_tools if req.tool_choice != "none" else None  # "none": no tool of either side
     tools = server.template_tools(client_tools) if server is not None else client_tools
     forced = _forced_prefix(gw.config.tool_call_format, req.tool_choice) if client_tools else ""
+    grammar = chat_grammar(req, client_tools, gw.config.tool_call_format, gw.tokenizer.token_to_id)
     messages = messages_for_template(req)
     try:
         prompt_text = gw.tokenizer.render_chat(messages, tools) + forced
     except TemplateError as e:
         raise bad_request(str(e), param=PROMPT_PARAM[id_prefix], code="invalid_value") from None
-    prep = _prepare(gw, request, req, await _encode(gw, prompt_text), max_tokens, id_prefix, timing)
+    prep = _prepare(gw, request, req, await _encode(gw, prompt_text), max_tokens, id_prefix, timing, grammar)
     if server is not None and server.max_rounds > 0:  # keep the turn's KV for a tool round (tool_rounds.py)
         prep.generate = msgspec.structs.replace(prep.generate, hold_s=server.hold_s)
     elif client_tools:  # until the turn is parsed: a client tool pause hands the KV to the retention policy
@@ -239,7 +241,7 @@ async def plan_chat(gw: Gateway, request: web.Request, req: ChatCompletionReques
 
 async def client_deltas(plan: ChatPlan, turns: ChatTurns) -> AsyncIterator[dict[str, Any]]:
     """`turns.deltas()` as the client sees them: with `parallel_tool_calls: false`, calls past the first are
-    dropped (the model may write several; until a grammar stops it, the gateway keeps the promise of at most one)."""
+    dropped (a forced tool_choice's grammar writes one; with tool_choice auto the model may write several)."""
     async with contextlib.aclosing(turns.deltas()) as deltas:
         async for delta in deltas:
             if plan.max_calls is not None:
@@ -359,7 +361,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         vocab = gw.tokenizer.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise bad_request(f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
-    prep = _prepare(gw, request, req, prompt_ids, max_tokens, "cmpl", timing)
+    prep = _prepare(gw, request, req, prompt_ids, max_tokens, "cmpl", timing, response_format_grammar(req))
     async with admitted(gw, prep.ticket):
         gen = _generation(gw, request, prep)
         if req.stream:

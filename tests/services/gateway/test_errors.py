@@ -47,7 +47,9 @@ BAD_CHAT = [
     ("temperature out of range", body(temperature=3.5), "temperature", "invalid_value"),
     ("top_p zero", body(top_p=0), "top_p", "invalid_value"),
     ("n=2", body(n=2), "n", "unsupported_value"),
-    ("json mode", body(response_format={"type": "json_object"}), "response_format", "unsupported_value"),
+    ("unknown response_format", body(response_format={"type": "xml"}), "response_format.type", "invalid_value"),
+    ("a schema that does not compile", body(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nope"}}}), "response_format.json_schema.schema", "invalid_value"),
     ("logprobs", body(logprobs=True), "logprobs", "unsupported_value"),
     ("five stop strings", body(stop=["a", "b", "c", "d", "e"]), "stop", "invalid_value"),
     ("tool without function", body(tools=[{"type": "function"}]), "tools[0]", "invalid_value"),
