@@ -15,6 +15,8 @@ BENCHES = {
             "per-step overhead of the local and Redis transports against the in-process engine"),
     "relay": ("specrelay.services.verifier.relay_bench", "add_relay_arguments", "main_relay",
               "RelayCaching vs full prefill, naive reuse and CacheBlend on multi-agent pipelines"),
+    "engine": ("specrelay.bench.engine", "add_arguments", "main",
+               "the engine's plain decoding step vs transformers generate and this machine's matmul floor"),
     "tir": ("specrelay.bench.tir", "add_arguments", "main",
             "KV across tool pauses: drop, keep, the PTE policy and InferCept on multi-turn tool loops"),
 }
