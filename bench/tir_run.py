@@ -126,7 +126,6 @@ class TirRun:
         self.cache = runner.cache
         self.prefix = PrefixCache(store, model_id, runner.cache)
         self.engine = SpecEngine(runner, proposer=None, adaptive=False)
-        self.engine.keep_finished = True  # the policy, not the engine, decides what happens to a finished turn's KV
         self.profile, self.budget_blocks = profile, budget_blocks
         self.bytes_per_block = self.cache.bytes_per_block()
         self.decisions: Counter[str] = Counter()
@@ -200,7 +199,8 @@ class TirRun:
             tables.append(table)
         if admitted:
             params = [SamplingParams(max_tokens=c.decode_tokens) for c in admitted]
-            for c, req in zip(admitted, self.engine.add([c.context for c in admitted], params, tables)):
+            # keep: the policy, not the engine, decides what happens to a finished turn's KV
+            for c, req in zip(admitted, self.engine.add([c.context for c in admitted], params, tables, keep=True)):
                 c.request = req
                 running[req.request_id] = c
         return admitted

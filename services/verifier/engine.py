@@ -5,12 +5,20 @@ so one forward over the tree yields the target distribution after the root and a
 
 One step: choose the budget -> the drafter grows a tree per request -> one target forward over all trees (tree
 attention) -> accept losslessly (kernels/spec_accept) -> compact the accepted path's KV -> commit tokens.
+
+One way to run it, whoever drives: `execute(plan, draft)` runs a scheduler's StepPlan (handoffs.py: cancels, then
+prefills, or a decode step) with `draft` proposing the trees; `step()` is a decode step with the in-process proposer.
+A finished request's KV is freed at once unless its owner asked to keep it (`keep`: the verifier's scheduler holds
+it for a Continue or publishes it first); a kept one is freed by `release`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,29 +26,17 @@ import torch
 from specrelay.kernels.spec_accept import spec_accept
 from specrelay.services.drafter.base import TOPK, DraftInput, Proposer, Verified
 from specrelay.services.verifier.budget import AdaptiveBudget
+from specrelay.services.verifier.handoffs import RequestOutput, SpecStats, StepPlan, StepResult
 from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.modeling.runner import ModelRunner, StepInput
 from specrelay.shared.sampling import SamplingParams, make_generator, processed_probs, sample
 
 
-@dataclass
-class SpecStats:
-    cached_tokens: int = 0  # prompt tokens whose KV was loaded, not prefilled
-    steps: int = 0
-    accepted_tokens: int = 0  # draft tokens the target accepted
-    drafted_tokens: int = 0  # tree nodes verified, roots excluded
-    draft_s: float = 0.0
-    verify_s: float = 0.0
+log = logging.getLogger(__name__)
 
-    @property
-    def mean_accepted_tokens(self) -> float:
-        """Accepted draft tokens per verify step (the bonus/recovered token not counted)."""
-        return self.accepted_tokens / self.steps if self.steps else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+# The drafter of `execute`: (inputs, engine id -> request id) -> one tree per input, or None (no speculation)
+Draft = Callable[[list[DraftInput], dict[int, str]], "list[DraftTree] | None"]
 
 
 @dataclass(eq=False)  # a request is itself: `r in requests` by identity (value equality made it O(n²))
@@ -53,6 +49,8 @@ class Request:
     generator: torch.Generator | None = None
     stats: SpecStats = field(default_factory=SpecStats)
     finish_reason: str | None = None  # "stop" | "length"
+    name: str = ""  # the scheduler's request id
+    keep_kv: bool = False  # finished, its KV stays until `release`
 
     @property
     def tokens(self) -> list[int]:
@@ -77,19 +75,20 @@ class SpecEngine:
         self.max_nodes = max_nodes if speculate else 1
         self.budget = AdaptiveBudget(self.max_nodes) if adaptive else None
         self.running: list[Request] = []
-        self.keep_finished = False  # a service that publishes finished requests' KV frees it itself
         self.num_prefilled_tokens = 0  # tokens run through prefill since start (not loaded, not decoded)
         self._ids = itertools.count()
 
-    def add(self, prompts: list[list[int]], params: list[SamplingParams],
-            tables: list[BlockTable] | None = None) -> list[Request]:
+    def add(self, prompts: list[list[int]], params: list[SamplingParams], tables: list[BlockTable] | None = None, *,
+            names: list[str] | None = None, keep: bool = False) -> list[Request]:
         """Prefill the prompts (short ones together in one forward) and commit each request's first token.
-        `tables` may hold KV already loaded for a prefix of each prompt (prefix reuse): only the rest is prefilled."""
+        `tables` may hold KV already loaded for a prefix of each prompt (prefix reuse): only the rest is prefilled.
+        `keep`: a finished request's KV stays until `release`."""
         if any(not p for p in prompts):
             raise ValueError("empty prompt")
         tables = tables or [BlockTable() for _ in prompts]
-        requests = [Request(next(self._ids), list(p), sp, table=t, generator=make_generator(sp))
-                    for p, sp, t in zip(prompts, params, tables)]
+        names = names or [""] * len(prompts)
+        requests = [Request(next(self._ids), list(p), sp, table=t, generator=make_generator(sp), name=n, keep_kv=keep)
+                    for p, sp, t, n in zip(prompts, params, tables, names)]
         for r in requests:
             assert r.table.num_tokens < len(r.prompt), "the last prompt token must be computed for its logits"
             r.stats.cached_tokens = r.table.num_tokens
@@ -107,13 +106,14 @@ class SpecEngine:
         for r in requests:
             if r.finish_reason is None:
                 self.running.append(r)
-            elif not self.keep_finished:
+            elif not r.keep_kv:
                 self.runner.release(r.table)
         return requests
 
-    def extend(self, held: Request, token_ids: list[int], params: SamplingParams) -> Request:
-        """Continue a finished request whose KV is still held (keep_finished): its sequence plus `token_ids` is the
-        new request's prompt, and only `token_ids` are prefilled, on the held table.
+    def extend(self, held: Request, token_ids: list[int], params: SamplingParams, name: str = "",
+               keep: bool | None = None) -> Request:
+        """Continue a finished request whose KV was kept: its sequence plus `token_ids` is the new request's
+        prompt, and only `token_ids` are prefilled, on the held table.
 
         The KV holds every committed token but the last, which was sampled and never fed. A last token that is a
         stop token is dropped from the sequence (the caller's `token_ids` say how the turn ends, e.g. the
@@ -128,12 +128,13 @@ class SpecEngine:
             self.runner.cache.truncate(held.table, fed)
         stopped = bool(held.output) and held.output[-1] in held.params.stop_token_ids
         context = held.tokens[:-1] if stopped else held.tokens
-        [req] = self.add([context + list(token_ids)], [params], [held.table])
+        keep = held.keep_kv if keep is None else keep
+        [req] = self.add([context + list(token_ids)], [params], [held.table], names=[name or held.name], keep=keep)
         return req
 
-    def release(self, req: Request) -> None:
-        """Free a finished request's KV (with keep_finished, once its owner has published what it wants)."""
-        self.runner.release(req.table)
+    def release(self, kv: Request | BlockTable) -> None:
+        """Free a finished request's kept KV (once its owner has published what it wants), or a table's."""
+        self.runner.release(kv.table if isinstance(kv, Request) else kv)
 
     def plan(self) -> list[DraftInput] | None:
         """What to ask the drafter for this step (one input per running request), or None: nothing to draft."""
@@ -176,24 +177,82 @@ class SpecEngine:
             out.new_tokens[r.request_id] = r.output[before:]
         out.finished = [r for r in live if r.finish_reason is not None]
         self.running = [r for r in live if r.finish_reason is None]
-        if not self.keep_finished:
-            for r in out.finished:
+        for r in out.finished:
+            if not r.keep_kv:
                 self.runner.release(r.table)
         return out
 
     def step(self) -> StepOutput:
-        """plan -> draft -> verify, with the in-process proposer."""
+        """A decode step with the in-process proposer: plan -> draft -> verify."""
         if not self.running:
             return StepOutput()
-        inputs = self.plan()
-        t0 = time.perf_counter()
-        trees = self.proposer.propose(inputs) if inputs is not None else None
-        out = self.verify(trees, time.perf_counter() - t0 if inputs is not None else 0.0)
+        out, _ = self._decode(self.proposer.propose if self.proposer is not None else None)
         if self.proposer is not None:
             self.proposer.observe(out.verified)
             for r in out.finished:
                 self.proposer.release(r.request_id)
         return out
+
+    def _decode(self, draft: Callable[[list[DraftInput]], list[DraftTree] | None] | None) -> tuple[StepOutput, bool]:
+        """plan -> draft -> verify; (the step's output, whether trees came). A draft that fails or comes back
+        empty costs the step its speculation: it verifies root-only trees."""
+        inputs = self.plan()
+        trees, draft_s = None, 0.0
+        if inputs is not None and draft is not None:
+            t0 = time.perf_counter()
+            trees = draft(inputs)
+            draft_s = time.perf_counter() - t0
+        return self.verify(trees, draft_s), trees is not None
+
+    def execute(self, plan: StepPlan, draft: Draft | None = None) -> StepResult:
+        """Run a scheduler's plan: stop the cancelled, prefill the Continues and Generates (each on its own: one
+        that fails fails alone, its KV freed), or one decode step over every running request (a failure fails
+        them all). The plan's requests are kept when they finish: the scheduler holds or releases their KV."""
+        result = StepResult()
+        by_name = {r.name: r for r in self.running}
+        for name in plan.cancelled:
+            if (req := by_name.get(name)) is not None:
+                self.cancel(req.request_id)
+                result.outputs.append(_output(req))
+        for resume in plan.resumes:
+            try:
+                req = self.extend(resume.kv, resume.token_ids, params_of(resume.sampling), resume.request_id)
+            except Exception as e:  # noqa: BLE001 - this Continue alone fails; its held KV goes with it
+                log.exception("engine: the Continue of %s failed", resume.request_id)
+                self.release(resume.kv)
+                result.outputs.append(_failed(resume.request_id, f"the verifier could not continue this request: {e}"))
+                continue
+            result.outputs.append(_output(req, req.output, started=True))
+        for admit in plan.admits:
+            table = admit.table if admit.table is not None else BlockTable()
+            try:
+                [req] = self.add([admit.prompt], [params_of(admit.sampling)], [table], names=[admit.request_id],
+                                 keep=True)
+            except Exception as e:  # noqa: BLE001 - this request alone fails (its prefill); the others go on
+                log.exception("engine: admitting %s failed", admit.request_id)
+                self.runner.release(table)
+                result.outputs.append(_failed(admit.request_id, f"the verifier could not start this request: {e}"))
+                continue
+            result.outputs.append(_output(req, req.output, started=True))
+        if plan.decode and self.running:
+            self._execute_decode(result, draft)
+        return result
+
+    def _execute_decode(self, result: StepResult, draft: Draft | None) -> None:
+        live = list(self.running)
+        result.decoded, result.names = True, {r.request_id: r.name for r in live}
+        before = {r.request_id: len(r.output) for r in live}
+        try:
+            out, drafted = self._decode(draft and (lambda inputs: draft(inputs, result.names)))
+        except Exception as e:  # noqa: BLE001 - the step's requests fail; the replica serves the next ones
+            for r in live:
+                self.cancel(r.request_id)
+            log.exception("engine: a decode step failed")
+            result.outputs += [_failed(r.name, f"the verifier failed on this request: {e}") for r in live]
+            return
+        result.verified = out.verified if drafted else []
+        result.released = [r.name for r in out.finished]
+        result.outputs += [_output(r, r.output[before[r.request_id] :]) for r in live]
 
     def cancel(self, request_id: int) -> Request | None:
         """Stop a request now and free its KV (the client went away, or a stop string matched)."""
@@ -263,3 +322,22 @@ class SpecEngine:
         if params.greedy:
             return int(logits.argmax(-1))
         return int(sample(processed_probs(logits, params), generator))
+
+
+def params_of(spec) -> SamplingParams:
+    """A message's SamplingSpec as the engine's SamplingParams."""
+    return SamplingParams(spec.temperature, spec.top_k, spec.top_p, spec.seed, spec.max_tokens,
+                          tuple(spec.stop_token_ids))
+
+
+def _output(req: Request, new_tokens: list[int] | None = None, started: bool = False) -> RequestOutput:
+    out = RequestOutput(req.name, list(new_tokens or []), len(req.table.blocks), req.finish_reason,
+                        cached_tokens=req.stats.cached_tokens if started else None)
+    if req.finish_reason is not None:
+        out.kv = req if req.finish_reason != "cancelled" else None  # a cancelled request's KV is freed already
+        out.num_prompt_tokens, out.output, out.stats = len(req.prompt), list(req.output), dataclasses.replace(req.stats)
+    return out
+
+
+def _failed(name: str, error: str) -> RequestOutput:
+    return RequestOutput(name, finish_reason="error", error=error)

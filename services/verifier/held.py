@@ -16,87 +16,39 @@ The protocol (shared/messages.py), for every sender (the gateway's tool rounds; 
 
 A held table is memory the scheduler cannot use: the sender should release what it will not continue. A replica
 that stops frees what it holds, answers the Continues it has received with an error and deletes its
-`continue_stream`; the verifier service's side of all this is in continues.py.
+`continue_stream`; the verifier's side of all this is in scheduler.py (what is held, resumed, released) and
+service.py (the replies and the kvstore).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-
-import msgspec
-
-from specrelay.shared.messages import PteParts, RelayUsage, Usage
-from specrelay.shared.pte import PteAccount, PteProfile, TurnTokens
-
-
-@dataclass
-class Ledger:
-    """One request's usage across its turns (the first prefill and every Continue). OpenAI fields add up:
-    prompt_tokens counts each token fed once (the prompt, then each continuation), completion_tokens every token
-    generated, cached_tokens what the prefix cache supplied. PTE: one `TurnTokens` per turn (shared/pte.py)."""
-
-    profile: PteProfile | None = None
-    source: str = ""
-    usage: Usage = field(default_factory=Usage)
-    account: PteAccount | None = None
-    turns: int = 0
-
-    def __post_init__(self) -> None:
-        if self.profile is not None:
-            self.account = PteAccount(self.profile)
-
-    def add_turn(self, req, carried_tokens: int = 0, relay: RelayUsage | None = None, evicted_tokens: int = 0,
-                 tool_response_tokens: int = 0) -> Usage:
-        """`req`: the engine's finished request for this turn; `carried_tokens`: the context a held table brought
-        (0 on the first turn). Returns the cumulative usage."""
-        u, s = self.usage, req.stats
-        self.turns += 1
-        context = len(req.prompt)
-        prefix_hit = max(s.cached_tokens - carried_tokens, 0)
-        u.prompt_tokens += context - carried_tokens
-        u.completion_tokens += len(req.output)
-        u.cached_tokens += prefix_hit
-        u.spec_steps += s.steps
-        u.accepted_tokens += s.accepted_tokens
-        u.drafted_tokens += s.drafted_tokens
-        if relay is not None:
-            u.relay = relay
-        if self.account is None:
-            return msgspec.structs.replace(u)
-        reused = s.cached_tokens + (relay.reused_tokens if relay else 0)
-        # Tokens whose KV had existed (dropped after a hold expired; picked for relay recomputation) but were
-        # prefilled again: the `recompute` part. A prefix-cache hit on them made them cached, not recomputed.
-        recomputed = (relay.recomputed_tokens if relay else 0) + max(evicted_tokens - reused, 0)
-        recomputed = min(recomputed, context - reused)
-        self.account.add(TurnTokens(prefilled_tokens=context - reused - recomputed, decode_tokens=len(req.output),
-                                    cached_tokens=reused, recomputed_tokens=recomputed,
-                                    tool_response_tokens=tool_response_tokens))
-        p = self.account.usage
-        u.pte = PteParts(total=p.total, prefill=p.prefill, decode=p.decode, recompute=p.recompute,
-                         tool_response_tokens=p.tool_response_tokens, full_eviction_total=p.full_eviction_total,
-                         gamma=p.gamma, beta=self.profile.beta, source=self.source, turns=self.turns)
-        return msgspec.structs.replace(u)  # a copy: the next turn must not change a chunk already sent
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
 class Held:
-    req: object  # the engine's finished Request; its table still holds the KV
-    ledger: Ledger
-    expires_s: float  # time.monotonic()
+    kv: Any  # the engine's finished request; its table still holds the KV
+    ledger: Any  # usage over the turns so far (ledger.py), carried on by the Continue
+    expires_s: float  # on the HeldRequests clock (time.monotonic)
+    num_tokens: int  # prompt + output: what a Continue appends to
+    num_blocks: int  # of KV held
 
 
 class HeldRequests:
-    """The verifier's held requests by the sender's request id; plain Python, the service frees what expires."""
+    """The verifier's held requests by the sender's request id; plain Python, the scheduler releases what expires."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self._held: dict[str, Held] = {}
 
     def __len__(self) -> int:
         return len(self._held)
 
-    def hold(self, request_id: str, req, ledger: Ledger, hold_s: float) -> None:
-        self._held[request_id] = Held(req, ledger, time.monotonic() + hold_s)
+    def hold(self, request_id: str, kv: Any, ledger: Any, hold_s: float, num_tokens: int, num_blocks: int) -> None:
+        self._held[request_id] = Held(kv, ledger, self.clock() + hold_s, num_tokens, num_blocks)
 
     def get(self, request_id: str) -> Held | None:
         return self._held.get(request_id)
@@ -105,8 +57,8 @@ class HeldRequests:
         """The held request, removed (a Continue resumes it, a Cancel releases it); None if not held here."""
         return self._held.pop(request_id, None)
 
-    def expired(self, now_s: float | None = None) -> list[Held]:
-        now_s = time.monotonic() if now_s is None else now_s
+    def expired(self) -> list[Held]:
+        now_s = self.clock()
         gone = [rid for rid, h in self._held.items() if h.expires_s <= now_s]
         return [self._held.pop(rid) for rid in gone]
 
@@ -116,7 +68,4 @@ class HeldRequests:
         return held
 
     def num_blocks(self) -> int:
-        return sum(len(h.req.table.blocks) for h in self._held.values())
-
-    def next_expiry_s(self) -> float | None:
-        return min((h.expires_s for h in self._held.values()), default=None)
+        return sum(h.num_blocks for h in self._held.values())

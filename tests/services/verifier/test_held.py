@@ -28,7 +28,6 @@ def test_extend_prefills_only_the_new_tokens_and_matches_a_fresh_request(tiny_pa
     target, draft = tiny_pair
     runner = ModelRunner(target, num_blocks=256)
     engine = SpecEngine(runner, make_proposer(proposer, draft, 101) if proposer else None, max_nodes=6)
-    engine.keep_finished = True
     free = runner.cache.num_free_blocks
     # Pick the stop token from the greedy output itself, so the first turn ends by it mid-generation.
     plain = _greedy(engine, PROMPT, 12)
@@ -36,7 +35,7 @@ def test_extend_prefills_only_the_new_tokens_and_matches_a_fresh_request(tiny_pa
     first_turn = plain[: plain.index(stop[0]) + 1]
 
     params = SamplingParams(max_tokens=10, stop_token_ids=stop)
-    [held] = engine.add([PROMPT], [params])
+    [held] = engine.add([PROMPT], [params], keep=True)  # its KV stays for extend
     while engine.running:
         engine.step()
     assert held.finish_reason == "stop" and held.output == first_turn

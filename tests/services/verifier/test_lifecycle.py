@@ -94,7 +94,7 @@ async def test_a_stopped_replica_leaves_nothing_of_its_own_in_redis(model_dir, s
                 await until(lambda: "r2" in service.live)
                 await bus.publish(continue_stream(consumer), Continue("r1", TOOL_ANSWER, SamplingSpec(max_tokens=4),
                                                                       stack.channel.name))
-                await until(lambda: len(service.turns.queue) == 1)
+                await until(lambda: len(service.scheduler.continues) == 1)
                 assert "r2" in service.live and service.engine.runner.cache.num_free_blocks < NUM_BLOCKS
 
                 task.cancel()

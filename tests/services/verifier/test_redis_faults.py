@@ -44,10 +44,10 @@ class PoisonedEngine(SpecEngine):
 
     fail_next_step = False
 
-    def add(self, prompts, params, tables=None):
+    def add(self, prompts, params, tables=None, **options):
         if any(POISON in p for p in prompts):
             raise RuntimeError("poisoned prompt")
-        return super().add(prompts, params, tables)
+        return super().add(prompts, params, tables, **options)
 
     def verify(self, trees, draft_s: float = 0.0):
         if self.fail_next_step:
