@@ -20,17 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proposer", choices=PROPOSERS, default=None,
                         help="draft-model tree, chain, model-free Token Recycling, or none (plain decoding); default: "
                              "tree when there is a draft model, else recycle")
-    parser.add_argument("--max-nodes", type=int, default=16, help="largest draft tree verified per request")
-    parser.add_argument("--num-blocks", type=int, default=2048, help="KV cache blocks (16 tokens each)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--pte-profile", default=None, metavar="FILE",
-                        help="PTE profile for usage.pte (default: what `specrelay calibrate` cached, else analytic)")
-    parser.add_argument("--no-client-retention", action="store_true",
-                        help="at a client tool pause, publish and free the turn's KV as before, instead of "
-                             "letting the retention policy keep, offload or drop it")
-    from specrelay.services.verifier.relay_hooks import add_relay_options
+    from specrelay.services.verifier import config as verifier
 
-    add_relay_options(parser)
+    verifier.add_arguments(parser)  # --max-nodes, --num-blocks, --device, --pte-profile, relay, ...
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -41,8 +33,8 @@ async def serve(args: argparse.Namespace) -> None:
     from specrelay.services.gateway import service as gateway
     from specrelay.services.gateway.app import create_app
     from specrelay.services.gateway.metrics import KvStats
-    from specrelay.services.verifier.relay_hooks import relay_config
-    from specrelay.services.verifier.service import VerifierConfig, VerifierService
+    from specrelay.services.verifier.config import from_args
+    from specrelay.services.verifier.service import VerifierService
     from specrelay.shared.bus import make_bus
     from specrelay.shared.http import app_runner, listen
     from specrelay.shared.tokenizer import Tokenizer
@@ -52,15 +44,11 @@ async def serve(args: argparse.Namespace) -> None:
     proposer, draft_dir = choose_proposer(config.model_dir, args.draft, args.proposer)
     speculate = proposer != "none"
     async with make_bus(args.redis) as bus:
-        verifier = VerifierService(VerifierConfig(model_dir, args.redis, speculate=speculate,
-                                                  max_nodes=args.max_nodes, num_blocks=args.num_blocks,
-                                                  device=args.device, report_kv=False,
-                                                  relay=relay_config(args), pte_profile=args.pte_profile,
-                                                  max_hold_s=max(300.0, args.tool_hold_s),
-                                                  client_retention=not args.no_client_retention), bus)
+        verifier = VerifierService(from_args(args, model_dir, redis=args.redis, speculate=speculate, report_kv=False,
+                                             max_hold_s=max(300.0, args.tool_hold_s)), bus)
         cache = verifier.engine.runner.cache
         kv_stats = lambda: KvStats(cache.allocator.num_blocks - cache.num_free_blocks,  # noqa: E731
-                                   cache.allocator.num_blocks)
+                                   cache.allocator.num_blocks, blocks_kept=verifier.scheduler.num_kept_blocks())
         gateway_config = config.gateway
         if gateway_config.max_model_len > verifier.engine.runner.max_model_len:
             from dataclasses import replace

@@ -22,45 +22,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "the same value; or SPECRELAY_CLAIM_IDLE_S)")
     parser.add_argument("--cancel-replay-s", type=float, default=60.0, metavar="S",
                         help="a starting replica reads the Cancels of the last S seconds, not the whole stream")
-    parser.add_argument("--max-nodes", type=int, default=16, help="largest draft tree verified per request")
-    parser.add_argument("--num-blocks", type=int, default=2048)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--pte-profile", default=None, metavar="FILE",
-                        help="PTE profile for usage.pte (default: what `specrelay calibrate` cached, else analytic)")
     parser.add_argument("--kvstore", default=os.environ.get("SPECRELAY_KVSTORE"), metavar="URL",
                         help="where prefix KV is shared: redis://... or shm://NAME (default: in this process)")
     parser.add_argument("--kv-capacity", default=os.environ.get("SPECRELAY_KV_CAPACITY", "512M"), metavar="SIZE",
                         help="bytes the prefix KV store may hold (e.g. 2G); the same value for every process "
                              "sharing one store")
-    parser.add_argument("--no-client-retention", action="store_true",
-                        help="at a client tool pause, publish and free the turn's KV as before, instead of "
-                             "letting the retention policy keep, offload or drop it")
-    from specrelay.services.verifier.relay_hooks import add_relay_options
+    from specrelay.services.verifier import config
 
-    add_relay_options(parser)
+    config.add_arguments(parser)  # --max-nodes, --num-blocks, --device, ... (as `specrelay serve`)
 
 
 def main(args: argparse.Namespace) -> int:
     from specrelay.services.kvstore.service import parse_bytes
-    from specrelay.services.verifier.relay_hooks import relay_config
-    from specrelay.services.verifier.service import VerifierConfig, VerifierService
+    from specrelay.services.verifier.config import from_args
+    from specrelay.services.verifier.service import VerifierService
     from specrelay.shared.bus import BusConfig, make_bus
     from specrelay.shared.errors import ConfigError
     from specrelay.shared.stopping import serve_until_stopped
 
     if not args.redis:
         raise ConfigError("a stand-alone verifier needs --redis URL (or SPECRELAY_REDIS)")
-    if not args.claim_idle_s > 0 or not args.cancel_replay_s >= 0:
-        raise ConfigError(f"--claim-idle-s {args.claim_idle_s} must be positive and --cancel-replay-s "
-                          f"{args.cancel_replay_s} not negative")
+    if not args.claim_idle_s > 0:
+        raise ConfigError(f"--claim-idle-s {args.claim_idle_s} must be positive")
     from specrelay.models.resolve import resolve_model
 
     model_dir = str(resolve_model(args.model))  # a .gguf or built-in model: imported once into the cache
-    cfg = VerifierConfig(model_dir, args.redis, speculate=not args.no_speculate, max_nodes=args.max_nodes,
-                         num_blocks=args.num_blocks, device=args.device, kvstore=args.kvstore,
-                         kvstore_capacity_bytes=parse_bytes(args.kv_capacity), relay=relay_config(args),
-                         pte_profile=args.pte_profile, client_retention=not args.no_client_retention,
-                         cancel_replay_s=args.cancel_replay_s)
+    cfg = from_args(args, model_dir, redis=args.redis, speculate=not args.no_speculate, kvstore=args.kvstore,
+                    kvstore_capacity_bytes=parse_bytes(args.kv_capacity), cancel_replay_s=args.cancel_replay_s)
     logging.basicConfig(level=logging.INFO)
 
     async def go() -> None:
