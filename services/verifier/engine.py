@@ -28,6 +28,7 @@ from specrelay.services.drafter.base import TOPK, DraftInput, Proposer, Verified
 from specrelay.services.verifier.budget import AdaptiveBudget
 from specrelay.services.verifier.handoffs import RequestOutput, SpecStats, StepPlan, StepResult
 from specrelay.shared.draft_tree import DraftTree
+from specrelay.shared.grammar_mask import Constraints, masked
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.modeling.runner import ModelRunner, StepInput
 from specrelay.shared.sampling import SamplingParams, make_generator, processed_probs, sample
@@ -75,6 +76,7 @@ class SpecEngine:
         self.max_nodes = max_nodes if speculate else 1
         self.budget = AdaptiveBudget(self.max_nodes) if adaptive else None
         self.running: list[Request] = []
+        self.constraints: Constraints | None = None  # structured outputs: grammar masks (shared/grammar_mask.py)
         self.num_prefilled_tokens = 0  # tokens run through prefill since start (not loaded, not decoded)
         self._ids = itertools.count()
 
@@ -98,11 +100,11 @@ class SpecEngine:
             group = short[start : start + 64]
             steps = [StepInput(r.table, r.prompt[r.table.num_tokens :]) for r in group]
             for r, logits in zip(group, self.runner.forward(steps)):
-                self._commit(r, [self._draw(logits, r.params, r.generator)])
+                self._commit(r, [self._draw(masked(self.constraints, r, logits), r.params, r.generator)])
         for r in requests:
             if r not in short:
                 logits = self.runner.prefill(r.table, r.prompt[r.table.num_tokens :])
-                self._commit(r, [self._draw(logits[None], r.params, r.generator)])
+                self._commit(r, [self._draw(masked(self.constraints, r, logits[None]), r.params, r.generator)])
         for r in requests:
             if r.finish_reason is None:
                 self.running.append(r)
@@ -281,7 +283,9 @@ class SpecEngine:
                 continue
             sizes = [trees[i].num_nodes for i in idx]
             cu = torch.tensor([0, *itertools.accumulate(sizes)])
-            probs = torch.cat([processed_probs(logits[i], live[i].params) for i in idx])
+            # the target's distribution at every node, masked by the grammar state after the node's path
+            probs = torch.cat([processed_probs(masked(self.constraints, live[i], logits[i], trees[i]), live[i].params)
+                               for i in idx])
             q = None if greedy else torch.cat([self._q(trees[i], probs.shape[-1]) for i in idx])
             uniforms = torch.cat([torch.rand(s, generator=live[i].generator) for i, s in zip(idx, sizes)])
             final = torch.cat([torch.rand(1, generator=live[i].generator) for i in idx])
@@ -327,7 +331,7 @@ class SpecEngine:
 def params_of(spec) -> SamplingParams:
     """A message's SamplingSpec as the engine's SamplingParams."""
     return SamplingParams(spec.temperature, spec.top_k, spec.top_p, spec.seed, spec.max_tokens,
-                          tuple(spec.stop_token_ids))
+                          tuple(spec.stop_token_ids), grammar=spec.grammar)
 
 
 def _output(req: Request, new_tokens: list[int] | None = None, started: bool = False) -> RequestOutput:

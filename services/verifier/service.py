@@ -272,12 +272,15 @@ def _error(delivery: Delivery, error: str) -> Outgoing:
 
 def _load_engine(cfg: VerifierConfig):
     from specrelay.services.verifier.engine import SpecEngine
+    from specrelay.shared.grammar_mask import Constraints
     from specrelay.shared.modeling.loader import load_model
     from specrelay.shared.modeling.runner import ModelRunner
 
     runner = ModelRunner(load_model(cfg.model_dir, device=cfg.device), cfg.num_blocks, cfg.block_size)
     # drafts come from the drafter service over the bus, not from an in-process proposer
-    return SpecEngine(runner, proposer=None, max_nodes=cfg.max_nodes, speculate=cfg.speculate)
+    engine = SpecEngine(runner, proposer=None, max_nodes=cfg.max_nodes, speculate=cfg.speculate)
+    engine.constraints = Constraints.for_model(cfg.model_dir, runner.model.config.vocab_size)  # structured outputs
+    return engine
 
 
 def _kv_reuse(cfg: VerifierConfig, runner):
