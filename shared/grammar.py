@@ -30,6 +30,7 @@ _FORMS = {
     "llama3": (['{"name": "'], ['", "parameters": '], ["}"], ["; "]),
 }
 TOOL_MARKERS = ("<tool_call>", "</tool_call>")  # look these up in the model's vocabulary for `token_ids`
+COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
@@ -72,8 +73,12 @@ def check(grammar: str) -> str:
 
 
 def _json(schema: dict[str, Any] | None) -> str:
-    """Lark's embedded JSON-schema rule; llguidance's JSON is compact (", " and ": " separators, no newlines)."""
-    return "%json " + json.dumps(ANY_OBJECT if schema is None else schema, ensure_ascii=False)
+    """Lark's embedded JSON-schema rule, written as the chat template writes JSON (", " and ": " between items,
+    no other whitespace): llguidance's default lets whitespace run on, and a sampled reply could spend its whole
+    max_tokens on it."""
+    schema = dict(ANY_OBJECT if schema is None else schema)
+    schema["x-guidance"] = {**COMPACT, **schema.get("x-guidance", {})}
+    return "%json " + json.dumps(schema, ensure_ascii=False)
 
 
 def _lit(text: str) -> str:

@@ -17,12 +17,14 @@ through them.
 from __future__ import annotations
 
 import functools
+import weakref
 from pathlib import Path
 
 import llguidance
 import numpy as np
 import torch
 
+from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.errors import SpecrelayError
 
 
@@ -103,3 +105,43 @@ def constrained(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Ten
     if allowed is None:
         return logits
     return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
+class Constraints:
+    """The engine's per-request hook: each request with a grammar gets its matcher at its first mask and keeps it
+    while it lives (weakly keyed: a finished request takes it along). Before each mask the matcher catches up with
+    the request's committed output, so the engine only asks for masks and never reports commits."""
+
+    def __init__(self, compiler: GrammarCompiler):
+        self.compiler = compiler
+        self._matchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # request -> (Constraint, fed)
+
+    @classmethod
+    def for_model(cls, model_dir: str, vocab_size: int) -> Constraints | None:
+        """The hook for a model directory; None when it has no tokenizer.json (requests with a grammar then fail)."""
+        if not (Path(model_dir) / "tokenizer.json").is_file():
+            return None
+        return cls(GrammarCompiler.from_dir(str(model_dir), vocab_size))
+
+    def mask(self, request, logits: torch.Tensor, tree: DraftTree | None = None) -> torch.Tensor:
+        """logits [num_rows, vocab] after `request`'s committed output (its tree's nodes, one row each, when a
+        tree is given), with what the request's grammar forbids at -inf; unchanged without a grammar."""
+        if request.params.grammar is None:
+            return logits
+        constraint, fed = self._matchers.get(request) or (
+            self.compiler.start(request.params.grammar, request.params.stop_token_ids), 0)
+        constraint.commit(request.output[fed:])
+        self._matchers[request] = (constraint, len(request.output))
+        if tree is None:
+            return constrained(logits, constraint.allowed())
+        return constrained(logits, constraint.tree_allowed(tree.tokens, tree.parents))
+
+
+def masked(constraints: Constraints | None, request, logits: torch.Tensor, tree: DraftTree | None = None):
+    """`constraints.mask`, for an engine that may have none: a request with a grammar then fails (it must never
+    come back unconstrained)."""
+    if request.params.grammar is None:
+        return logits
+    if constraints is None:
+        raise SpecrelayError("this verifier has no tokenizer to compile the request's grammar (structured outputs)")
+    return constraints.mask(request, logits, tree)
