@@ -15,7 +15,11 @@ A rate **passes** when both hold:
 1. it keeps up: C ≥ 0.95·N − a (`min_keep_up`; C falls short of N by the change in flight between the window's
    ends, which is why the allowance is there; the counts are the realised ones, so the Poisson noise of the
    arrivals themselves cancels);
-2. its queue does not grow: rise ≤ a.
+2. its queue does not grow: rise ≤ a;
+3. it is long enough to tell: N ≥ 5·a (`min_arrivals_per_allowance`). When trajectories are long next to the
+   window (m large against N), the allowance swallows the shortfall and tests 1 and 2 pass an overloaded server:
+   on SmolLM2, 60 s runs of 60 s trajectories passed rates three times what the server completed. Such a run
+   fails as too short, so a short `--duration` underestimates capacity and never overestimates it.
 An overloaded server (service rate μ < λ) completes about μ·T and its queue grows by (λ − μ)·T, so both tests
 fail once λ exceeds μ by a few percent of a window's worth of trajectories: the longer the run, the sharper.
 
@@ -41,6 +45,7 @@ class CapacityCriterion:
     min_keep_up: float = 0.95  # OK completions / arrivals in the window (less the noise allowance)
     num_samples: int = 100  # in-flight samples over the window
     noise_sigmas: float = 2.0  # the allowance: noise_sigmas·√m + 1 trajectories
+    min_arrivals_per_allowance: float = 5.0  # N / a below this: the window is too short to judge
 
     def __post_init__(self) -> None:
         if not 0 <= self.warmup_fraction < 1:
@@ -74,6 +79,7 @@ class Verdict:
     allowance: float  # a = noise_sigmas·√m + 1
     keeps_up: bool
     queue_flat: bool
+    long_enough: bool  # N ≥ min_arrivals_per_allowance·a
     # Filled in by a live run (capacity_run.py); a judged trace alone has none.
     ttft_p50_ms: float | None = None
     ttft_p99_ms: float | None = None
@@ -82,7 +88,7 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
-        return self.keeps_up and self.queue_flat
+        return self.keeps_up and self.queue_flat and self.long_enough
 
     def as_dict(self) -> dict:
         return {**{k: v for k, v in vars(self).items()}, "passed": self.passed}
@@ -113,6 +119,7 @@ def judge(trace: Trace, criterion: CapacityCriterion = CapacityCriterion()) -> V
         rate=trace.rate, window_s=window, num_arrivals=n, num_completed=completed, offered_per_s=n / window,
         achieved_per_s=completed / window, mean_in_flight=m, in_flight_rise=rise, allowance=allowance,
         keeps_up=completed >= criterion.min_keep_up * n - allowance, queue_flat=rise <= allowance,
+        long_enough=n >= criterion.min_arrivals_per_allowance * allowance,
     )
 
 
@@ -179,7 +186,8 @@ async def search_capacity(search: CapacitySearch, probe: Callable[[float], Await
 
 
 def format_verdict(v: Verdict) -> str:
-    why = (["falls behind"] if not v.keeps_up else []) + (["queue grows"] if not v.queue_flat else [])
+    why = ((["falls behind"] if not v.keeps_up else []) + (["queue grows"] if not v.queue_flat else [])
+           + (["too short to judge: raise --duration"] if not v.long_enough else []))
     return (f"rate {v.rate:.4g}/s: achieved {v.achieved_per_s:.4g} of {v.offered_per_s:.4g}/s offered, in flight "
             f"{v.mean_in_flight:.1f} rising {v.in_flight_rise:+.1f} (allowed {v.allowance:.1f}): "
             f"{'passes' if v.passed else 'fails (' + ', '.join(why) + ')'}")

@@ -58,7 +58,7 @@ def capacity_report(result: CapacityResult, base: RunConfig, search: CapacitySea
         "criterion": {**asdict(search.criterion),
                       "rule": "passes when OK completions >= min_keep_up * arrivals - a and the in-flight "
                               "least-squares rise <= a over the window [warmup_fraction * duration, duration), "
-                              "a = noise_sigmas * sqrt(mean in flight) + 1"},
+                              "a = noise_sigmas * sqrt(mean in flight) + 1, and arrivals >= min_arrivals_per_allowance * a"},
         "curve": [v.as_dict() for v in result.curve],
     })
 

@@ -65,6 +65,17 @@ def test_the_window_leaves_out_the_warm_up():
     assert not with_ramp.queue_flat and not with_ramp.keeps_up
 
 
+def test_a_run_short_next_to_its_trajectories_fails_as_too_short_instead_of_passing_an_overloaded_server():
+    # 8 slots x 60 s: capacity 0.133/s, offered 0.4/s (3x). A 60 s run ends before any trajectory does: the
+    # allowance (m ~ 8) hides the shortfall from the first two tests; the third names the cause.
+    short = judge(simulate(0.4, 60, 8, 60.0, seed=3))
+    assert short.num_arrivals < 5 * short.allowance and not short.long_enough and not short.passed
+    assert "too short to judge: raise --duration" in format_verdict(short)
+    # A run long enough to judge fails the overloaded server on its own merits.
+    long = judge(simulate(0.4, 1800, 8, 60.0, seed=3))
+    assert long.long_enough and not long.keeps_up and not long.queue_flat
+
+
 @pytest.mark.parametrize("slots, service_s, start_rate", [(4, 0.5, 1.0), (1, 0.2, 20.0), (16, 2.0, 0.3)])
 async def test_the_search_finds_the_known_capacity_within_10_percent(slots, service_s, start_rate):
     capacity = slots / service_s

@@ -95,13 +95,13 @@ def test_report_on_a_file_that_is_not_records_is_a_clear_error(tmp_path):
 def test_sweep_restarts_a_server_command_per_policy(tmp_path):
     cmd = f"{sys.executable} {FAKE} --port {{port}} --schedule {{schedule}}"
     out = loadgen("sweep", "--server-cmd", cmd, "--schedules", "fcfs,slo", "--workload", "chat", "--num", "8",
-                  "--capacity-start-rate", "5", "--capacity-max-rates", "2", "--capacity-duration", "1",
+                  "--capacity-start-rate", "20", "--capacity-max-rates", "2", "--capacity-duration", "2",
                   "--capacity-drain", "1", "--factors", "0.5,2",
                   "--out-dir", str(tmp_path), timeout=240)
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "sweep.json").read_text())
     assert report["capacity_trajectories_per_s"] > 0 and report["capacity_measured_on"] == "fcfs"
-    assert [v["rate"] for v in report["capacity"]["curve"]] == [5.0, 10.0]
+    assert [v["rate"] for v in report["capacity"]["curve"]] == [20.0, 40.0]
     assert "verdict" in out.stderr and "capacity:" in out.stderr
     assert list(report["policies"]) == ["fcfs", "slo"]
     for points in report["policies"].values():
@@ -125,8 +125,8 @@ def _capacity_args(*args):
 
 
 def test_capacity_prints_its_curve_and_writes_it(endpoint, tmp_path, capsys):
-    args = _capacity_args("--endpoint", endpoint, "--workload", "chat", "--start-rate", "5", "--max-rates", "2",
-                          "--duration", "1", "--drain", "1", "--out-dir", str(tmp_path))
+    args = _capacity_args("--endpoint", endpoint, "--workload", "chat", "--start-rate", "20", "--max-rates", "2",
+                          "--duration", "2", "--drain", "1", "--out-dir", str(tmp_path))
     assert args._handler(args) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:3] == ["rate/s", "offered/s", "achieved/s"]
@@ -134,7 +134,7 @@ def test_capacity_prints_its_curve_and_writes_it(endpoint, tmp_path, capsys):
     capacity = report["capacity_trajectories_per_s"]  # the verdicts are test_capacity*.py's business
     assert capacity == max(v["rate"] for v in report["curve"] if v["passed"])
     assert f"capacity: at least {capacity:.4g} trajectories/s" in out or f"capacity: {capacity:.4g} tra" in out
-    assert report["search"]["duration_s"] == 1.0 and len(report["curve"]) == 2
+    assert report["search"]["duration_s"] == 2.0 and len(report["curve"]) == 2
     assert report["criterion"]["min_keep_up"] == 0.95 and "sqrt(mean in flight)" in report["criterion"]["rule"]
 
 

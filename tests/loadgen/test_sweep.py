@@ -29,8 +29,8 @@ async def test_a_sweep_over_two_endpoints_uses_the_same_rates(serve_fake, fake, 
     slow, _ = await serve_fake(fake.FakeBehaviour(num_tokens=6, token_delay_s=0.004, max_concurrency=2))
     fast, _ = await serve_fake(fake.FakeBehaviour(num_tokens=6, token_delay_s=0.001, max_concurrency=2))
     base = RunConfig(endpoint=slow, workload="chat", num=6, progress=False)
-    # Two short capacity runs, far below the slow server's ~70/s.
-    search = CapacitySearch(start_rate=4.0, duration_s=1.0, growth=2.0, max_rates=2, drain_s=1.0)
+    # Two short capacity runs, far below the slow server's ~70/s, each long enough to judge (N >= 5a).
+    search = CapacitySearch(start_rate=20.0, duration_s=2.0, growth=2.0, max_rates=2, drain_s=1.0)
     cfg = SweepConfig(targets=[Target("fcfs", slow), Target("slo", fast)], base=base, out_dir=str(tmp_path),
                       factors=(0.5, 1.5), capacity_search=search)
     lines = []
@@ -41,15 +41,15 @@ async def test_a_sweep_over_two_endpoints_uses_the_same_rates(serve_fake, fake, 
     # The verdicts are test_capacity's business; here, that the sweep runs its points at what the search found.
     capacity = report["capacity_trajectories_per_s"]
     curve = report["capacity"]["curve"]
-    assert report["capacity_measured_on"] == "fcfs" and curve[0]["rate"] == 4.0 and len(curve) == 2
+    assert report["capacity_measured_on"] == "fcfs" and curve[0]["rate"] == 20.0 and len(curve) == 2
     assert capacity == max(v["rate"] for v in curve if v["passed"])
     assert fcfs[1]["rate"] == pytest.approx(1.5 * capacity)
     assert set(fcfs[0]["per_class"]) == {"interactive"}
     assert fcfs[0]["per_class"]["interactive"]["ttft_p99_ms"] >= fcfs[0]["per_class"]["interactive"]["ttft_p50_ms"]
     assert fcfs[0]["records"] == "fcfs-0.5x.jsonl"  # a name inside the output folder, no machine path
-    assert lines[0].startswith("rate 4/s: achieved") and "capacity: " in lines[2].splitlines()[-1]
+    assert lines[0].startswith("rate 20/s: achieved") and "capacity: " in lines[2].splitlines()[-1]
     assert len(lines) == 7
-    assert (tmp_path / "sweep.png").exists() and (tmp_path / "capacity-4.jsonl").exists()
+    assert (tmp_path / "sweep.png").exists() and (tmp_path / "capacity-20.jsonl").exists()
 
 
 def test_sweep_settings_are_checked():
