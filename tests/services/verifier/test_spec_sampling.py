@@ -3,7 +3,8 @@
 The target's law is computed exactly (enumerating every 3-token continuation of a tiny-vocabulary model), the
 speculative engine is sampled over 20,000 seeds, and a chi-square test compares the two. The negative control runs
 the same test with a deliberately broken acceptance rule — on rejection it draws from p instead of the residual
-norm(max(p − q, 0)) — and asserts that the test catches it.
+norm(max(p − q, 0)) — and asserts that the test catches it. The five 20,000-seed runs are independent: they run
+side by side in worker processes (tests/workers.py) while the tests wait for their own.
 """
 
 import itertools
@@ -25,18 +26,36 @@ from specrelay.shared.modeling.runner import ModelRunner, StepInput
 from specrelay.shared.sampling import SamplingParams, processed_probs
 
 from ...conftest import save_tiny_llama
+from ...workers import Workers
 
 VOCAB, NUM_SEEDS, PROMPT = 6, 20_000, [1, 4, 2]
 PARAMS = dict(temperature=1.3, top_p=0.95, max_tokens=3)
 
 
 @pytest.fixture(scope="module")
-def tiny_vocab_pair(tmp_path_factory):
-    target = load_model(save_tiny_llama(tmp_path_factory.mktemp("t"), seed=3, vocab_size=VOCAB,
-                                       initializer_range=0.3))
-    draft = load_model(save_tiny_llama(tmp_path_factory.mktemp("d"), seed=4, vocab_size=VOCAB,
-                                      initializer_range=0.3))
-    return target, draft
+def tiny_vocab_pair(tmp_path_factory) -> tuple[str, str]:
+    """The pair's directories (each worker loads them)."""
+    target = save_tiny_llama(tmp_path_factory.mktemp("t"), seed=3, vocab_size=VOCAB, initializer_range=0.3)
+    draft = save_tiny_llama(tmp_path_factory.mktemp("d"), seed=4, vocab_size=VOCAB, initializer_range=0.3)
+    return str(target), str(draft)
+
+
+@pytest.fixture(scope="module")
+def target_law(tiny_vocab_pair):
+    return exact_law(load_model(tiny_vocab_pair[0]))
+
+
+@pytest.fixture(scope="module")
+def runs(request, tiny_vocab_pair):
+    """(proposer, broken rule) -> Future of its samples, for every test of this module that was selected."""
+    workers, runs = Workers(), {}
+    for item in request.session.items:
+        if item.module is request.module:
+            broken = item.originalname == test_negative_control_a_broken_rule_is_caught.__name__
+            key = (item.callspec.params["proposer"], broken)
+            runs[key] = runs.get(key) or workers.submit(samples_in_worker, *tiny_vocab_pair, *key)
+    yield runs
+    workers.close()
 
 
 def exact_law(target) -> dict[tuple[int, ...], float]:
@@ -82,6 +101,14 @@ def speculative_samples(target, proposer) -> list[tuple[int, ...]]:
     return samples
 
 
+def samples_in_worker(target_dir: str, draft_dir: str, proposer: str, broken: bool) -> list[list[int]]:
+    """One run, in a worker process of its own (so the broken rule patched in stays there)."""
+    target, draft = load_model(target_dir), load_model(draft_dir)
+    if broken:
+        engine_module.spec_accept = broken_accept
+    return [list(s) for s in speculative_samples(target, make(proposer, draft))]
+
+
 def broken_accept(tokens, parents, cu_nodes, target_probs, draft_probs, uniforms, final_uniforms, greedy):
     """NEGATIVE CONTROL: after a rejection, draw the next token from p (ignoring the residual)."""
     result = accept_module.spec_accept_reference(tokens, parents, cu_nodes, target_probs, draft_probs, uniforms,
@@ -118,16 +145,13 @@ def make(name, draft):
 
 
 @pytest.mark.parametrize("proposer", ["tree", "recycle", "suffix"])  # the chain is a tree of width 1: same code path
-def test_speculative_sampling_matches_the_target_law(proposer, tiny_vocab_pair):
-    target, draft = tiny_vocab_pair
-    samples = speculative_samples(target, make(proposer, draft))
-    assert chi_square_p(samples, exact_law(target)) > 0.001
+def test_speculative_sampling_matches_the_target_law(proposer, runs, target_law):
+    samples = [tuple(s) for s in runs[proposer, False].result()]
+    assert chi_square_p(samples, target_law) > 0.001
 
 
 @pytest.mark.parametrize("proposer", ["recycle", "suffix"])
-def test_negative_control_a_broken_rule_is_caught(proposer, tiny_vocab_pair, monkeypatch):
+def test_negative_control_a_broken_rule_is_caught(proposer, runs, target_law):
     """NEGATIVE CONTROL (expected to detect bias): the same test must fail for a wrong acceptance rule."""
-    target, draft = tiny_vocab_pair
-    monkeypatch.setattr(engine_module, "spec_accept", broken_accept)
-    samples = speculative_samples(target, make(proposer, draft))
-    assert chi_square_p(samples, exact_law(target)) < 0.001
+    samples = [tuple(s) for s in runs[proposer, True].result()]
+    assert chi_square_p(samples, target_law) < 0.001
