@@ -268,7 +268,6 @@ def check_sampling(req: Sampling, max_tokens: int | None, max_tokens_param: str)
     if req.top_logprobs:
         raise bad_request("top_logprobs is not supported (logprobs are not)", param="top_logprobs",
                           code="unsupported_value")
-    check_response_format(req.response_format)
     if req.response_format is not None:
         _check_depth(req.response_format, "response_format")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -296,24 +295,6 @@ def check_sampling(req: Sampling, max_tokens: int | None, max_tokens_param: str)
     if req.deadline_ms is not None and not req.deadline_ms > 0:
         raise bad_request(f"deadline_ms must be > 0 (milliseconds from arrival), got {req.deadline_ms}",
                           param="deadline_ms", code="invalid_value")
-
-
-RESPONSE_FORMATS = ("text", "json_object", "json_schema")  # structured.py turns the JSON ones into grammars
-
-
-def check_response_format(rf: dict[str, Any] | None) -> None:
-    """The shape OpenAI documents; the schema itself is checked when it is compiled."""
-    if rf is None:
-        return
-    kind = rf.get("type")
-    if kind not in RESPONSE_FORMATS:
-        raise bad_request(f"response_format type {kind!r} is not one of {', '.join(RESPONSE_FORMATS)}",
-                          param="response_format.type", code="invalid_value")
-    if kind == "json_schema":
-        spec = rf.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-            raise bad_request("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": "
-                              "{...}}}", param="response_format.json_schema", code="invalid_value")
 
 
 def _check_depth(value: Any, param: str) -> None:
