@@ -41,3 +41,10 @@ async def test_what_cannot_be_honoured_is_a_400(gateway):
                             "response_format.json_schema")):
         await assert_error(await gateway.client.post("/v1/chat/completions", json=payload), 400, param)
     assert gateway.fake.generates == []
+
+
+async def test_completions_take_response_format_too(gateway):
+    response = await gateway.client.post("/v1/completions", json={
+        "model": "tiny-chat", "prompt": "Answer in JSON:", "max_tokens": 8, "response_format": {"type": "json_object"}})
+    assert response.status == 200, await response.text()
+    assert '"object"' in gateway.fake.generates[-1].sampling.grammar
