@@ -57,9 +57,10 @@ def tool_call_grammar(fmt: str, tools: dict[str, dict[str, Any] | None], name: s
     allowed = [name] if name is not None else list(tools)
     if not allowed:
         raise GrammarError("a forced tool call needs at least one tool")
-    rules = [f"call_{i}: {_lit(json.dumps(n)[1:-1])} {lit(between)} {_json(tools.get(n))} {lit(closing)}" for i, n in enumerate(allowed)]
+    rules = [f"call_{i}: {_lit(json.dumps(n)[1:-1])} {lit(between)} {_arguments(tools.get(n))} {lit(closing)}"
+             for i, n in enumerate(allowed)]
     any_call = " | ".join(f"call_{i}" for i in range(len(allowed)))
-    first = f"{_json(tools.get(name))} {lit(closing)}" if name is not None else "named_call"
+    first = f"{_arguments(tools.get(name))} {lit(closing)}" if name is not None else "named_call"
     more = f" ({lit(separator + opening)} named_call)*" if parallel else ""
     return check("\n".join([f"start: {first}{more}", f"named_call: {any_call}", *rules]))
 
@@ -79,6 +80,11 @@ def _json(schema: dict[str, Any] | None) -> str:
     schema = dict(ANY_OBJECT if schema is None else schema)
     schema["x-guidance"] = {**COMPACT, **schema.get("x-guidance", {})}
     return "%json " + json.dumps(schema, ensure_ascii=False)
+
+
+def _arguments(schema: dict[str, Any] | None) -> str:
+    """A call's arguments: always an object (the parser refuses anything else), valid for the schema."""
+    return _json({"type": "object", **(schema or {})})
 
 
 def _lit(text: str) -> str:

@@ -84,6 +84,12 @@ def test_required_picks_any_tool_with_valid_arguments(compiler, tok):
     assert not accepts(compiler, g, tok, 'get_weather", "arguments": 3}\n</tool_call>')  # not an object
 
 
+def test_arguments_are_an_object_even_when_the_schema_does_not_say_so(compiler, tok):
+    g = tool_call_grammar("hermes", {"f": {}}, "f", token_ids=MARKER_IDS)
+    assert accepts(compiler, g, tok, '{"x": 1}}\n</tool_call>')
+    assert not accepts(compiler, g, tok, '3}\n</tool_call>')
+
+
 def test_llama3_calls_use_parameters_and_close_the_object(compiler, tok):
     g = tool_call_grammar("llama3", TOOLS, "get_weather")
     assert accepts(compiler, g, tok, '{"city": "A", "days": 1}}')
