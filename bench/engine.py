@@ -10,6 +10,7 @@ logits-processor call (its prefill done) to the end of `generate`.
     step_ms                         median engine step (forward + acceptance + bookkeeping)
     floor_ms                        the model's own matmuls alone (every Linear of every layer, and the LM head) on
                                     B rows: what a step cannot go below without touching fewer weights
+    f_linear_floor_ms               the same weights through plain F.linear (unpacked: what transformers pays)
     floor_fraction                  floor_ms / step_ms
     profile_ms                      one step split by wall timers: attention (KV write, gather, softmax), matmuls,
                                     other model ops (norms, RoPE, residuals, embedding), sampling (acceptance) and
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
 import time
 from pathlib import Path
@@ -66,6 +68,9 @@ def main(args: argparse.Namespace) -> int:
         prompts = [stream[b * 61 : b * 61 + prompt_len] for b in range(batch)]
         points.append(measure_point(model, hf, prompts, max_tokens))
         print_point(points[-1])
+        if args.json:  # each point as it comes: a long sweep cut short keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"model": model_dir.name, "points": points}, indent=2) + "\n")
     curve = verify_curve(model, stream[: prompt_lens[0]], args.max_verify or (8 if args.quick else 64))
     print("verify cost t(m)/t(1): " + " ".join(f"{m}:{r:.2f}" for m, r in zip(curve["m"], curve["ratio"])))
     report = {"model": model_dir.name, "threads": torch.get_num_threads(), "max_tokens": max_tokens,
@@ -99,11 +104,12 @@ def measure_point(model, hf, prompts: list[list[int]], max_tokens: int) -> dict:
     ours, steps_s, profile = run_engine(model, prompts, max_tokens)
     theirs, hf_decode_s, hf_steps = run_hf(hf, prompts, max_tokens)
     step_s = statistics.median(steps_s)
-    floor_s = matmul_floor(model, batch)
+    floor_s, f_linear_s = matmul_floor(model, batch)
     return {"prompt_len": prompt_len, "batch_size": batch,
             "tokens_per_s": round(batch * len(steps_s) / sum(steps_s), 2),
             "hf_tokens_per_s": round(batch * hf_steps / hf_decode_s, 2),
             "step_ms": round(1e3 * step_s, 2), "floor_ms": round(1e3 * floor_s, 2),
+            "f_linear_floor_ms": round(1e3 * f_linear_s, 2),
             "floor_fraction": round(floor_s / step_s, 3),
             "profile_ms": {k: round(1e3 * v, 2) for k, v in profile.items()},
             "same_tokens_as_hf": sum(a == b for a, b in zip(ours, theirs)) / batch}
@@ -150,20 +156,23 @@ def run_hf(hf, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int
     return out[:, len(prompts[0]) :].tolist(), end - calls[0], len(calls) - 1
 
 
-def matmul_floor(model, rows: int, repeats: int = 5) -> float:
-    """Median seconds of the model's own Linear modules, each once on `rows` random rows (the LM head too)."""
+def matmul_floor(model, rows: int, repeats: int = 5) -> tuple[float, float]:
+    """Median seconds of the model's own Linear modules, each once on `rows` random rows (the LM head too), and
+    of plain F.linear on the same weights (what an unpacked weight costs: the figure issue 16 quotes)."""
     import torch
+    import torch.nn.functional as F
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=model.dtype) for m in linears}
-    times = []
+    times: dict[str, list[float]] = {"model": [], "f_linear": []}
     with torch.inference_mode():
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            for m in linears:
-                m(inputs[m.in_features])
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            for name, run in (("model", lambda m, x: m(x)), ("f_linear", lambda m, x: F.linear(x, m.weight))):
+                t0 = time.perf_counter()
+                for m in linears:
+                    run(m, inputs[m.in_features])
+                times[name].append(time.perf_counter() - t0)
+    return statistics.median(times["model"]), statistics.median(times["f_linear"])
 
 
 def goals(points: list[dict]) -> dict[str, bool]:

@@ -16,6 +16,7 @@ from specrelay.kernels.tree_attention import tree_attention
 from specrelay.shared.modeling.batch import ForwardBatch
 from specrelay.shared.modeling.config import ModelConfig
 from specrelay.shared.modeling.kv_cache import PagedKVCache
+from specrelay.shared.modeling.linear import PackedLinear
 from specrelay.shared.modeling.rope import apply_rope, inv_frequencies, rope_cos_sin
 
 
@@ -38,8 +39,8 @@ class Attention(nn.Module):
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = PackedLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = PackedLinear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
@@ -48,54 +49,108 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 cache: PagedKVCache) -> torch.Tensor:
         # x: [num_tokens, hidden]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, H, D]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, H_kv, D]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, H_kv, D]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # [num_blocks, block_size, H_kv, D]
-        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, k)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, batch.slot_mapping, v)
+            q, k = qkv[:, : self.q_size + self.kv_size].split([self.q_size, self.kv_size], dim=-1)
+            q = apply_rope(self.q_norm(q.view(-1, self.num_heads, self.head_dim)), cos, sin)
+            k = apply_rope(self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim)), cos, sin)
+        else:  # one rotation for the query and key heads together: per-op overhead, not FLOPs, is the cost here
+            qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
+                                                                      self.head_dim), cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [num_tokens, H, D], [num_tokens, H_kv, D]
         assert not self.window or batch.window == self.window, f"batch window {batch.window}, layer's {self.window}"
-        if runtime_uses_triton(q):
-            tree_mask = batch.window_tree_mask if self.window else batch.tree_mask
-            out = tree_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.cu_query_lens,
-                                 tree_mask, self.scale, batch.query_index.shape[1], batch.mask_starts,
-                                 window=self.window, positions=batch.positions)  # fmt: skip
-        else:
-            out = paged_attention(q, k_cache, v_cache, batch, self.scale, windowed=self.window > 0)
+        out = attend(q, k, v, cache.k[self.layer], cache.v[self.layer], batch, self.scale, self.window)
         return self.o_proj(out.reshape(-1, self.q_size))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           batch: ForwardBatch, scale: float, window: int) -> torch.Tensor:
+    """Write the new tokens' K/V into one layer's cache, then attend over each sequence's cached and new keys.
+
+    q: [num_tokens, H, D]; k, v: [num_tokens, H_kv, D]; k_cache, v_cache: [num_blocks, block_size, H_kv, D]
+    -> [num_tokens, H, D]
+    """
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v)
+    if runtime_uses_triton(q):
+        tree_mask = batch.window_tree_mask if window else batch.tree_mask
+        return tree_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.cu_query_lens,
+                              tree_mask, scale, batch.query_index.shape[1], batch.mask_starts, window=window,
+                              positions=batch.positions)  # fmt: skip
+    return paged_attention(q, k_cache, v_cache, batch, scale, windowed=window > 0)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
                     scale: float, windowed: bool = False) -> torch.Tensor:
     """The torch path: gather each sequence's blocks, pad the queries, one SDPA call with the batch mask (cut to
-    the sliding window when `windowed`).
+    the sliding window when `windowed`); a decode step (one query per sequence) takes `decode_attention`.
 
     q: [num_tokens, H, D]; k_cache, v_cache: [num_blocks, block_size, H_kv, D] -> [num_tokens, H, D]
     """
-    num_seqs, max_blocks = batch.block_tables.shape
-    block_size = k_cache.shape[1]
-    keys = k_cache[batch.block_tables].view(num_seqs, max_blocks * block_size, *k_cache.shape[2:])
-    values = v_cache[batch.block_tables].view(num_seqs, max_blocks * block_size, *v_cache.shape[2:])
-    keys = keys[:, : batch.max_kv_len].transpose(1, 2)  # [num_seqs, H_kv, max_kv_len, D]
-    values = values[:, : batch.max_kv_len].transpose(1, 2)
-    queries = q[batch.query_index].transpose(1, 2)  # [num_seqs, H, max_query_len, D]
     attn_mask = batch.window_attn_mask if windowed else batch.attn_mask
     assert attn_mask is not None, "a windowed layer needs a batch built with its window"
+    num_seqs = batch.block_tables.shape[0]
+    if q.shape[0] == num_seqs and batch.query_index.shape[1] == 1:
+        return decode_attention(q, k_cache, v_cache, batch, scale, windowed)
+    keys, values = (_gather(cache, batch.block_tables)[:, : batch.max_kv_len].transpose(1, 2)
+                    for cache in (k_cache, v_cache))  # [num_seqs, H_kv, max_kv_len, D]
+    queries = q[batch.query_index].transpose(1, 2)  # [num_seqs, H, max_query_len, D]
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=attn_mask, scale=scale,
                                          enable_gqa=q.shape[1] != k_cache.shape[2])
     return out.transpose(1, 2)[batch.query_valid]  # [num_tokens, H, D]
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
+                     scale: float, windowed: bool = False) -> torch.Tensor:
+    """One query per sequence, over the gathered blocks as they lie ([num_keys, H_kv·D] rows: no transposed copy).
+
+    Query head h reads KV head h // G (G = H / H_kv). Spreading the query over a block-diagonal [H, H_kv·D] matrix
+    (head h's D values in KV head h // G's columns, zeros elsewhere) makes every head's scores one batched matmul
+    against the keys' rows; the output's diagonal blocks are the heads' results. It costs H_kv times the
+    attention FLOPs (small beside the weights' matmuls) and saves a copy of K and V per layer.
+
+    q: [num_seqs, H, D] -> [num_seqs, H, D]
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    keys = _gather(k_cache, batch.block_tables).flatten(2)  # [num_seqs, num_keys, H_kv·D]
+    values = _gather(v_cache, batch.block_tables).flatten(2)
+    spread = q.new_zeros(num_seqs, num_kv_heads, group, num_kv_heads, head_dim)
+    spread.diagonal(dim1=1, dim2=3).copy_(q.view(num_seqs, num_kv_heads, group, head_dim).permute(0, 2, 3, 1))
+    bias = _decode_bias(batch, keys.shape[1], windowed)  # [num_seqs, 1, num_keys]: 0 visible, -inf not
+    scores = torch.baddbmm(bias, spread.view(num_seqs, num_heads, -1), keys.transpose(1, 2), alpha=scale)
+    out = torch.bmm(scores.softmax(-1), values).view(num_seqs, num_kv_heads, group, num_kv_heads, head_dim)
+    return out.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(num_seqs, num_heads, head_dim)
+
+
+def _decode_bias(batch: ForwardBatch, num_keys: int, windowed: bool) -> torch.Tensor:
+    """The batch's attention mask as an additive bias over all `num_keys` gathered keys, made once per forward."""
+    key = ("decode_bias", windowed)
+    if key not in batch.derived:
+        mask = (batch.window_attn_mask if windowed else batch.attn_mask)[:, 0]  # [num_seqs, 1, max_kv_len]
+        visible = F.pad(mask, (0, num_keys - mask.shape[-1]))
+        batch.derived[key] = torch.zeros(visible.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+            ~visible, float("-inf"))
+    return batch.derived[key]
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, block_size, H_kv, D] -> [num_seqs, max_blocks · block_size, H_kv, D]: each sequence's blocks
+    in order (padding blocks included; masks cut them). index_select copies whole blocks, the cheapest gather."""
+    num_seqs, max_blocks = block_tables.shape
+    blocks = cache.index_select(0, block_tables.flatten())
+    return blocks.view(num_seqs, max_blocks * cache.shape[1], *cache.shape[2:])
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = PackedLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = PackedLinear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
@@ -128,7 +183,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderStack(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = PackedLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", inv_frequencies(cfg), persistent=False)

@@ -35,7 +35,7 @@ def test_every_point_has_the_documented_figures(report):
     assert [(p["prompt_len"], p["batch_size"]) for p in report["points"]] == [(24, 1), (24, 8), (40, 1), (40, 8)]
     for p in report["points"]:
         assert p["tokens_per_s"] > 0 and p["hf_tokens_per_s"] > 0
-        assert p["step_ms"] > 0 and p["floor_ms"] > 0
+        assert p["step_ms"] > 0 and p["floor_ms"] > 0 and p["f_linear_floor_ms"] > 0
         assert p["floor_fraction"] == pytest.approx(p["floor_ms"] / p["step_ms"], rel=0.02)
         assert set(p["profile_ms"]) == set(PARTS)
         assert all(v >= 0 for v in p["profile_ms"].values()) and p["profile_ms"]["matmuls"] > 0
