@@ -32,7 +32,7 @@ from specrelay.services.verifier.inbox import Inbox
 from specrelay.services.verifier.ledger import Ledger
 from specrelay.services.verifier.scheduler import CacheBudget, Scheduler, SchedulerConfig
 from specrelay.shared.bus import Bus, BusUnavailable, Delivery
-from specrelay.shared.messages import KV_STREAM, Cancel, Continue, Generate, KvReport, RelayUsage, TokenChunk
+from specrelay.shared.messages import KV_STREAM, Cancel, Continue, Generate, KvReport, TokenChunk
 from specrelay.shared.modeling.kv_cache import BlockTable
 
 __all__ = ["VerifierConfig", "VerifierService"]
