@@ -13,10 +13,19 @@ PROPOSERS = ["chain", "tree", "recycle", "suffix"]
 
 
 @pytest.fixture(scope="session")
-def tiny_pair(tmp_path_factory):
+def tiny_pair_dir(tmp_path_factory) -> str:
+    """The tiny pair's target directory: `tiny_pair_from` it gives the same pair in any process."""
+    return str(save_tiny_llama(tmp_path_factory.mktemp("target"), seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_pair_dir):
+    return tiny_pair_from(tiny_pair_dir)
+
+
+def tiny_pair_from(target_dir: str):
     """A random target and a smaller random draft over the same 101-token vocabulary. The draft is the target
     with noise on its weights, so it agrees often but not always (random weights would agree by chance only)."""
-    target_dir = save_tiny_llama(tmp_path_factory.mktemp("target"), seed=1)
     target = load_model(target_dir)
     draft = load_model(target_dir)
     gen = torch.Generator().manual_seed(2)

@@ -1,4 +1,6 @@
-"""Greedy speculative output equals the target's own greedy output, token for token, for every proposer."""
+"""Greedy speculative output equals the target's own greedy output, token for token, for every proposer. The
+reference and the eight (proposer, batch size) runs are independent: they run side by side in worker processes
+(tests/workers.py) while the tests wait for their own."""
 
 import pytest
 import torch
@@ -7,14 +9,16 @@ from specrelay.services.verifier.engine import SpecEngine
 from specrelay.shared.modeling.runner import ModelRunner
 from specrelay.shared.sampling import SamplingParams
 
-from .conftest import PROPOSERS, make_proposer
+from ...workers import Workers
+from .conftest import PROPOSERS, make_proposer, tiny_pair_from
 
 NUM_PROMPTS, NEW_TOKENS = 50, 128
+# the first test waits for its run while the others share the cores: room for that on a loaded machine
+pytestmark = pytest.mark.timeout(1200)
 
 
 @pytest.fixture(scope="module")
-def prompts_and_reference(tiny_pair):
-    target, _ = tiny_pair
+def prompts() -> list[list[int]]:
     gen = torch.Generator().manual_seed(0)
     # repetitive prompts give the drafters something to predict, random ones test the rejection paths
     prompts = []
@@ -22,30 +26,58 @@ def prompts_and_reference(tiny_pair):
         n = int(torch.randint(3, 60, (1,), generator=gen))
         base = torch.randint(0, 101, (max(2, n // 3),), generator=gen).tolist()
         prompts.append((base * 3)[:n] if i % 2 else torch.randint(0, 101, (n,), generator=gen).tolist())
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def runs(request, tiny_pair_dir, prompts):
+    """The target's reference and every selected (proposer, batch size) run, side by side in worker processes."""
+    workers = Workers()
+    reference, cases = workers.submit(reference_outputs, tiny_pair_dir, prompts), {}
+    for item in request.session.items:
+        if item.module is request.module and item.originalname == test_speculative_greedy_equals_target_greedy.__name__:
+            key = (item.callspec.params["proposer"], item.callspec.params["batch_size"])
+            cases[key] = workers.submit(speculative_outputs, tiny_pair_dir, prompts, *key)
+    yield reference, cases
+    workers.close()
+
+
+def reference_outputs(target_dir: str, prompts: list[list[int]]) -> list[list[int]]:
+    """The target's own greedy output per prompt (a worker's job)."""
+    target, _ = tiny_pair_from(target_dir)
+    return ModelRunner(target, num_blocks=1024).generate(prompts, SamplingParams(max_tokens=NEW_TOKENS))
+
+
+def speculative_outputs(target_dir: str, prompts: list[list[int]], proposer: str, batch_size: int) -> dict:
+    """Per prompt, the speculative engine's output, finish reason and accepted draft tokens; then the target cache's
+    free blocks (a worker's job)."""
+    target, draft = tiny_pair_from(target_dir)
     params = SamplingParams(max_tokens=NEW_TOKENS)
-    reference = ModelRunner(target, num_blocks=1024).generate(prompts, params)
-    return prompts, params, reference
+    engine = SpecEngine(ModelRunner(target, num_blocks=1024), make_proposer(proposer, draft, 101), max_nodes=12)
+    requests = [{"output": req.output, "finish_reason": req.finish_reason, "accepted": req.stats.accepted_tokens}
+                for start in range(0, NUM_PROMPTS, batch_size)
+                for req in engine.generate(prompts[start : start + batch_size], params)]
+    return {"requests": requests, "free_blocks": engine.runner.cache.num_free_blocks}
 
 
 @pytest.mark.parametrize("batch_size", [1, 8])
 @pytest.mark.parametrize("proposer", PROPOSERS)
-def test_speculative_greedy_equals_target_greedy(proposer, batch_size, tiny_pair, prompts_and_reference):
-    target, draft = tiny_pair
-    prompts, params, reference = prompts_and_reference
-    engine = SpecEngine(ModelRunner(target, num_blocks=1024), make_proposer(proposer, draft, 101), max_nodes=12)
+def test_speculative_greedy_equals_target_greedy(proposer, batch_size, runs):
+    reference, cases = runs
+    reference, run = reference.result(), cases[proposer, batch_size].result()
+    assert len(run["requests"]) == len(reference) == NUM_PROMPTS
     accepted = 0
-    for start in range(0, NUM_PROMPTS, batch_size):
-        for i, req in enumerate(engine.generate(prompts[start : start + batch_size], params), start):
-            assert req.output == reference[i], f"prompt {i} diverged"
-            assert req.finish_reason == "length"
-            accepted += req.stats.accepted_tokens
+    for i, (req, expected) in enumerate(zip(run["requests"], reference)):
+        assert req["output"] == expected, f"prompt {i} diverged"
+        assert req["finish_reason"] == "length"
+        accepted += req["accepted"]
     assert accepted > 0, "the drafter never got a token accepted: the test would not exercise acceptance"
-    assert engine.runner.cache.num_free_blocks == 1024
+    assert run["free_blocks"] == 1024
 
 
-def test_stop_tokens_end_the_request_where_the_target_would(tiny_pair, prompts_and_reference):
+def test_stop_tokens_end_the_request_where_the_target_would(tiny_pair, prompts, runs):
     target, draft = tiny_pair
-    prompts, _, reference = prompts_and_reference
+    reference = runs[0].result()
     stop = reference[1][10]
     params = SamplingParams(max_tokens=NEW_TOKENS, stop_token_ids=(stop,))
     engine = SpecEngine(ModelRunner(target, num_blocks=256), make_proposer("chain", draft, 101))
