@@ -11,7 +11,7 @@ before a mask by their index, a mask's own keys by kernels/tree_attention.window
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -38,7 +38,6 @@ class ForwardBatch:
     window: int = 0  # the sliding window of the windowed layers (ModelConfig.sliding_window); 0: none
     window_tree_mask: torch.Tensor | None = None  # tree_mask cut to the window, for the windowed layers
     window_attn_mask: torch.Tensor | None = None  # attn_mask cut to the window
-    derived: dict = field(default_factory=dict)  # what the attention path derives once per forward for all layers
 
     @property
     def num_seqs(self) -> int:

@@ -16,7 +16,6 @@ from specrelay.kernels.tree_attention import tree_attention
 from specrelay.shared.modeling.batch import ForwardBatch
 from specrelay.shared.modeling.config import ModelConfig
 from specrelay.shared.modeling.kv_cache import PagedKVCache
-from specrelay.shared.modeling.linear import PackedLinear
 from specrelay.shared.modeling.rope import apply_rope, inv_frequencies, rope_cos_sin
 
 
@@ -39,8 +38,8 @@ class Attention(nn.Module):
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = PackedLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = PackedLinear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
@@ -104,37 +103,20 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
                      scale: float, windowed: bool = False) -> torch.Tensor:
-    """One query per sequence, over the gathered blocks as they lie ([num_keys, H_kv·D] rows: no transposed copy).
-
-    Query head h reads KV head h // G (G = H / H_kv). Spreading the query over a block-diagonal [H, H_kv·D] matrix
-    (head h's D values in KV head h // G's columns, zeros elsewhere) makes every head's scores one batched matmul
-    against the keys' rows; the output's diagonal blocks are the heads' results. It costs H_kv times the
-    attention FLOPs (small beside the weights' matmuls) and saves a copy of K and V per layer.
+    """One query per sequence. The G = H / H_kv query heads that share a KV head become that head's G query rows
+    (q viewed as [num_seqs, H_kv, G, D]), so grouped-query attention is plain attention over the gathered keys:
+    no copy of K/V per query head, and no extra FLOPs.
 
     q: [num_seqs, H, D] -> [num_seqs, H, D]
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    keys = _gather(k_cache, batch.block_tables).flatten(2)  # [num_seqs, num_keys, H_kv·D]
-    values = _gather(v_cache, batch.block_tables).flatten(2)
-    spread = q.new_zeros(num_seqs, num_kv_heads, group, num_kv_heads, head_dim)
-    spread.diagonal(dim1=1, dim2=3).copy_(q.view(num_seqs, num_kv_heads, group, head_dim).permute(0, 2, 3, 1))
-    bias = _decode_bias(batch, keys.shape[1], windowed)  # [num_seqs, 1, num_keys]: 0 visible, -inf not
-    scores = torch.baddbmm(bias, spread.view(num_seqs, num_heads, -1), keys.transpose(1, 2), alpha=scale)
-    out = torch.bmm(scores.softmax(-1), values).view(num_seqs, num_kv_heads, group, num_kv_heads, head_dim)
-    return out.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(num_seqs, num_heads, head_dim)
-
-
-def _decode_bias(batch: ForwardBatch, num_keys: int, windowed: bool) -> torch.Tensor:
-    """The batch's attention mask as an additive bias over all `num_keys` gathered keys, made once per forward."""
-    key = ("decode_bias", windowed)
-    if key not in batch.derived:
-        mask = (batch.window_attn_mask if windowed else batch.attn_mask)[:, 0]  # [num_seqs, 1, max_kv_len]
-        visible = F.pad(mask, (0, num_keys - mask.shape[-1]))
-        batch.derived[key] = torch.zeros(visible.shape, dtype=torch.float32, device=mask.device).masked_fill_(
-            ~visible, float("-inf"))
-    return batch.derived[key]
+    attn_mask = batch.window_attn_mask if windowed else batch.attn_mask  # [num_seqs, 1, 1, max_kv_len]
+    keys, values = (_gather(cache, batch.block_tables)[:, : batch.max_kv_len].transpose(1, 2)
+                    for cache in (k_cache, v_cache))  # [num_seqs, H_kv, max_kv_len, D]
+    queries = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [num_seqs, H_kv, G, D]
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=attn_mask, scale=scale)
+    return out.view(num_seqs, num_heads, head_dim)
 
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -149,8 +131,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = PackedLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = PackedLinear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
@@ -183,7 +165,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderStack(cfg)
-        self.lm_head = PackedLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", inv_frequencies(cfg), persistent=False)
