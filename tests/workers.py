@@ -12,6 +12,7 @@ files (nothing is unpickled); a worker that fails gives its test the worker's tr
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import os
@@ -82,5 +83,8 @@ class Workers:
 
 def _module_name(function) -> str:
     """The importable name of the function's module, from its file (pytest may import test modules under others)."""
+    installed = Path(importlib.util.find_spec("specrelay").origin).resolve().parent
+    if installed != ROOT:  # a worker would run that checkout's tests, not these
+        raise RuntimeError(f"`specrelay` is installed from {installed}, these tests are {ROOT}'s: `make setup` here")
     path = Path(inspect.getfile(function)).resolve().relative_to(ROOT).with_suffix("")
     return ".".join(("specrelay", *path.parts))
