@@ -72,15 +72,16 @@ class StepProfile:
 
 def verify_curve(model, context: list[int], max_m: int, repeats: int = 3) -> dict:
     """t_verify(m) / t_verify(1) for m = 1 .. max_m: one causal forward of m new tokens (all rows' logits, as a
-    verification wants them) after `context`, median of `repeats`, the new tokens rolled back after each."""
-    import statistics
-
+    verification wants them) after `context`, the fastest of `repeats` (on a shared machine the slower ones
+    measure the neighbours), the new tokens rolled back after each; one unmeasured forward first warms up."""
     from specrelay.shared.modeling.kv_cache import BlockTable
     from specrelay.shared.modeling.runner import ModelRunner, StepInput
 
     runner = ModelRunner(model, num_blocks=(len(context) + max_m) // 16 + 2)
     table = BlockTable()
     runner.prefill(table, context[:-1])
+    runner.forward([StepInput(table, context[-1:])])
+    runner.cache.truncate(table, len(context) - 1)
     seconds = []
     for m in range(1, max_m + 1):
         new = (context * (m // len(context) + 1))[-m:]
@@ -90,6 +91,6 @@ def verify_curve(model, context: list[int], max_m: int, repeats: int = 3) -> dic
             runner.forward([StepInput(table, new, logits_rows=list(range(m)))])
             times.append(time.perf_counter() - t0)
             runner.cache.truncate(table, len(context) - 1)
-        seconds.append(statistics.median(times))
+        seconds.append(min(times))
     return {"context": len(context) - 1, "m": list(range(1, max_m + 1)), "t1_ms": round(1e3 * seconds[0], 2),
             "ratio": [round(s / seconds[0], 3) for s in seconds]}
