@@ -91,6 +91,9 @@ class ForwardBatch:
         )
 
 
+Mask = torch.Tensor | None
+
+
 @dataclass
 class _Shape:
     """The sizes every mask of a batch is laid out by."""
@@ -145,7 +148,7 @@ def _causal_mask(shape: _Shape) -> torch.Tensor:
 
 
 def _masks_by_sequence(shape: _Shape, masks: list[torch.Tensor | None] | None, positions: list[list[int]] | None,
-                       window: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+                       window: int) -> tuple[torch.Tensor, Mask, Mask, Mask]:
     """Tree masks and sliding windows, one sequence at a time: (attn_mask, flat tree mask, both cut to the
     window)."""
     attn_mask = torch.zeros(shape.num_seqs, 1, shape.max_q, shape.max_kv, dtype=torch.bool)
@@ -174,7 +177,8 @@ def _place(shape: _Shape, s: int, attn: torch.Tensor, tree: torch.Tensor | None,
     attn[s, 0, :n, start : c + n] = mask
     attn[s, 0, n:, 0] = True  # padded query rows attend somewhere so softmax stays finite
     if tree is not None:
-        tree[shape.cu[s] : shape.cu[s] + n, : c + n - start] = mask if shape.masks_context else mask[:, mask.shape[1] - n :]
+        own = mask if shape.masks_context else mask[:, mask.shape[1] - n :]  # without context: the new keys only
+        tree[shape.cu[s] : shape.cu[s] + n, : c + n - start] = own
 
 
 def _query_layout(shape: _Shape) -> tuple[torch.Tensor, torch.Tensor]:
