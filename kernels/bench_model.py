@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from specrelay.kernels.dispatch import set_kernel_mode
-from specrelay.shared.modeling.rope import rope_cos_sin, rotate_half
+from specrelay.shared.rotary import rope_cos_sin, rotate_half
 from specrelay.kernels.tree_attention import tree_attention
 
 

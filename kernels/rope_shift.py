@@ -15,7 +15,7 @@ import functools
 import torch
 
 from specrelay.kernels.dispatch import interpret_enabled, load_triton, next_power_of_2, use_triton
-from specrelay.shared.modeling.rope import rope_cos_sin, rotate_half  # the runtime's RoPE, the one keys carry
+from specrelay.shared.rotary import rope_cos_sin, rotate_half  # the runtime's RoPE, the one keys carry
 
 tl = None  # triton.language, bound by _build() on first use
 

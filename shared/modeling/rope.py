@@ -11,6 +11,7 @@ import math
 import torch
 
 from specrelay.shared.modeling.config import ModelConfig
+from specrelay.shared.rotary import rope_cos_sin, rotate_half  # the kernels rotate with these too
 
 
 def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -32,18 +33,6 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return torch.where(is_medium, smoothed, scaled)
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [num_tokens, head_dim] for integer positions [num_tokens], computed in float32."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :].to(positions.device)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
