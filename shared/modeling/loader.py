@@ -76,11 +76,7 @@ def read_tensors(files: list[Path]) -> dict[str, tuple[torch.Tensor, Path]]:
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu") -> LlamaForCausalLM:
-    from specrelay.models.resolve import BUILTIN_MODELS, resolve_model
-
-    model_dir = Path(model_dir)
-    if model_dir.suffix == ".gguf" or str(model_dir) in BUILTIN_MODELS:
-        model_dir = resolve_model(model_dir)  # imported once into the cache
+    model_dir = Path(model_dir)  # a directory: a --model flag resolves a .gguf or built-in name first (resolve.py)
     if not model_dir.is_dir():
         raise ModelLoadError(f"{model_dir}: not a directory (expected a Hugging Face model directory)")
     cfg = ModelConfig.from_dir(model_dir)
