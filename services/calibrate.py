@@ -5,65 +5,21 @@ seconds per prefilled token; one decode step's time against the context length g
 γ = b/p and β = a/p. Each point is the median of a few runs after a warm-up, and the device is synchronised around
 every timed call.
 
-Which profile a verifier uses (`find_profile`), first match wins, and `usage.pte.source` says which:
-  1. `--pte-profile FILE`                                             source "file"
-  2. the profile `specrelay calibrate` cached for this model and device: source "calibrated"
-     $SPECRELAY_CACHE_DIR (default ~/.cache/specrelay)/pte/<model-name>-<config-digest>-<device>.json
-  3. the paper's analytic γ from the model's shape with H100 figures     source "analytic"
-     (β = 0; γ = 2·n_layers·d_model·(H_kv/H_q)·HOI / N_params, HOI = 756.5 FLOP/B; p = 2·N_params / 1,513 TFLOP/s)
+Which profile a verifier uses, and where this command caches it: shared/pte_profiles.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 import time
 from pathlib import Path
 
 from specrelay.shared.errors import ConfigError
-from specrelay.shared.pte import H100_PAPER_HOI_FLOP_PER_BYTE, PteProfile, analytic_gamma, measure_profile
+from specrelay.shared.pte import PteProfile, measure_profile
+from specrelay.shared.pte_profiles import profile_path
 
-H100_PAPER_PEAK_FLOPS = 1513e12  # the paper's FP16-with-sparsity peak, the compute side of its HOI
 FULL_LENGTHS = (64, 128, 256, 512, 1024, 2048)
 QUICK_LENGTHS = (32, 128, 256, 512)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPECRELAY_CACHE_DIR") or Path.home() / ".cache" / "specrelay")
-
-
-def profile_path(model_dir: str | Path, device: str) -> Path:
-    """Where `calibrate` caches the profile of this model on this device (the config digest tells apart two
-    models in directories of the same name)."""
-    model_dir = Path(model_dir)
-    config = model_dir / "config.json"
-    digest = hashlib.blake2b(config.read_bytes(), digest_size=6).hexdigest() if config.is_file() else "noconfig"
-    return cache_dir() / "pte" / f"{model_dir.resolve().name}-{digest}-{device.replace(':', '')}.json"
-
-
-def analytic_profile(model, name: str = "unknown") -> PteProfile:
-    """The paper's profile from the model's shape (no measurement): the documented fallback."""
-    cfg = model.config
-    num_params = float(sum(p.numel() for p in model.parameters()))
-    gamma = analytic_gamma(cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads, cfg.num_heads, num_params,
-                           H100_PAPER_HOI_FLOP_PER_BYTE)
-    return PteProfile.analytic(gamma, num_params, H100_PAPER_PEAK_FLOPS, device="h100-paper", model=name)
-
-
-def find_profile(path: str | None, model_dir: str | Path | None, device: str, model) -> tuple[PteProfile, str]:
-    """(profile, source) by the order in the module docstring. An explicit file that cannot be read is an error;
-    a cached one that cannot be read is skipped."""
-    if path:
-        return PteProfile.load(path), "file"
-    if model_dir:
-        cached = profile_path(model_dir, device)
-        if cached.is_file():
-            try:
-                return PteProfile.load(cached), "calibrated"
-            except ConfigError:
-                pass
-    return analytic_profile(model, Path(model_dir).name if model_dir else "unknown"), "analytic"
 
 
 def calibrate(runner, prompt_lengths, context_lengths, repeats: int = 3, device: str = "cpu",

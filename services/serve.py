@@ -5,9 +5,7 @@ bus by default (the embedded default), or Redis with `--redis URL` (the same ser
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 PROPOSERS = ("tree", "chain", "recycle", "suffix", "none")
 
 

@@ -53,8 +53,8 @@ class Outgoing:
 
 class VerifierService:
     def __init__(self, cfg: VerifierConfig, bus: Bus, engine=None):
-        from specrelay.services.calibrate import find_profile
         from specrelay.services.verifier.remote import RemoteDrafter
+        from specrelay.shared.pte_profiles import find_profile
 
         self.cfg, self.bus = cfg, bus
         self.engine = engine if engine is not None else _load_engine(cfg)

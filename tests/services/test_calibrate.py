@@ -8,9 +8,9 @@ import json
 import pytest
 
 from specrelay.cli import main
-from specrelay.services.calibrate import find_profile, profile_path
 from specrelay.shared.modeling.loader import load_model
 from specrelay.shared.pte import PteProfile
+from specrelay.shared.pte_profiles import find_profile, profile_path
 
 from ..conftest import save_tiny_llama
 

@@ -10,14 +10,14 @@ import re
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from specrelay.models.resolve import PAIR_DIR
 from specrelay.services.gateway import GatewayConfig, create_app
-from specrelay.services.serve import MODELS_DIR
 from specrelay.services.verifier.relay import RelayConfig
 from specrelay.services.verifier.service import VerifierConfig, VerifierService
 from specrelay.shared.bus import LocalBus
 from specrelay.shared.tokenizer import Tokenizer
 
-TARGET = MODELS_DIR / "target"
+TARGET = PAIR_DIR / "target"
 pytestmark = pytest.mark.skipif(not (TARGET / "config.json").is_file(), reason="the embedded pair is not trained")
 
 
