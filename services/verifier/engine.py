@@ -32,6 +32,7 @@ from specrelay.shared.grammar_mask import Constraints, masked
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.modeling.runner import ModelRunner, StepInput
 from specrelay.shared.sampling import SamplingParams, make_generator, processed_probs, sample
+from specrelay.shared.sampling_wire import params_from_spec
 
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ class SpecEngine:
                 result.outputs.append(_output(req))
         for resume in plan.resumes:
             try:
-                req = self.extend(resume.kv, resume.token_ids, params_of(resume.sampling), resume.request_id)
+                req = self.extend(resume.kv, resume.token_ids, params_from_spec(resume.sampling), resume.request_id)
             except Exception as e:  # noqa: BLE001 - this Continue alone fails; its held KV goes with it
                 log.exception("engine: the Continue of %s failed", resume.request_id)
                 self.release(resume.kv)
@@ -228,7 +229,7 @@ class SpecEngine:
         for admit in plan.admits:
             table = admit.table if admit.table is not None else BlockTable()
             try:
-                [req] = self.add([admit.prompt], [params_of(admit.sampling)], [table], names=[admit.request_id],
+                [req] = self.add([admit.prompt], [params_from_spec(admit.sampling)], [table], names=[admit.request_id],
                                  keep=True)
             except Exception as e:  # noqa: BLE001 - this request alone fails (its prefill); the others go on
                 log.exception("engine: admitting %s failed", admit.request_id)
@@ -326,12 +327,6 @@ class SpecEngine:
         if params.greedy:
             return int(logits.argmax(-1))
         return int(sample(processed_probs(logits, params), generator))
-
-
-def params_of(spec) -> SamplingParams:
-    """A message's SamplingSpec as the engine's SamplingParams."""
-    return SamplingParams(spec.temperature, spec.top_k, spec.top_p, spec.seed, spec.max_tokens,
-                          tuple(spec.stop_token_ids), grammar=spec.grammar)
 
 
 def _output(req: Request, new_tokens: list[int] | None = None, started: bool = False) -> RequestOutput:

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from specrelay.shared.cache import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +163,6 @@ def band_for(model_id: str) -> tuple[tuple[int, ...], int]:
     log.warning("relay: no layer profile cached for %s (run `specrelay bench relay --layer-profile --model ...`); "
                 "checking at layer 1", model_id)
     return (1,), 0
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPECRELAY_CACHE_DIR") or Path.home() / ".cache" / "specrelay")
 
 
 def profile_path(model_id: str) -> Path:
