@@ -26,10 +26,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]  # the `specrelay` package
 
 _WORKER = """
-import importlib, json, sys
+import ctypes, importlib, json, os, signal, sys
+module, function, args_path, result_path, parent = sys.argv[1:]
+if sys.platform == "linux":  # PR_SET_PDEATHSIG: a killed test run takes its workers with it
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    if os.getppid() != int(parent):
+        sys.exit("the test run that started this worker is gone")
 import torch
 torch.set_num_threads(1)  # as tests/conftest.py sets it for the suite
-module, function, args_path, result_path = sys.argv[1:]
 result = getattr(importlib.import_module(module), function)(*json.loads(open(args_path).read()))
 with open(result_path, "w") as f:
     json.dump(result, f)
@@ -70,7 +74,8 @@ class Workers:
                 if self._closed:
                     raise RuntimeError("the workers were closed")
                 proc = subprocess.Popen([sys.executable, "-c", _WORKER, module, function, str(args_path),
-                                         str(result_path)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                                         str(result_path), str(os.getpid())],
+                                        stdin=subprocess.DEVNULL, stdout=log, stderr=log)
                 self._procs.add(proc)
             rc = proc.wait()
             with self._lock:
