@@ -95,7 +95,7 @@ class PteParts(msgspec.Struct):
     full_eviction_total: float = 0.0  # the paper's figure: every pause evicts, each turn prefills its context
     gamma: float = 0.0
     beta: float = 0.0  # per-decode-step constant in prefill tokens (0 for the analytic profile)
-    source: str = ""  # where the profile came from: "file" | "calibrated" | "analytic" (services/calibrate.py)
+    source: str = ""  # where the profile came from: "file" | "calibrated" | "analytic" (shared/pte_profiles.py)
     turns: int = 0  # prefills: 1 + the tool rounds continued on held KV
 
 

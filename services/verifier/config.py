@@ -32,7 +32,7 @@ class VerifierConfig:
     kvstore_prefix: str = "specrelay:"  # Redis key prefix of the store
     relay: RelayConfig = field(default_factory=RelayConfig)  # publish outputs' decode KV; reuse quoted ones
     report_kv: bool = True  # publish KvReports for gateways in other processes (serve shares the cache directly)
-    pte_profile: str | None = None  # usage.pte's profile file; None: the calibrated one, else analytic (calibrate.py)
+    pte_profile: str | None = None  # usage.pte's profile file; None: calibrated, else analytic (shared/pte_profiles.py)
     max_hold_s: float = 300.0  # the longest a finished request's KV is held for a Continue (held.py)
     client_retention: bool = True  # keep / offload / drop KV across client tool pauses (client_retention.py)
     kvstore_bytes_per_s: float = 2e9  # what that policy prices an offload and reload at (in-process store: ~2 GB/s)
