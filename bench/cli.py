@@ -13,7 +13,7 @@ BENCHES = {
              "speculative decoding vs transformers generate / assisted / prompt lookup and plain decoding"),
     "bus": ("specrelay.bench.bus", "add_arguments", "main",
             "per-step overhead of the local and Redis transports against the in-process engine"),
-    "relay": ("specrelay.services.verifier.relay_bench", "add_relay_arguments", "main_relay",
+    "relay": ("specrelay.bench.relay", "add_relay_arguments", "main_relay",
               "RelayCaching vs full prefill, naive reuse and CacheBlend on multi-agent pipelines"),
     "engine": ("specrelay.bench.engine", "add_arguments", "main",
                "the engine's plain decoding step vs transformers generate and this machine's matmul floor"),

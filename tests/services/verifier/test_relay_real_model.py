@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from specrelay.bench.relay_pipeline import PLANNER, WORKER, Texts
 from specrelay.models.resolve import DEFAULT_MODEL, resolve_model
 from specrelay.services.verifier.relay import PlacedSpan, RelayConfig, relay_prefill
-from specrelay.services.verifier.relay_pipeline import PLANNER, WORKER, Texts
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.modeling.loader import load_model
 from specrelay.shared.modeling.runner import ModelRunner

@@ -77,11 +77,11 @@ def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
 def main_relay(args: argparse.Namespace) -> int:
     import torch
 
+    from specrelay.bench.relay_pipeline import run_pipeline
+    from specrelay.bench.relay_task import run_task, task_scores
+    from specrelay.models.resolve import BUILTIN_MODELS, resolve_model
     from specrelay.services.kvstore import make_store
     from specrelay.services.verifier.relay import RelayConfig
-    from specrelay.services.verifier.relay_pipeline import run_pipeline
-    from specrelay.services.verifier.relay_task import run_task, task_scores
-    from specrelay.models.resolve import BUILTIN_MODELS, resolve_model
     from specrelay.shared.errors import ConfigError
 
     if args.model.suffix == ".gguf" or str(args.model) in BUILTIN_MODELS:
@@ -151,8 +151,8 @@ def main_relay(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace, spans: list[int]):
     """(runner, texts, banned ids, model id) for the model of `args`, with room for the longest prompts."""
+    from specrelay.bench.relay_pipeline import Texts
     from specrelay.services.verifier.prefix_cache import model_id
-    from specrelay.services.verifier.relay_pipeline import Texts
     from specrelay.shared.errors import ConfigError
     from specrelay.shared.modeling.loader import load_model
     from specrelay.shared.modeling.runner import ModelRunner
@@ -177,10 +177,11 @@ def _layer_profile(args: argparse.Namespace, setup, spans: list[int], pipelines:
     """--layer-profile: measure, print, cache the chosen band for the model, write --json."""
     import json
 
+    from specrelay.bench import relay_layers
     from specrelay.services.verifier import relay_profile
 
     runner, texts, banned, model_id = setup
-    profile = relay_profile.measure(runner, texts, spans, pipelines, args.seed, banned, args.model.name)
+    profile = relay_layers.measure(runner, texts, spans, pipelines, args.seed, banned, args.model.name)
     print(profile.table(), flush=True)
     path = relay_profile.profile_path(model_id)
     relay_profile.save(profile, path)
@@ -194,19 +195,20 @@ def _layer_profile(args: argparse.Namespace, setup, spans: list[int], pipelines:
 
 def _band(args: argparse.Namespace, setup) -> tuple[tuple[int, ...], int]:
     """The model's cached band; measured now (one 256-token handoff) and cached when missing."""
+    from specrelay.bench import relay_layers
     from specrelay.services.verifier import relay_profile
 
     runner, texts, banned, model_id = setup
     profile = relay_profile.load(relay_profile.profile_path(model_id))
     if profile is None:
-        profile = relay_profile.measure(runner, texts, [256], 1, args.seed, banned, args.model.name)
+        profile = relay_layers.measure(runner, texts, [256], 1, args.seed, banned, args.model.name)
         relay_profile.save(profile, relay_profile.profile_path(model_id))
         print(profile.table(), flush=True)
     return tuple(profile.check_layers), profile.recompute_first
 
 
 def _aggregate(rows: list[dict]) -> dict[str, dict[str, float]]:
-    from specrelay.services.verifier.relay_pipeline import METHODS
+    from specrelay.bench.relay_pipeline import METHODS
 
     out = {}
     full_ms = sum(r["full_prefill"].ttft_ms for r in rows) / len(rows)

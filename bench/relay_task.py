@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from specrelay.bench.relay_pipeline import Texts, greedy
 from specrelay.services.kvstore import KVStore
 from specrelay.services.verifier.relay import RelayConfig, capture_span, relay_prefill
 from specrelay.services.verifier.relay_index import lookup_relay, publish_span
-from specrelay.services.verifier.relay_pipeline import Texts, greedy
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.modeling.runner import ModelRunner, StepInput
 

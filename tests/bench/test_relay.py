@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from specrelay.services.verifier.relay_bench import add_relay_arguments, main_relay
+from specrelay.bench.relay import add_relay_arguments, main_relay
 from specrelay.shared.errors import SpecrelayError
 
-from ...conftest import save_tiny_llama
+from ..conftest import save_tiny_llama
 
 
 def parse(*argv: str) -> argparse.Namespace:
