@@ -4,6 +4,7 @@ verifier falls back to the paper's analytic γ, and says so."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 
@@ -20,7 +21,26 @@ def tiny_dir(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("calib"), seed=4)
 
 
-def test_calibrate_writes_a_profile_the_verifier_loads(tiny_dir, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def virtual_clock(monkeypatch):
+    """calibrate times real forwards of the tiny model; on a loaded machine a 2-layer model's timings are noise and
+    the fitted prefill cost can come out negative. Here each forward still runs, but advances a virtual clock by a
+    known cost (1 ms + 20 us per new token + 0.1 us per cached token), and calibrate reads that clock."""
+    from specrelay.services import calibrate as calibrate_module
+    from specrelay.shared.modeling.runner import ModelRunner
+
+    now = [0.0]
+    forward = ModelRunner.forward
+
+    def timed_forward(self, steps):
+        now[0] += 1e-3 + sum(2e-5 * len(s.token_ids) + 1e-7 * s.table.num_tokens for s in steps)
+        return forward(self, steps)
+
+    monkeypatch.setattr(ModelRunner, "forward", timed_forward)
+    monkeypatch.setattr(calibrate_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+
+def test_calibrate_writes_a_profile_the_verifier_loads(tiny_dir, tmp_path, monkeypatch, capsys, virtual_clock):
     monkeypatch.setenv("SPECRELAY_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["calibrate", "--model", str(tiny_dir), "--quick", "--threads", "1"]) == 0
     printed = capsys.readouterr().out
@@ -28,6 +48,9 @@ def test_calibrate_writes_a_profile_the_verifier_loads(tiny_dir, tmp_path, monke
     assert written.is_file() and str(written) in printed and "gamma =" in printed
     profile = PteProfile.load(written)
     assert profile.prefill_s_per_token > 0 and profile.gamma >= 0 and profile.device == "cpu"
+    # the fit recovers the virtual clock's costs: p = 20 us per prompt token, step(L) = 1.02 ms + 0.1 us per token
+    assert profile.prefill_s_per_token == pytest.approx(2e-5, rel=1e-6)
+    assert (profile.decode_a_s, profile.decode_b_s_per_ctx_token) == pytest.approx((1.02e-3, 1e-7), rel=1e-6)
     # the verifier's lookup finds it for this model and device, and an explicit file wins over it
     model = load_model(tiny_dir)
     found, source = find_profile(None, tiny_dir, "cpu", model)
@@ -38,7 +61,7 @@ def test_calibrate_writes_a_profile_the_verifier_loads(tiny_dir, tmp_path, monke
     assert find_profile(None, tiny_dir, "cuda:0", model)[1] == "analytic"  # nothing measured on that device
 
 
-def test_calibrate_out_file_and_bad_input(tiny_dir, tmp_path, capsys):
+def test_calibrate_out_file_and_bad_input(tiny_dir, tmp_path, capsys, virtual_clock):
     out = tmp_path / "p.json"
     assert main(["calibrate", "--model", str(tiny_dir), "--lengths", "16,64,160", "--repeats", "1",
                  "--threads", "1", "--out", str(out)]) == 0
