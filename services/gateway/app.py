@@ -18,7 +18,7 @@ from specrelay.services.gateway.admission import Admission, make_policy
 from specrelay.services.gateway.errors import ApiError, error_middleware
 from specrelay.services.gateway.metrics import GatewayMetrics, KvStatsSource
 from specrelay.services.gateway.state import GATEWAY, Gateway, GatewayConfig, end_of_turn_ids
-from specrelay.services.gateway.tool_rounds import ServerTools
+from specrelay.services.gateway.tools import ServerTools
 from specrelay.shared.bus import Bus
 from specrelay.shared.messages import GENERATE_STREAM
 from specrelay.shared.tokenizer import Tokenizer

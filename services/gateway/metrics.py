@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import prometheus_client as prom
 from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from specrelay.services.gateway.generation import Finish, Timing
 
 # Every name below is a legacy Prometheus name (colons included), so the 0.0.4 text format carries them unchanged
 # (prometheus-client's generate_latest writes it; its newer releases label their default 1.0.0).
@@ -96,6 +99,12 @@ class GatewayMetrics:
                                         "Relayed tokens selected for recomputation", registry=r)
         self.pte = Counter("specrelay_pte_total", "Prefill token equivalents of finished generations, by part",
                            ("part",), registry=r)
+        self._tool_series(r)
+        self._load_gauges(r, with_kv=kv_stats is not None)
+        self.vllm = VllmMetrics(r, model_name, with_kv=kv_stats is not None)
+
+    def _tool_series(self, r: prom.CollectorRegistry) -> None:
+        """Server-side tool rounds (tool_rounds.py) and the tool calls the parser found malformed."""
         self.tool_rounds = Counter("specrelay_tool_rounds_total",
                                    "Server-side tool rounds: the turn's tools ran and the model went on", registry=r)
         self.server_tool_calls = Counter("specrelay_server_tool_calls_total",
@@ -106,6 +115,9 @@ class GatewayMetrics:
         self.tool_fallbacks = Counter("specrelay_tool_fallbacks_total",
                                       "Tool rounds sent as a fresh Generate of the whole conversation, by reason "
                                       "(continue_error | continue_timeout | not_held)", ("reason",), registry=r)
+
+    def _load_gauges(self, r: prom.CollectorRegistry, with_kv: bool) -> None:
+        """What the gateway and an in-process verifier hold now (derived rates set at scrape time)."""
         self.acceptance = prom.Gauge("specrelay_spec_acceptance_rate", "Accepted / drafted tokens since start",
                                      registry=r)
         self.reuse = prom.Gauge("specrelay_kv_reuse_rate", "Cached / prompt tokens since start", registry=r)
@@ -117,7 +129,7 @@ class GatewayMetrics:
                                          registry=r)
         self.rejected = Counter("specrelay_admission_rejected_total", "Requests refused with 503 (queue full)",
                                 registry=r)
-        if kv_stats is not None:  # no verifier in this process: no made-up gauge
+        if with_kv:  # no verifier in this process: no made-up gauge
             self.kv_used = prom.Gauge("specrelay_kv_blocks_used", "KV cache blocks in use (in-process verifier)",
                                       registry=r)
             self.kv_total = prom.Gauge("specrelay_kv_blocks_total", "KV cache blocks in all (in-process verifier)",
@@ -125,13 +137,59 @@ class GatewayMetrics:
             self.kv_kept = prom.Gauge("specrelay_kv_blocks_kept",
                                       "Of the blocks used, those of conversations held across a tool pause",
                                       registry=r)
-        self.vllm = VllmMetrics(r, model_name, with_kv=kv_stats is not None)
 
     def set_load(self, num_running: int, num_waiting: int) -> None:
         self.running.set(num_running)
         self.queued.set(num_waiting)
         self.vllm.running.set(num_running)
         self.vllm.waiting.set(num_waiting)
+
+    def observe(self, timing: Timing, reason: str, usage: dict[str, Any]) -> None:
+        """A request that finished with `reason` (OpenAI's) and `usage` (OpenAI's, with specrelay's fields)."""
+        m, v = self, self.vllm
+        m.finished.inc(reason=reason)
+        v.finished(reason)
+        if timing.first_token_s is not None:
+            for ours, theirs, seconds in ((m.ttft, v.ttft, timing.first_token_s - timing.arrival_s),
+                                          (m.e2e, v.e2e, timing.last_token_s - timing.arrival_s)):
+                ours.observe(seconds)
+                theirs.observe(seconds)
+            if usage["completion_tokens"] > 1:
+                tpot_s = (timing.last_token_s - timing.first_token_s) / (usage["completion_tokens"] - 1)
+                m.tpot.observe(tpot_s)
+                v.tpot.observe(tpot_s)
+        prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
+        cached = usage["prompt_tokens_details"]["cached_tokens"]
+        for counter, amount in ((m.prompt_tokens, prompt), (v.prompt_tokens, prompt), (v.prefix_queries, prompt),
+                                (m.completion_tokens, completion), (v.generation_tokens, completion),
+                                (m.cached_tokens, cached), (v.prefix_hits, cached)):
+            counter.inc(amount)
+        v.request_prompt_tokens.observe(prompt)
+        v.request_generation_tokens.observe(completion)
+        self._observe_usage_extras(usage)
+
+    def _observe_usage_extras(self, usage: dict[str, Any]) -> None:
+        """specrelay's fields of a finished request's usage: speculation, relay, PTE."""
+        m, v = self, self.vllm
+        for counters, key in (((m.spec_steps, v.spec_drafts), "spec_steps"),
+                              ((m.drafted, v.spec_draft_tokens), "drafted_tokens"),
+                              ((m.accepted, v.spec_accepted_tokens), "accepted_tokens")):
+            if isinstance(usage.get(key), (int, float)):
+                for counter in counters:
+                    counter.inc(usage[key])
+        relay = usage.get("relay") or {}
+        for counter, key in ((m.relay_span, "span_tokens"), (m.relay_reused, "reused_tokens"),
+                             (m.relay_recomputed, "recomputed_tokens")):
+            counter.inc(relay.get(key, 0))
+        pte = usage.get("pte") or {}
+        for part in ("total", "prefill", "decode", "recompute"):
+            if part in pte:
+                m.pte.inc(pte[part], part=part)
+
+    def observe_failure(self, finish: Finish | None, why: str) -> None:
+        """A request that ended without a response: `finish` (the generation's, if it got that far) or `why`."""
+        self.finished.inc(reason=finish.reason if finish is not None else why)
+        self.vllm.finished("abort")
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (0 when it has none yet), by its exposed name."""

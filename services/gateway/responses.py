@@ -9,7 +9,8 @@ field in `shared/messages.py` reaches clients without a gateway change.
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import msgspec
 
@@ -78,3 +79,67 @@ def text_completion(request_id: str, model: str, created: int, text: str, finish
 
 def now_s() -> int:
     return int(time.time())
+
+
+class Shape(Protocol):
+    """How one endpoint writes a choice (streamer.py): whole, or as a stream of chunks."""
+
+    request_id: str
+    include_usage: bool  # streamed: every chunk has a usage field, and a usage-only chunk closes the stream
+    end_delta: Any  # the delta of the chunk that carries the finish reason
+
+    def opening(self) -> dict[str, Any] | None: ...
+
+    def chunk(self, delta: Any, finish: str | None = None) -> dict[str, Any]: ...
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]: ...
+
+    def body(self, result: Any, finish: str, usage: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class ChatShape:
+    """`chat.completion`, or `chat.completion.chunk`s of message deltas (the first names the role)."""
+
+    request_id: str
+    model: str
+    created: int
+    include_usage: bool
+    end_delta: Any = field(default_factory=dict)
+
+    def opening(self) -> dict[str, Any]:
+        return self.chunk({"role": "assistant", "content": ""})
+
+    def chunk(self, delta: dict[str, Any] | None, finish: str | None = None) -> dict[str, Any]:
+        return chat_chunk(self.request_id, self.model, self.created, delta, finish, None, self.include_usage)
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+        return chat_chunk(self.request_id, self.model, self.created, None, None, usage, self.include_usage)
+
+    def body(self, message: dict[str, Any], finish: str, usage: dict[str, Any]) -> dict[str, Any]:
+        return chat_completion(self.request_id, self.model, self.created, message, finish, usage)
+
+
+@dataclass(frozen=True)
+class CompletionShape:
+    """`text_completion`, whole or as chunks of text deltas."""
+
+    request_id: str
+    model: str
+    created: int
+    include_usage: bool
+    end_delta: Any = ""
+
+    def opening(self) -> None:
+        return None
+
+    def chunk(self, text: str | None, finish: str | None = None) -> dict[str, Any]:
+        return text_completion(self.request_id, self.model, self.created, text, finish, None, self.include_usage,
+                               chunk=True)
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+        return text_completion(self.request_id, self.model, self.created, None, None, usage, self.include_usage,
+                               chunk=True)
+
+    def body(self, text: str, finish: str, usage: dict[str, Any]) -> dict[str, Any]:
+        return text_completion(self.request_id, self.model, self.created, text, finish, usage)

@@ -13,27 +13,18 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from specrelay.services.gateway import responses as R
+from specrelay.services.gateway.chat_plan import plan_chat
+from specrelay.services.gateway.checks import check_chat
 from specrelay.services.gateway.errors import ApiError, bad_request
+from specrelay.services.gateway.exchange import admitted, check_model
 from specrelay.services.gateway.generation import Timing
-from specrelay.services.gateway.openai_api import (
-    CLIENT_CLOSED,
-    ChatPlan,
-    admitted,
-    chat_turns,
-    chat_usage,
-    check_model,
-    client_deltas,
-    observe,
-    observe_failure,
-    plan_chat,
-)
 from specrelay.services.gateway.responses_input import FunctionChoice, ResponsesRequest, check_responses, to_chat
 from specrelay.services.gateway.responses_output import OutputBuilder, responses_usage
-from specrelay.services.gateway.schemas import check_chat, decode
+from specrelay.services.gateway.schemas import decode
 from specrelay.services.gateway.sse import SseWriter, drain, stream
 from specrelay.services.gateway.state import GATEWAY, Gateway
-from specrelay.services.gateway.tool_rounds import ChatTurns
+from specrelay.services.gateway.streamer import CLIENT_CLOSED, finish
+from specrelay.services.gateway.tool_rounds import ChatPlan, ChatTurns
 
 _encoder = msgspec.json.Encoder()
 
@@ -52,7 +43,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     plan = await plan_chat(gw, request, chat, max_tokens, timing, id_prefix="resp")
     shape = Shape(req, plan)
     async with admitted(gw, plan.prep.ticket):
-        turns = chat_turns(gw, request, plan)
+        turns = ChatTurns(plan)
         if req.stream:
             return await _stream(gw, request, shape, turns)
         return await _complete(gw, shape, turns)
@@ -86,7 +77,7 @@ class Shape:
 
 async def _complete(gw: Gateway, shape: Shape, turns: ChatTurns) -> web.StreamResponse:
     builder = OutputBuilder(shape.id)
-    deltas = await drain(client_deltas(shape.plan, turns), lambda why: observe_failure(gw, turns.gen.finish, why))
+    deltas = await drain(turns.deltas(), lambda why: gw.metrics.observe_failure(turns.gen.finish, why))
     if deltas is None:
         return web.Response(status=CLIENT_CLOSED)
     for delta in deltas:
@@ -104,7 +95,7 @@ async def _stream(gw: Gateway, request: web.Request, shape: Shape, turns: ChatTu
         started = shape.body("in_progress", [])
         await sse.send({"type": "response.created", "response": started})
         await sse.send({"type": "response.in_progress", "response": started})
-        async with contextlib.aclosing(client_deltas(shape.plan, turns)) as deltas:
+        async with contextlib.aclosing(turns.deltas()) as deltas:
             async for delta in deltas:
                 for event in builder.feed(delta):
                     await sse.send(event)
@@ -121,21 +112,13 @@ async def _stream(gw: Gateway, request: web.Request, shape: Shape, turns: ChatTu
         await sse.send({"type": f"response.{status}",
                         "response": shape.body(status, builder.output(), usage, extra=_extra(builder, extra))})
 
-    return await stream(sse, send_events, lambda why: observe_failure(gw, turns.gen.finish, why), shape.id)
+    return await stream(sse, send_events, lambda why: gw.metrics.observe_failure(turns.gen.finish, why), shape.id)
 
 
 def _finish(gw: Gateway, shape: Shape, turns: ChatTurns) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """After the last delta: the chat finish reason, the Responses usage and specrelay's extra fields (server-side
     tool calls); metrics observed. A failed generation raises its ApiError."""
-    gen = turns.gen
-    try:
-        message = turns.message()
-        reason = R.finish_reason(gen.finish, turns.has_client_calls)
-    except ApiError:
-        observe_failure(gw, gen.finish, "error")
-        raise
-    usage = chat_usage(gw, shape.prep, turns)
-    observe(gw, gen, reason, usage)
+    message, reason, usage = finish(gw, turns)
     extra = {"server_tool_calls": message["server_tool_calls"]} if message.get("server_tool_calls") else {}
     return reason, responses_usage(usage), extra
 

@@ -16,7 +16,7 @@ from specrelay.shared.errors import ConfigError, SpecrelayError
 from specrelay.shared.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from specrelay.services.gateway.tool_rounds import ServerTools
+    from specrelay.services.gateway.tools import ServerTools
 
 # Tokens that end a turn in the template families we serve, besides the tokenizer's own eos.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")

@@ -25,104 +25,54 @@ shows up as a client `tool_calls` delta.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Protocol
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
 
 import msgspec
 
+from specrelay.services.gateway import responses as R
+from specrelay.services.gateway.client_view import ClientView, within
+from specrelay.services.gateway.exchange import Exchange, Prepared
 from specrelay.services.gateway.generation import Generation
-from specrelay.services.gateway.metrics import GatewayMetrics
+from specrelay.services.gateway.tools import ServerTools
 from specrelay.services.toolcoord.parser import StreamingToolParser
 from specrelay.services.toolcoord.server_tools import build_continuation, run_tool_calls, split_calls
-from specrelay.services.toolcoord.toolcalls import StreamDelta
-from specrelay.services.toolcoord.tools.base import ToolResult
-from specrelay.services.toolcoord.tools.registry import ToolRegistry
 from specrelay.services.toolcoord.trim import TrimConfig
 from specrelay.shared.errors import ConfigError
 from specrelay.shared.messages import CANCEL_STREAM, Cancel, Continue, Generate, Usage
 
 
-class ToolRunner(Protocol):
-    async def call(self, name: str, arguments: str) -> ToolResult: ...
+@dataclass
+class ChatPlan:
+    """A chat request rendered and prepared (chat_plan.py: plan_chat): what `ChatTurns` runs, for chat completions
+    and the Responses API alike."""
 
+    exchange: Exchange  # the prepared request and its link to the verifier
+    messages: list[dict[str, Any]]  # as the chat template sees them
+    tools: list[dict[str, Any]] | None  # the client's and the server's, as the template shows them
+    client_tools: set[str]
+    forced: str  # the opening of a call a forced tool_choice appended to the prompt ("" if none)
+    server: ServerTools | None
+    max_calls: int | None = None  # parallel_tool_calls: false -> 1
 
-@dataclass(frozen=True)
-class ServerTools:
-    registry: ToolRegistry  # names and schemas (always local)
-    runner: ToolRunner  # who runs the calls: the registry itself, or RemoteTools(bus)
-    trim: TrimConfig = field(default_factory=TrimConfig)
-    max_rounds: int = 4  # server-side rounds in one request
-    hold_s: float = 30.0  # how long the verifier keeps a turn's KV for the round's Continue (tool time included)
-    continue_timeout_s: float = 5.0  # no first chunk of a Continue by then: its holder is gone, fall back
-
-    def __post_init__(self) -> None:
-        if self.max_rounds < 0:
-            raise ConfigError(f"--max-tool-rounds {self.max_rounds}: must be >= 0")
-        if not self.hold_s > 0:
-            raise ConfigError(f"--tool-hold-s {self.hold_s}: must be > 0")
-        if not self.continue_timeout_s > 0:
-            raise ConfigError(f"--tool-continue-timeout-s {self.continue_timeout_s}: must be > 0")
-
-    def template_tools(self, client_tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        """The client's tools, then the server's under names the client did not take."""
-        taken = {t["function"]["name"] for t in client_tools or []}
-        extra = [s for s in self.registry.schemas() if s["function"]["name"] not in taken]
-        return [*(client_tools or []), *extra] or None
-
-
-# A turn offered client tools is held until the gateway has parsed it (moments after its last token): if it called
-# them, the hold is handed to the verifier's retention policy with the tools' names; if not, it is released.
-CLIENT_TOOL_HOLD_S = 10.0
-
-MakeGeneration = Callable[[Generate, "tuple[str, Continue] | None"], Generation]
-Events = Callable[[Generation], AsyncIterator[str]]
-
-
-class ClientView:
-    """One turn's parser output as the client may see it: the server's calls hidden, the client's renumbered."""
-
-    def __init__(self, server_names: set[str]):
-        self.server_names = server_names
-        self.index: dict[int, int | None] = {}  # parser index -> client index (None: a server call)
-
-    def delta(self, sd: StreamDelta) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if sd.content:
-            out["content"] = sd.content
-        calls = []
-        for d in sd.tool_calls:
-            if d.index not in self.index:  # a call's first delta carries its name
-                hidden = d.name in self.server_names
-                self.index[d.index] = None if hidden else sum(v is not None for v in self.index.values())
-            if (i := self.index[d.index]) is not None:
-                calls.append({**d.to_openai(), "index": i})
-        if calls:
-            out["tool_calls"] = calls
-        errors = [e.to_dict() for e in sd.errors]
-        for e in errors:
-            if "index" in e:
-                if self.index.get(e["index"]) is None:
-                    e.pop("index")  # the call never reached the client: nothing to drop there
-                else:
-                    e["index"] = self.index[e["index"]]
-        if errors:
-            out["tool_call_errors"] = errors
-        return out
+    @property
+    def prep(self) -> Prepared:
+        return self.exchange.prep
 
 
 class ChatTurns:
     """Runs the turns of one chat request. Iterate `deltas()` (the client's streamed deltas); afterwards `gen`
-    is the last turn's generation and `message()` / `usage()` shape the response."""
+    is the last turn's generation and `message()` / `openai_usage()` shape the response."""
 
-    def __init__(self, *, first: Generation, make_generation: MakeGeneration, events: Events, encode, render,
-                 messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, client_tools: set[str],
-                 fmt: str, forced: str, server: ServerTools | None, max_model_len: int, tokenizer,
-                 metrics: GatewayMetrics):
-        self.gen = first
-        self._make, self._events, self._encode, self._render = make_generation, events, encode, render
-        self.messages, self.tools, self.client_tools, self.fmt, self.forced = messages, tools, client_tools, fmt, forced
-        self.server, self.max_model_len, self.tokenizer, self.metrics = server, max_model_len, tokenizer, metrics
+    def __init__(self, plan: ChatPlan):
+        self.plan, self.exchange = plan, plan.exchange
+        self.gen = plan.exchange.generation()
+        self.messages, self.tools, self.client_tools = plan.messages, plan.tools, plan.client_tools
+        self.forced, self.server = plan.forced, plan.server
+        self.fmt, self.max_model_len = self.exchange.config.tool_call_format, self.exchange.config.max_model_len
+        self.tokenizer, self.metrics = self.exchange.tokenizer, self.exchange.metrics
         self.parser: StreamingToolParser | None = None
         self.contents: list[str] = []  # each turn's content
         self.server_calls: list[dict[str, Any]] = []
@@ -144,6 +94,13 @@ class ChatTurns:
         return StreamingToolParser(self.fmt, [t["function"]["name"] for t in self.tools])
 
     async def deltas(self) -> AsyncIterator[dict[str, Any]]:
+        """The turns' deltas as the client sees them (client_view.py)."""
+        async with contextlib.aclosing(self._turns()) as turns:
+            async for delta in turns:
+                if delta := within(delta, self.plan.max_calls):
+                    yield delta
+
+    async def _turns(self) -> AsyncIterator[dict[str, Any]]:
         gen, first = self.gen, True
         context = len(gen.generate.prompt_token_ids)
         for round_no in itertools.count():
@@ -152,7 +109,7 @@ class ChatTurns:
             self.contents.append("")
             if parser is not None and first and self.forced and (d := view.delta(parser.feed(self.forced))):
                 yield self._content(d, content_before)
-            async for text in self._events(gen):
+            async for text in self.exchange.events(gen):
                 parts.append(text)
                 d = view.delta(parser.feed(text)) if parser is not None else {"content": text}
                 if d:
@@ -209,9 +166,10 @@ class ChatTurns:
         """Run one round's server-side calls and render the continuation: (the calls as the client sees them, the
         continuation's token ids, how many of them are tool answers)."""
         outcomes = await run_tool_calls(calls, self.server.runner, self.tokenizer, self.server.trim)
-        cont = build_continuation(self._render, self.messages, self.tools, generated, parser.result, outcomes)
+        cont = build_continuation(self.tokenizer.render_chat, self.messages, self.tools, generated, parser.result,
+                                  outcomes)
         self.messages = cont.messages
-        cont_ids = self._encode(cont.text)
+        cont_ids = self.tokenizer.encode(cont.text)
         self.rounds += 1
         self.metrics.tool_rounds.inc()
         for o in outcomes:
@@ -240,7 +198,7 @@ class ChatTurns:
             return self._fresh(generate, context - len(cont_ids), tool_tokens, "not_held")
         resume = Continue(generate.request_id, cont_ids, sampling, "", hold_s=hold_s,
                           tool_response_tokens=tool_tokens)
-        return self._make(generate, (holder, resume))
+        return self.exchange.generation(generate, (holder, resume))
 
     def _fresh(self, generate: Generate, evicted: int, tool_tokens: int, why: str) -> Generation:
         """The round as a fresh Generate of the whole conversation (`tool_tokens`: the round's tool answers).
@@ -250,9 +208,11 @@ class ChatTurns:
         self.metrics.tool_fallbacks.inc(reason=why)
         self._fallback_tool_tokens += tool_tokens
         self._fallbacks += 1
-        prompt_ids = self._encode(self._render(self.messages, tools=self.tools, add_generation_prompt=True))
-        return self._make(msgspec.structs.replace(generate, request_id=f"{generate.request_id}-f{self._fallbacks}",
-                                                  prompt_token_ids=prompt_ids, evicted_tokens=evicted), None)
+        prompt_ids = self.tokenizer.encode(self.tokenizer.render_chat(self.messages, tools=self.tools,
+                                                                     add_generation_prompt=True))
+        return self.exchange.generation(msgspec.structs.replace(
+            generate, request_id=f"{generate.request_id}-f{self._fallbacks}", prompt_token_ids=prompt_ids,
+            evicted_tokens=evicted))
 
     def _client_call_names(self) -> list[str]:
         """The client tools the last turn called (the turn ends with finish_reason "tool_calls" if any)."""
@@ -282,7 +242,10 @@ class ChatTurns:
             message["tool_call_errors"] = [e.to_dict() for e in result.errors]
         if self.server_calls:
             message["server_tool_calls"] = self.server_calls
-        return message
+        return within(message, self.plan.max_calls)
+
+    def result(self) -> dict[str, Any]:  # a Choice's (streamer.py)
+        return self.message()
 
     @property
     def has_client_calls(self) -> bool:
@@ -295,6 +258,13 @@ class ChatTurns:
         pte = msgspec.structs.replace(usage.pte,
                                       tool_response_tokens=usage.pte.tool_response_tokens + self._fallback_tool_tokens)
         return msgspec.structs.replace(usage, pte=pte)
+
+    def openai_usage(self) -> dict[str, Any]:
+        usage = R.usage_to_openai(self.usage(), len(self.plan.prep.generate.prompt_token_ids), self.gen.finish)
+        if self.server is not None:  # beyond OpenAI's usage: what the server-side tool rounds did
+            usage["tool_rounds"] = self.rounds
+            usage["tool_trimmed_tokens"] = self.trimmed_tokens
+        return usage
 
 
 def add_usage(a: Usage | None, b: Usage | None) -> Usage | None:
