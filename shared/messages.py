@@ -36,6 +36,11 @@ class SamplingSpec(msgspec.Struct, frozen=True):
     # What the output must match: an llguidance grammar (shared/grammar.py), compiled by each side that samples
     # or drafts against its own tokenizer (shared/grammar_mask.py); None: free text.
     grammar: str | None = None
+    # None: no logprobs; k in 0..20: each committed token's logprob plus the k most likely alternatives
+    # (OpenAI chat `logprobs: true` + `top_logprobs: k`; completions `logprobs: k`)
+    logprobs: int | None = None
+    # token id -> bias in [-100, 100], added to the logits of the target AND the draft before anything else
+    logit_bias: dict[int, float] = {}
 
 
 class Generate(msgspec.Struct, frozen=True, tag=True):
@@ -110,6 +115,16 @@ class Usage(msgspec.Struct):
     pte: PteParts | None = None  # None: the verifier has no PTE profile
 
 
+class TokenLogprob(msgspec.Struct, frozen=True):
+    """A committed token's log-probability under the target's processed distribution (vLLM's
+    `processed_logprobs`: log-softmax after logit_bias, the grammar mask and temperature — 1 for greedy — before
+    top-k/top-p truncation), the same whether or not the token came through speculation."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = []  # the k most likely tokens and their logprobs, most likely first
+
+
 class TokenChunk(msgspec.Struct, frozen=True, tag=True):
     """Newly committed tokens of one request, in order. The last chunk has a finish_reason (and usage) or an
     error. `offset` is the index of token_ids[0] in the output: a request redelivered to another verifier replica
@@ -122,6 +137,7 @@ class TokenChunk(msgspec.Struct, frozen=True, tag=True):
     usage: Usage | None = None
     error: str | None = None
     holder: str | None = None  # set on the last chunk when the request's KV is held: the verifier to Continue
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, iff the request asked for logprobs
 
 
 class DraftItem(msgspec.Struct, frozen=True):

@@ -1,8 +1,9 @@
 """Sampling parameters and the one logits processor that both the target and the draft go through.
 
 Speculative sampling is lossless only if the draft distribution q and the target distribution p are processed
-identically (temperature, then top-k, then top-p), so `processed_probs` is the single definition of "the
-distribution we sample from"; `sample` draws from it.
+identically (logit_bias, then temperature, then top-k, then top-p), so `processed_probs` is the single definition
+of "the distribution we sample from"; `sample` draws from it. `processed_logprobs` is what a request's logprobs
+report: the same processing up to temperature (1 for greedy), before top-k/top-p truncation.
 
 Whatever the logits and parameters, that distribution is finite and sums to 1: a request's settings or a model's
 overflow must never reach `torch.multinomial` as NaN (it raises, and one request would take the server down).
@@ -21,6 +22,8 @@ from specrelay.shared.errors import SpecrelayError
 # smallest normal (~1.2e-38) overflows to inf and softmax turns it into NaN; long before that the distribution is
 # one-hot on the argmax in float32 anyway, so the limit itself is what such a request asks for.
 GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class SamplingParams:
     max_tokens: int = 128
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     grammar: str | None = None  # llguidance grammar the output must match (shared/grammar.py); None: free text
+    logprobs: int | None = None  # None: none; k: each committed token's logprob and its top-k alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs added to the logits before anything
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN fails every comparison
@@ -42,6 +47,12 @@ class SamplingParams:
             raise SpecrelayError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_tokens < 0:
             raise SpecrelayError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise SpecrelayError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs}")
+        for token_id, bias in self.logit_bias:
+            if token_id < 0 or not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+                raise SpecrelayError(f"logit_bias must map token ids >= 0 to biases in [-100, 100], got "
+                                     f"{token_id}: {bias}")
 
     @property
     def greedy(self) -> bool:
@@ -49,10 +60,10 @@ class SamplingParams:
 
 
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits: [num_rows, vocab] -> float32 probabilities [num_rows, vocab] after temperature, top-k, top-p.
-    Greedy is the one-hot distribution on the argmax, so greedy speculation is the temperature -> 0 limit. A row
-    with no finite distribution left (every logit -inf or NaN) falls back to that one-hot row."""
-    logits = finite_logits(logits.float())
+    """logits: [num_rows, vocab] -> float32 probabilities [num_rows, vocab] after logit_bias, temperature, top-k,
+    top-p. Greedy is the one-hot distribution on the argmax, so greedy speculation is the temperature -> 0 limit. A
+    row with no finite distribution left (every logit -inf or NaN) falls back to that one-hot row."""
+    logits = finite_logits(biased(logits.float(), params))
     one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     if params.greedy:
         return one_hot
@@ -72,6 +83,30 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         probs = probs / probs.sum(-1, keepdim=True)
     usable = torch.isfinite(probs).all(-1, keepdim=True) & (probs.sum(-1, keepdim=True) > 0)
     return torch.where(usable, probs, one_hot)
+
+
+def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits: [num_rows, vocab] -> float32 log-probabilities [num_rows, vocab]: log-softmax after logit_bias and
+    temperature (1 for greedy), before top-k/top-p (vLLM's `processed_logprobs`). A row with nothing finite is the
+    log of processed_probs' one-hot fallback."""
+    logits = finite_logits(biased(logits.float(), params))
+    if not params.greedy:
+        logits = logits / params.temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    usable = torch.isfinite(logprobs).any(-1, keepdim=True)
+    fallback = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float().log()
+    return torch.where(usable, logprobs, fallback)
+
+
+def biased(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[num_rows, vocab] -> the same with the request's logit_bias added (a token id beyond this model's vocabulary,
+    a draft model's smaller one, has no column to bias)."""
+    pairs = [(tok, bias) for tok, bias in params.logit_bias if tok < logits.shape[-1]]
+    if not pairs:
+        return logits
+    ids = torch.tensor([tok for tok, _ in pairs], device=logits.device)
+    bias = torch.tensor([b for _, b in pairs], dtype=logits.dtype, device=logits.device)
+    return logits.index_add(-1, ids, bias.expand(*logits.shape[:-1], len(pairs)))
 
 
 def finite_logits(logits: torch.Tensor) -> torch.Tensor:
