@@ -1,7 +1,7 @@
 """Where an engine step's time goes, by wall timers put around its parts for the profiled steps only, and the
 verify cost curve. Each part is timed exclusively (a matmul inside attention would count once, as a matmul):
 
-    attention   llama.attend: the KV write, the block gather and the attention itself
+    attention   llama.write_kv and llama.attention: the KV write, the block gather and the attention itself
     matmuls     every nn.Linear of the model (q/k/v, o, gate/up, down, the LM head)
     other_model the rest of the model's forward: embedding, norms, RoPE, residual adds
     sampling    the engine's acceptance (argmax, or the lossless rejection rule for drafts)
@@ -46,8 +46,9 @@ class StepProfile:
         return timed
 
     def __enter__(self) -> StepProfile:
-        self._attend = self.llama.attend
-        self.llama.attend = self._timed("attention", self._attend)
+        self._attention = {name: getattr(self.llama, name) for name in ("write_kv", "attention")}
+        for name, fn in self._attention.items():
+            setattr(self.llama, name, self._timed("attention", fn))
         for m in self.linears:
             m.forward = self._timed("matmuls", m.forward)
         self.model.forward = self._timed("other_model", self.model.forward)
@@ -56,7 +57,8 @@ class StepProfile:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.llama.attend = self._attend
+        for name, fn in self._attention.items():
+            setattr(self.llama, name, fn)
         for obj in (*self.linears, self.model):
             del obj.forward  # the instance attribute goes; the class's method shows through again
         self.engine.__dict__.pop("_accept", None)

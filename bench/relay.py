@@ -81,24 +81,16 @@ def main_relay(args: argparse.Namespace) -> int:
     from specrelay.bench.relay_task import run_task, task_scores
     from specrelay.models.resolve import BUILTIN_MODELS, resolve_model
     from specrelay.services.kvstore import make_store
-    from specrelay.services.verifier.relay import RelayConfig
     from specrelay.shared.errors import ConfigError
 
     if args.model.suffix == ".gguf" or str(args.model) in BUILTIN_MODELS:
         args.model = resolve_model(args.model)  # a .gguf file or a built-in model name
-    spans = _ints(args.spans, "--spans") if args.spans else (QUICK_SPANS if args.quick else SPANS)
-    pipelines = args.pipelines if args.pipelines is not None else (1 if args.quick else 3)
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
-    if pipelines < 1 or repeats < 1 or args.greedy_tokens < 1:
-        raise ConfigError("--pipelines, --repeats and --greedy-tokens must be positive")
+    spans, pipelines, repeats, questions = _sizes(args)
     if not (args.model / "config.json").is_file():
         raise ConfigError(f"{args.model}: no model there (train the embedded pair with `specrelay models train`, "
                           "or pass --model DIR)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if (args.recompute_first or 0) < 0 or args.epic_tokens < 1 or (args.task_questions or 0) < 0:
-        raise ConfigError("--recompute-first and --task-questions must be non-negative, --epic-tokens positive")
-    questions = args.task_questions if args.task_questions is not None else (2 if args.quick else 4)
     setup = _load(args, spans)
     runner, texts, banned, model_id = setup
     if args.layer_profile:
@@ -106,19 +98,7 @@ def main_relay(args: argparse.Namespace) -> int:
     check, head = ((tuple(_ints(args.check_layers, "--check-layers")), 0) if args.check_layers != "auto"
                    else _band(args, setup))
     recompute_first = args.recompute_first if args.recompute_first is not None else head
-    common = dict(check_layers=check)
-    configs = {
-        "naive_reuse": RelayConfig(method="naive"),
-        "epic": RelayConfig(method="naive", recompute_first=args.epic_tokens),
-        "cacheblend": RelayConfig(method="cacheblend", recompute_ratio=args.recompute_ratio,
-                                  check_layers=tuple(_ints(args.cacheblend_check_layers, "--cacheblend-check-layers"))),
-        "relaycaching": RelayConfig(method="relaycaching", deviation_factor=args.deviation_factor,
-                                    influence_factor=args.influence_factor, influence_from=args.influence_from,
-                                    influence_layers=args.influence_layers, select=args.select,
-                                    recompute_ratio=(args.select_ratio if args.select_ratio is not None
-                                                     else args.recompute_ratio),
-                                    recompute_first=recompute_first, **common),
-    }
+    configs = _configs(args, check, recompute_first)
     model, cfg = runner.model, runner.model.config
     report = {"model": args.model.name, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
               "num_layers": cfg.num_layers, "pipelines": pipelines, "repeats": repeats,
@@ -147,6 +127,39 @@ def main_relay(args: argparse.Namespace) -> int:
     report["goals"] = _goals(report["spans"])
     finish_report(report, args.json)
     return 0
+
+
+def _sizes(args: argparse.Namespace) -> tuple[list[int], int, int, int]:
+    """(span lengths, pipelines, repeats, task questions) from the flags, --quick's smaller defaults."""
+    from specrelay.shared.errors import ConfigError
+
+    spans = _ints(args.spans, "--spans") if args.spans else (QUICK_SPANS if args.quick else SPANS)
+    pipelines = args.pipelines if args.pipelines is not None else (1 if args.quick else 3)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 5)
+    if pipelines < 1 or repeats < 1 or args.greedy_tokens < 1:
+        raise ConfigError("--pipelines, --repeats and --greedy-tokens must be positive")
+    if (args.recompute_first or 0) < 0 or args.epic_tokens < 1 or (args.task_questions or 0) < 0:
+        raise ConfigError("--recompute-first and --task-questions must be non-negative, --epic-tokens positive")
+    questions = args.task_questions if args.task_questions is not None else (2 if args.quick else 4)
+    return spans, pipelines, repeats, questions
+
+
+def _configs(args: argparse.Namespace, check: tuple[int, ...], recompute_first: int) -> dict:
+    """The methods side by side: method name -> RelayConfig."""
+    from specrelay.services.verifier.relay import RelayConfig
+
+    return {
+        "naive_reuse": RelayConfig(method="naive"),
+        "epic": RelayConfig(method="naive", recompute_first=args.epic_tokens),
+        "cacheblend": RelayConfig(method="cacheblend", recompute_ratio=args.recompute_ratio,
+                                  check_layers=tuple(_ints(args.cacheblend_check_layers, "--cacheblend-check-layers"))),
+        "relaycaching": RelayConfig(method="relaycaching", deviation_factor=args.deviation_factor,
+                                    influence_factor=args.influence_factor, influence_from=args.influence_from,
+                                    influence_layers=args.influence_layers, select=args.select,
+                                    recompute_ratio=(args.select_ratio if args.select_ratio is not None
+                                                     else args.recompute_ratio),
+                                    recompute_first=recompute_first, check_layers=check),
+    }
 
 
 def _load(args: argparse.Namespace, spans: list[int]):

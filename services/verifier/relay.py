@@ -33,8 +33,8 @@ from specrelay.services.verifier import relay_select
 from specrelay.shared.errors import ConfigError
 from specrelay.shared.modeling.batch import ForwardBatch
 from specrelay.shared.modeling.kv_cache import BlockTable, PagedKVCache
-from specrelay.shared.modeling.llama import LlamaForCausalLM, paged_attention
-from specrelay.shared.modeling.rope import apply_rope, rope_cos_sin, rope_shift
+from specrelay.shared.modeling.llama import LlamaForCausalLM, write_kv
+from specrelay.shared.modeling.rope import rope_cos_sin, rope_shift
 
 RelayMethod = Literal["relaycaching", "cacheblend", "naive"]
 RELAY_METHODS: tuple[str, ...] = ("relaycaching", "cacheblend", "naive")
@@ -183,7 +183,6 @@ class _RelayForward:
         for s in spans:
             self.span_rows[s.start : s.start + len(s.kv)] = True
         self.num_span_tokens = int(self.span_rows.sum())
-        self.block_table = torch.tensor([table.blocks], dtype=torch.int32, device=self.device)
         self.num_layers = model.config.num_layers
         # a check layer past the model's depth means its last layer: the rule still runs, never silently naive
         check = () if config.method == "naive" else tuple(min(c, self.num_layers - 1) for c in config.check_layers)
@@ -193,6 +192,7 @@ class _RelayForward:
         self.influence = torch.zeros(self.num_span_tokens, device=self.device)
         self.probe = (config.method == "relaycaching" and config.influence_from == "prompt"
                       and config.influence_layers == "all" and self.num_span_tokens > 0)
+        self.num_reused_kv = 0
 
     def run(self) -> RelayPrefill:
         self._load_spans()
@@ -204,55 +204,53 @@ class _RelayForward:
             must[s.start : s.start + min(self.config.recompute_first, len(s.kv))] = True
         if self.probe:  # the probe computed the tail rows over relayed K/V: recompute any that sit in a span
             must[max(0, self.n - self.config.influence_window):] = True
-        keep = ~self.span_rows | must  # rows active past the check layers whatever the rule says
-        active = torch.ones(self.n, dtype=torch.bool, device=self.device) if self.last_check >= 0 else keep
-        selected = must[self.span_rows]  # a span row that wants logits is always recomputed
-        x = self.model.model.embed_tokens(self.input_ids[active] if not active.all() else self.input_ids)
+        self.must = must
+        self.keep = ~self.span_rows | must  # rows active past the check layers whatever the rule says
+        active = torch.ones(self.n, dtype=torch.bool, device=self.device) if self.last_check >= 0 else self.keep
+        self.selected = must[self.span_rows]  # a span row that wants logits is always recomputed
+        self.rows = active.nonzero().squeeze(1)  # the prompt rows the layers run
+        self.batch = self._batch(self.rows)
+        x = self.model.model.embed_tokens(self.input_ids[self.rows])
         cos, sin = rope_cos_sin(self.model.inv_freq, self.positions, x.dtype)  # [n, head_dim]
-        num_reused_kv = 0
-        for i, layer in enumerate(self.model.model.layers):
-            rows = active.nonzero().squeeze(1)
-            all_rows = rows.numel() == self.n
-            attn = layer.self_attn
-            q, k, v = attn.qkv_proj(layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], -1)
-            q = q.view(-1, attn.num_heads, attn.head_dim)  # [num_active, H, D]
-            k = k.view(-1, attn.num_kv_heads, attn.head_dim)  # [num_active, H_kv, D]
-            v = v.view(-1, attn.num_kv_heads, attn.head_dim)
-            if attn.q_norm is not None:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            row_cos, row_sin = (cos, sin) if all_rows else (cos[rows], sin[rows])
-            q, k = apply_rope(q, row_cos, row_sin), apply_rope(k, row_cos, row_sin)
-            k_cache, v_cache = self.cache.k[i], self.cache.v[i]  # [num_blocks, block_size, H_kv, D]
-            if i in self.check_layers:
-                self._measure(i, v, v_cache)
-            slots = self.slots if all_rows else self.slots[rows]
-            k_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, slots, k)
-            v_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, slots, v)
-            num_reused_kv += self.num_span_tokens - int(self.span_rows[rows].sum())
-            if i in self.check_layers and not self.probe:
-                self._measure_influence(i, q, rows, k_cache, attn.scale, attn.window)
-            if i == self.last_check:
-                selected = self._select() | must[self.span_rows]
-                after = keep.clone()
-                after[self.span_rows] |= selected
-                keep_in_active = after[rows]  # which of this layer's rows go on
-                if not keep_in_active.all():
-                    x, q = x[keep_in_active], q[keep_in_active]
-                    rows = rows[keep_in_active]
-                active = after
-            out = paged_attention(q, k_cache, v_cache, self._batch(rows), attn.scale, windowed=attn.window > 0)
-            x = x + attn.o_proj(out.reshape(-1, attn.q_size))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        for layer in self.model.model.layers:
+            if not self.rows.numel():  # every row stopped: a prompt that ends in a reused span, no logits wanted
+                self.num_reused_kv += self.num_span_tokens
+                continue
+            all_rows = self.rows.numel() == self.n
+            row_cos, row_sin = (cos, sin) if all_rows else (cos[self.rows], sin[self.rows])
+            x = layer(x, row_cos, row_sin, self.batch, self.cache, rows=self._layer_rows)
         # rows_wanted are active throughout, so they sit in x in row order among the active rows
-        final_rows = active.nonzero().squeeze(1)
         wanted = torch.tensor(self.rows_wanted, dtype=torch.int64, device=self.device)  # may be empty
-        pick = torch.searchsorted(final_rows, wanted)
+        pick = torch.searchsorted(self.rows, wanted)
         logits = self.model.lm_head(self.model.model.norm(x[pick])).float()
         self.table.num_tokens += self.n
         span_rows = self.span_rows.nonzero().squeeze(1)
         return RelayPrefill(logits=logits, num_prompt_tokens=self.n, num_span_tokens=self.num_span_tokens,
-                            num_recomputed_tokens=int(selected.sum()), num_reused_kv=num_reused_kv,
-                            selected_rows=span_rows[selected].tolist())
+                            num_recomputed_tokens=int(self.selected.sum()), num_reused_kv=self.num_reused_kv,
+                            selected_rows=span_rows[self.selected].tolist())
+
+    def _layer_rows(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """The model's row hook (shared/modeling/llama.py: RowHook): the active rows' fresh K/V measured against
+        the relayed K/V at a check layer, then written; at the last check layer the rule stops the span rows it
+        does not select. Returns the rows of x that go on and their batch."""
+        rows = self.rows
+        if layer in self.check_layers:
+            self._measure(v, self.cache.v[layer])
+        write_kv(k, v, self.cache, layer, self.slots[rows])
+        self.num_reused_kv += self.num_span_tokens - int(self.span_rows[rows].sum())
+        if layer in self.check_layers and not self.probe:
+            self._measure_influence(layer, q)
+        if layer != self.last_check:
+            return None, self.batch
+        self.selected = self._select() | self.must[self.span_rows]
+        after = self.keep.clone()
+        after[self.span_rows] |= self.selected
+        keep_in_active = after[rows]  # which of this layer's rows go on
+        if keep_in_active.all():
+            return None, self.batch
+        self.rows = rows[keep_in_active]
+        self.batch = self._batch(self.rows)
+        return keep_in_active, self.batch
 
     def _probe_influence(self) -> None:
         """The rows outside spans, and the prompt's last `influence_window` rows, run through every layer over the
@@ -267,29 +265,21 @@ class _RelayForward:
         probe[max(0, self.n - window):] = True
         rows = probe.nonzero().squeeze(1)
         tail = torch.arange(rows.numel() - min(window, self.n), rows.numel(), device=self.device)
+        span_keys = self.context_len + self.span_rows.nonzero().squeeze(1)
+        batch = self._batch(rows)
+
+        def probe_rows(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+            write_kv(k, v, self.cache, layer, self.slots[rows])
+            attn = self.model.model.layers[layer].self_attn
+            score = relay_select.influence(q[tail], self._keys(layer), self.positions[rows[tail]],
+                                           self._key_positions(), attn.scale, attn.window)
+            self.influence += score[span_keys]
+            return None, batch
+
         x = self.model.model.embed_tokens(self.input_ids[rows])
         cos, sin = rope_cos_sin(self.model.inv_freq, self.positions[rows], x.dtype)
-        kv_len = self.context_len + self.n
-        key_positions = torch.arange(kv_len, device=self.device)
-        for i, layer in enumerate(self.model.model.layers):
-            attn = layer.self_attn
-            q, k, v = attn.qkv_proj(layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], -1)
-            q = q.view(-1, attn.num_heads, attn.head_dim)
-            k = k.view(-1, attn.num_kv_heads, attn.head_dim)
-            v = v.view(-1, attn.num_kv_heads, attn.head_dim)
-            if attn.q_norm is not None:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            k_cache, v_cache = self.cache.k[i], self.cache.v[i]
-            k_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, self.slots[rows], k)
-            v_cache.view(-1, attn.num_kv_heads, attn.head_dim).index_copy_(0, self.slots[rows], v)
-            keys = k_cache[self.block_table[0].long()].flatten(0, 1)[:kv_len]  # [kv_len, H_kv, D]
-            score = relay_select.influence(q[tail], keys, self.positions[rows[tail]], key_positions, attn.scale,
-                                           attn.window)
-            self.influence += score[self.context_len + self.span_rows.nonzero().squeeze(1)]
-            out = paged_attention(q, k_cache, v_cache, self._batch(rows), attn.scale, windowed=attn.window > 0)
-            x = x + attn.o_proj(out.reshape(-1, attn.q_size))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        for layer in self.model.model.layers:
+            x = layer(x, cos, sin, batch, self.cache, rows=probe_rows)
 
     def _load_spans(self) -> None:
         """Relayed K/V into the span rows' slots (every layer), keys re-rotated from relative to new positions."""
@@ -305,7 +295,7 @@ class _RelayForward:
         span_slots = self.slots[self.span_rows]
         rope_shift_(self.cache.k, span_slots, torch.cat(deltas).to(self.device), self.model.inv_freq)
 
-    def _measure(self, layer: int, v_fresh: torch.Tensor, v_cache: torch.Tensor) -> None:
+    def _measure(self, v_fresh: torch.Tensor, v_cache: torch.Tensor) -> None:
         """Deviation of the fresh values from the relayed ones still in the slots (before they are overwritten).
         At a check layer every row is active, so v_fresh rows are prompt rows."""
         if not self.num_span_tokens:
@@ -317,28 +307,25 @@ class _RelayForward:
         else:
             self.deviation += relay_select.cosine_deviation(v_span, v_relayed)
 
-    def _measure_influence(self, layer: int, q: torch.Tensor, rows: torch.Tensor, k_cache: torch.Tensor,
-                           scale: float, sliding_window: int) -> None:
+    def _measure_influence(self, layer: int, q: torch.Tensor) -> None:
         """Attention each span token receives from the last `influence_window` tokens of its span (or of the
-        prompt: influence_from), at this layer."""
+        prompt: influence_from), at this layer (a check layer: q holds every prompt row)."""
         if self.config.method != "relaycaching" or not self.num_span_tokens:
             return
-        kv_len = self.context_len + self.n
-        keys = k_cache[self.block_table[0].long()].flatten(0, 1)[:kv_len]  # [kv_len, H_kv, D]
-        key_positions = torch.arange(kv_len, device=self.device)
+        attn = self.model.model.layers[layer].self_attn
+        keys, key_positions = self._keys(layer), self._key_positions()
         offset, window = 0, self.config.influence_window
+
+        def score_of(w_rows: torch.Tensor) -> torch.Tensor:
+            return relay_select.influence(q[w_rows], keys, self.positions[w_rows], key_positions, attn.scale,
+                                          attn.window)
+
         if self.config.influence_from == "prompt":  # the tokens the answer is generated from
-            w_rows = torch.arange(max(0, self.n - window), self.n, device=self.device)
-            prompt_score = relay_select.influence(q[w_rows], keys, self.positions[w_rows], key_positions, scale,
-                                                  sliding_window)
+            prompt_score = score_of(torch.arange(max(0, self.n - window), self.n, device=self.device))
         for s in self.spans:
             m = len(s.kv)
-            if self.config.influence_from == "prompt":
-                score = prompt_score
-            else:
-                w_rows = torch.arange(s.start + max(0, m - window), s.start + m, device=self.device)
-                score = relay_select.influence(q[w_rows], keys, self.positions[w_rows], key_positions, scale,
-                                               sliding_window)
+            score = prompt_score if self.config.influence_from == "prompt" else score_of(
+                torch.arange(s.start + max(0, m - window), s.start + m, device=self.device))
             begin = self.context_len + s.start
             self.influence[offset : offset + m] += score[begin : begin + m]
             offset += m
@@ -365,25 +352,28 @@ class _RelayForward:
         lengths = torch.tensor([len(s.kv) for s in self.spans], device=self.device)
         return torch.repeat_interleave(torch.arange(len(self.spans), device=self.device), lengths)
 
+    def _keys(self, layer: int) -> torch.Tensor:
+        """[context_len + n, H_kv, D]: one layer's keys of this sequence in position order, as the cache holds them."""
+        blocks = torch.tensor(self.table.blocks, dtype=torch.int64, device=self.device)
+        return self.cache.k[layer][blocks].flatten(0, 1)[: self.context_len + self.n]
+
+    def _key_positions(self) -> torch.Tensor:
+        return torch.arange(self.context_len + self.n, device=self.device)
+
     def _batch(self, rows: torch.Tensor) -> ForwardBatch:
-        """One sequence; queries `rows` of the prompt see every cached key at or before their position (and, in
-        the model's windowed layers, after their position - window, as its own forward does)."""
-        kv_len = self.context_len + self.n
-        num_q = rows.numel()
-        key_positions = torch.arange(kv_len, device=self.device)[None, :]
-        mask = key_positions <= self.positions[rows][:, None]
-        window = self.model.config.sliding_window or 0
-        in_window = mask & (key_positions > self.positions[rows][:, None] - window) if window else None
-        empty = torch.zeros(0, dtype=torch.int64, device=self.device)
-        return ForwardBatch(
-            input_ids=empty, positions=self.positions[rows], slot_mapping=self.slots[rows],
-            block_tables=self.block_table, context_lens=torch.tensor([self.context_len], dtype=torch.int32),
-            cu_query_lens=torch.tensor([0, num_q], dtype=torch.int32), tree_mask=None, masks_context=False, mask_starts=None,
-            logits_indices=empty, query_index=torch.arange(num_q, device=self.device)[None, :],
-            query_valid=torch.ones(1, num_q, dtype=torch.bool, device=self.device),
-            attn_mask=mask[None, None], max_kv_len=kv_len,
-            window=window, window_attn_mask=None if in_window is None else in_window[None, None],
-        )
+        """The batch the model's layers attend with: one sequence whose queries are `rows` of the prompt. The K/V of
+        the other prompt rows sit in the cache (relayed, or written at an earlier layer), so they count as cached
+        context, and a mask over the prompt's keys (mask_starts) lets each query see the keys at or before its
+        position, cut to the window in the model's windowed layers as its own forward does: the torch path and
+        the Triton kernel read the same batch."""
+        positions = self.positions[rows]
+        prompt_keys = torch.arange(self.context_len, self.context_len + self.n, device=self.device)
+        mask = prompt_keys[None, :] <= positions[:, None]  # [num_rows, n]
+        return ForwardBatch.build(
+            [self.input_ids[rows].tolist()], [self.context_len + self.n - rows.numel()], [self.slots[rows].tolist()],
+            [self.table.blocks], positions=[positions.tolist()], tree_masks=[mask.cpu()],
+            mask_starts=[self.context_len], logits_rows=[[]], window=self.model.config.sliding_window or 0,
+            device=self.device)
 
 
 def _flat(cache: torch.Tensor) -> torch.Tensor:

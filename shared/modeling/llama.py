@@ -7,6 +7,8 @@ FLOPs, sets the step time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,9 +47,8 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
         self.window = cfg.layer_windows[layer]  # 0: full attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
-                cache: PagedKVCache) -> torch.Tensor:
-        # x: [num_tokens, hidden]
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x: [num_tokens, hidden] (normed) -> q [num_tokens, H, D], k and v [num_tokens, H_kv, D], RoPE applied."""
         qkv = self.qkv_proj(x)
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, H_kv, D]
         if self.q_norm is not None:
@@ -58,21 +59,34 @@ class Attention(nn.Module):
             qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
                                                                       self.head_dim), cos, sin)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [num_tokens, H, D], [num_tokens, H_kv, D]
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
+        """Attention of q [num_tokens, H, D] over this layer's cache (K/V already written), through o_proj."""
         assert not self.window or batch.window == self.window, f"batch window {batch.window}, layer's {self.window}"
-        out = attend(q, k, v, cache.k[self.layer], cache.v[self.layer], batch, self.scale, self.window)
+        out = attention(q, cache.k[self.layer], cache.v[self.layer], batch, self.scale, self.window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           batch: ForwardBatch, scale: float, window: int) -> torch.Tensor:
-    """Write the new tokens' K/V into one layer's cache, then attend over each sequence's cached and new keys.
+# A row hook (relay prefill, services/verifier/relay.py) sees one layer's fresh Q/K/V of the rows in x before any
+# is written: (layer, q, k, v) -> (the rows of x that go on through attention and the MLP, None: all; the batch
+# they attend with). It writes the K/V it keeps itself (write_kv), so a row can stop after writing its K/V.
+RowHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple["torch.Tensor | None", ForwardBatch]]
 
-    q: [num_tokens, H, D]; k, v: [num_tokens, H_kv, D]; k_cache, v_cache: [num_blocks, block_size, H_kv, D]
-    -> [num_tokens, H, D]
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache, layer: int, slots: torch.Tensor) -> None:
+    """k, v: [num_tokens, H_kv, D] into one layer's cache at `slots` [num_tokens]."""
+    num_kv_heads, head_dim = cache.k.shape[3:]
+    cache.k[layer].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
+    cache.v[layer].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float,
+              window: int) -> torch.Tensor:
+    """Attend over each sequence's cached keys as `batch` masks them: the Triton kernel on CUDA, else torch.
+
+    q: [num_tokens, H, D]; k_cache, v_cache: [num_blocks, block_size, H_kv, D] -> [num_tokens, H, D]
     """
-    num_kv_heads, head_dim = k_cache.shape[2:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v)
     if runtime_uses_triton(q):
         tree_mask = batch.window_tree_mask if window else batch.tree_mask
         return tree_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.cu_query_lens,
@@ -147,8 +161,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, batch, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                cache: PagedKVCache, rows: RowHook | None = None) -> torch.Tensor:
+        """x: [num_tokens, hidden] -> [num_tokens, hidden], or the rows that `rows` keeps (cos, sin: x's rows)."""
+        attn = self.self_attn
+        q, k, v = attn.qkv(self.input_layernorm(x), cos, sin)
+        if rows is None:
+            write_kv(k, v, cache, attn.layer, batch.slot_mapping)
+        else:
+            keep, batch = rows(attn.layer, q, k, v)
+            if keep is not None:
+                x, q = x[keep], q[keep]
+        x = x + attn.attend(q, batch, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

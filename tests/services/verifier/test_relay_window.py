@@ -57,3 +57,31 @@ def test_influence_is_zero_outside_the_window():
     assert torch.all(score[: 17 - WINDOW + 1] == 0) and torch.all(score[17 - WINDOW + 1 :] > 0)
     assert torch.all(relay_select.influence(q, keys, query_positions, key_positions, 8**-0.5) > 0)
     assert score.sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("config", [RelayConfig(method="cacheblend", recompute_ratio=0.3),
+                                    RelayConfig(method="naive", recompute_first=4)])
+def test_the_kernel_path_reads_the_same_row_subset_batch(runner, config, monkeypatch):
+    """Relay prefill runs the model's own layers, so on CUDA its attention is the tree-attention kernel: the batch of
+    a row subset (span rows stopped past the check layer) must mean to the kernel what it means to the torch path.
+    The kernel's torch reference stands in for it here."""
+    from specrelay.kernels import tree_attention
+    from specrelay.shared.modeling import llama
+
+    gen = torch.Generator().manual_seed(5)
+    out, span = upstream_decode(runner, torch.randint(0, 101, (12,), generator=gen).tolist(), 30, seed=4)
+    prompt = torch.randint(0, 101, (9,), generator=gen).tolist() + out + [5, 6, 7]
+    spans = [PlacedSpan(9, span)]
+    results = []
+    for kernel in (False, True):
+        monkeypatch.setattr(llama, "runtime_uses_triton", lambda *tensors, kernel=kernel: kernel)
+        monkeypatch.setattr(tree_attention, "use_triton", lambda *tensors: False)
+        table = BlockTable()
+        try:
+            results.append(relay_prefill(runner.model, runner.cache, table, prompt, spans, config))
+        finally:
+            runner.release(table)
+    torch_path, kernel_path = results
+    assert 0 < torch_path.num_reused_tokens < len(span)  # a real row subset past the check layer
+    assert kernel_path.selected_rows == torch_path.selected_rows
+    torch.testing.assert_close(kernel_path.logits, torch_path.logits, atol=1e-4, rtol=1e-4)
