@@ -8,10 +8,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from specrelay.models.resolve import DEFAULT_MODEL
+from specrelay.models.resolve import DEFAULT_MODEL, PAIR_DIR
 from specrelay.shared.errors import ConfigError
 
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parent
+DEFAULT_MODELS_DIR = PAIR_DIR  # train writes, and eval reads, the small pair where every command looks for it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

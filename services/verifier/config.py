@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from specrelay.services.verifier.relay import RelayConfig
 from specrelay.shared.errors import ConfigError
+from specrelay.shared.redis_keys import DEFAULT_PREFIX
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class VerifierConfig:
     prefix_caching: bool = True  # reuse finished requests' KV for prompts that start with the same tokens
     kvstore: str | None = None  # None: a store in this process; redis://... or shm://NAME to share across replicas
     kvstore_capacity_bytes: int = 512 << 20
-    kvstore_prefix: str = "specrelay:"  # Redis key prefix of the store
+    kvstore_prefix: str = DEFAULT_PREFIX  # Redis key prefix of the store (shared/redis_keys.py)
     relay: RelayConfig = field(default_factory=RelayConfig)  # publish outputs' decode KV; reuse quoted ones
     report_kv: bool = True  # publish KvReports for gateways in other processes (serve shares the cache directly)
     pte_profile: str | None = None  # usage.pte's profile file; None: calibrated, else analytic (shared/pte_profiles.py)
