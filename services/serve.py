@@ -27,7 +27,7 @@ async def serve(args: argparse.Namespace) -> None:
     import asyncio
 
     from specrelay.models.resolve import choose_proposer
-    from specrelay.services.drafter.service import Drafter, DrafterConfig, build_proposer, serve_drafter
+    from specrelay.services.drafter.service import Drafter, DrafterConfig, build_proposer, draft_grammars, serve_drafter
     from specrelay.services.gateway import service as gateway
     from specrelay.services.gateway.app import create_app
     from specrelay.services.gateway.metrics import KvStats
@@ -61,7 +61,8 @@ async def serve(args: argparse.Namespace) -> None:
         tasks = [asyncio.create_task(verifier.run())]
         if speculate:
             draft = draft_dir and str(draft_dir)
-            drafter = Drafter(build_proposer(DrafterConfig(model_dir, draft, proposer, device=args.device)))
+            drafter = Drafter(build_proposer(DrafterConfig(model_dir, draft, proposer, device=args.device)),
+                              draft_grammars(str(model_dir)))
             tasks.append(asyncio.create_task(serve_drafter(bus, drafter, "drafter-embedded")))
         server_tools = config.tools.build(bus) if config.tools is not None else None
         runner = app_runner(create_app(gateway_config, bus, Tokenizer(model_dir), kv_stats=kv_stats,

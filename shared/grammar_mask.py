@@ -9,6 +9,11 @@ the masked target law whatever the draft proposed (a draft token outside the gra
 accepted). The tree is walked depth first; llguidance's `rollback` undoes a node's token when the walk leaves it,
 so a tree costs one mask computation per node and no copies of the matcher.
 
+The draft is masked alike (`Constraint.allowed_after`, through `DraftInput.grammar`): every proposer draws a node's
+children from its draft distribution restricted to what the grammar allows after the node's path, so a tree holds
+only nodes the masked target could accept. That changes acceptance, never output: the draft's distribution q is
+whatever the proposer says it is (here the masked one), and verification is exact for any q.
+
 The request's stop tokens end a turn, not the grammar: they are allowed exactly when the grammar accepts (the
 output so far is complete), and never fed to the matcher. llguidance's own end-of-sequence token is allowed only
 through them.
@@ -50,7 +55,12 @@ class GrammarCompiler:
 
 
 class Constraint:
-    """One request's matcher, holding the state after its committed tokens."""
+    """One request's matcher, holding the state after its committed tokens.
+
+    The committed matcher only ever moves forward; every walk that rolls back (a tree's, a drafter's) runs on a
+    copy of it. llguidance 1.9.1's matcher, rolled back and advanced again over many steps, came to allow a token
+    it then refused (`",` after an object's key, issue 17's draft-masking tests on the pair): a copy taken after
+    each commit is fresh state, and a copy costs far less than a mask."""
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, stop_token_ids: tuple[int, ...],
                  grammar_eos: int):
@@ -58,13 +68,15 @@ class Constraint:
         self.vocab_size = vocab_size
         self.stop_token_ids = [t for t in stop_token_ids if t < vocab_size]
         self.grammar_eos = grammar_eos
+        self._draft: llguidance.LLMatcher | None = None  # the drafter's copy of the committed state
 
-    def allowed(self) -> torch.Tensor:
-        """[vocab] bool: the tokens the grammar allows next, in the current state."""
-        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+    def allowed(self, matcher: llguidance.LLMatcher | None = None) -> torch.Tensor:
+        """[vocab] bool: the tokens the grammar allows next, in the current state (of `matcher`, a copy)."""
+        matcher = matcher or self.matcher
+        bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
         allowed = torch.from_numpy(np.unpackbits(bits, bitorder="little")[: self.vocab_size].astype(bool))
         allowed[self.grammar_eos] = False
-        if self.matcher.is_accepting() or self.matcher.is_stopped():
+        if matcher.is_accepting() or matcher.is_stopped():
             allowed[self.stop_token_ids] = True
         return allowed
 
@@ -72,6 +84,7 @@ class Constraint:
         """[num_nodes, vocab] bool: row i is what may follow node i (node 0, the root, is the last committed
         token). A node the grammar forbids after its parent keeps an all-True row: it can never be accepted, so
         its row is never sampled from, and its subtree is not walked."""
+        matcher = self.matcher.deep_copy()
         rows = torch.ones(len(tokens), self.vocab_size, dtype=torch.bool)
         children: list[list[int]] = [[] for _ in tokens]
         for node in range(1, len(tokens)):
@@ -80,24 +93,42 @@ class Constraint:
         while stack:
             node, leaving = stack.pop()
             if leaving:
-                self.matcher.rollback(1)
+                matcher.rollback(1)
                 continue
             if node > 0:
                 token = tokens[node]
                 if not rows[parents[node], token] or token in self.stop_token_ids:
                     continue  # off the grammar (or the end of the turn): nothing follows it
-                if not self.matcher.consume_token(token):
-                    raise SpecrelayError(f"the grammar refused an allowed token: {self.matcher.get_error()}")
+                if not matcher.consume_token(token):
+                    raise SpecrelayError(f"the grammar refused an allowed token: {matcher.get_error()}")
                 stack.append((node, True))
-            rows[node] = self.allowed()
+            rows[node] = self.allowed(matcher)
             stack += [(child, False) for child in reversed(children[node])]
         return rows
+
+    def allowed_after(self, path: list[int]) -> torch.Tensor:
+        """[vocab] bool: what may follow the committed tokens and then `path` (a drafter's node, root excluded);
+        all False when the path leaves the grammar or ends the turn (nothing may be drafted under it)."""
+        if self._draft is None:
+            self._draft = self.matcher.deep_copy()
+        matcher = self._draft
+        if any(t in self.stop_token_ids for t in path) or (path and matcher.validate_tokens(path) < len(path)):
+            return torch.zeros(self.vocab_size, dtype=torch.bool)
+        if path and not matcher.consume_tokens(path):
+            raise SpecrelayError(f"the grammar refused a validated path: {matcher.get_error()}")
+        try:
+            return self.allowed(matcher)
+        finally:
+            if path:
+                matcher.rollback(len(path))
 
     def commit(self, tokens: list[int]) -> None:
         """Advance past newly committed tokens (stop tokens end the turn and are not grammar text)."""
         tokens = [t for t in tokens if t not in self.stop_token_ids]
         if tokens and not self.matcher.consume_tokens(tokens):
             raise SpecrelayError(f"a committed token broke the grammar: {self.matcher.get_error()}")
+        if tokens:
+            self._draft = None
 
 
 def constrained(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
@@ -123,15 +154,21 @@ class Constraints:
             return None
         return cls(GrammarCompiler.from_dir(str(model_dir), vocab_size))
 
+    def state(self, request) -> Constraint:
+        """`request`'s matcher (it has a grammar), caught up with its committed output: what its draft is masked
+        with too (`DraftInput.grammar`)."""
+        constraint, fed = self._matchers.get(request) or (
+            self.compiler.start(request.params.grammar, request.params.stop_token_ids), 0)
+        constraint.commit(request.output[fed:])
+        self._matchers[request] = (constraint, len(request.output))
+        return constraint
+
     def mask(self, request, logits: torch.Tensor, tree: DraftTree | None = None) -> torch.Tensor:
         """logits [num_rows, vocab] after `request`'s committed output (its tree's nodes, one row each, when a
         tree is given), with what the request's grammar forbids at -inf; unchanged without a grammar."""
         if request.params.grammar is None:
             return logits
-        constraint, fed = self._matchers.get(request) or (
-            self.compiler.start(request.params.grammar, request.params.stop_token_ids), 0)
-        constraint.commit(request.output[fed:])
-        self._matchers[request] = (constraint, len(request.output))
+        constraint = self.state(request)
         if tree is None:
             return constrained(logits, constraint.allowed())
         return constrained(logits, constraint.tree_allowed(tree.tokens, tree.parents))

@@ -145,6 +145,9 @@ class DraftItem(msgspec.Struct, frozen=True):
     tokens: list[int]  # every committed token; the last is the root
     sampling: SamplingSpec
     max_nodes: int
+    # Where the output starts in `tokens`: a drafter replays the request's grammar (sampling.grammar) over the
+    # output to mask its proposals with the state the target is masked with.
+    num_prompt_tokens: int = 0
 
 
 class DraftBatch(msgspec.Struct, frozen=True, tag=True):

@@ -14,6 +14,15 @@ from specrelay.shared.sampling import SamplingParams
 TOPK = 8  # candidates per node the verifier reports back (Token Recycling's k is at most this)
 
 
+class DraftGrammar(Protocol):
+    """A request's grammar state after its committed tokens (shared/grammar_mask.Constraint)."""
+
+    def allowed_after(self, path: list[int]) -> torch.Tensor:
+        """[vocab] bool: the tokens the grammar allows after the committed tokens and then `path` (the tokens
+        from the root's child down to a node); all False when the path leaves the grammar or ends the turn."""
+        ...
+
+
 @dataclass
 class DraftInput:
     request_id: int
@@ -21,6 +30,21 @@ class DraftInput:
     params: SamplingParams
     max_nodes: int  # the tree budget, root included
     generator: torch.Generator | None = None
+    num_prompt_tokens: int = 0  # where the output starts in `tokens`: a grammar constrains the output only
+    # Structured outputs: every proposal is masked with it (the target is masked alike, so a node the grammar
+    # forbids could never be accepted; masking the draft spends the tree on nodes that can). None: free text.
+    grammar: DraftGrammar | None = None
+
+
+def allowed_children(inp: DraftInput, path: list[int], width: int) -> torch.Tensor | None:
+    """[width] bool: what the request's grammar lets a proposer put under the node at the end of `path` (sized
+    to the proposer's vocabulary: ids past the grammar's are never allowed); None: no grammar, anything goes."""
+    if inp.grammar is None:
+        return None
+    allowed = inp.grammar.allowed_after(path)
+    if allowed.shape[0] >= width:
+        return allowed[:width]
+    return torch.cat([allowed, allowed.new_zeros(width - allowed.shape[0])])
 
 
 @dataclass

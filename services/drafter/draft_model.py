@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from specrelay.services.drafter.base import DraftInput, Verified, gumbel_order
-from specrelay.services.drafter.tree_select import PoolNode, select_tree
+from specrelay.services.drafter.base import DraftInput, Verified, allowed_children, gumbel_order
+from specrelay.services.drafter.tree_select import PoolNode, path_to, select_tree
 from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.modeling.runner import ModelRunner, StepInput
@@ -100,14 +100,23 @@ class DraftModelProposer:
         for node_id in g.frontier:
             node = g.pool[node_id]
             logits = g.logits.pop(node_id)
+            allowed = allowed_children(g.inp, path_to(g.pool, node_id), logits.shape[-1])
+            if allowed is not None:  # the draft distribution is the masked one: what verification assumes
+                allowed = allowed.to(logits.device)
+                logits = logits.masked_fill(~allowed, float("-inf"))
             if g.inp.params.greedy:  # rank by the draft's own softmax: a one-hot q would rank nothing
                 # (NaN/inf logits as the sampler reads them; a row with nothing finite ranks nothing: q_prob 0)
                 probs = torch.softmax(finite_logits(logits.float()), dim=-1).nan_to_num(0.0)
                 kids = probs.topk(self.branch).indices.tolist()
             else:
                 probs = processed_probs(logits[None], g.inp.params)[0]
+                if allowed is not None:  # a row with nothing finite falls back to a one-hot the grammar may forbid
+                    probs = probs * allowed
+                    probs = probs / probs.sum().clamp_min(1e-30)
                 kids = gumbel_order(probs, self.branch, g.inp.generator)
                 node.q = probs
+            if allowed is not None:
+                kids = [tok for tok in kids if probs[tok] > 0]
             for tok in kids:
                 q_prob = float(probs[tok])
                 node.children.append(len(g.pool))

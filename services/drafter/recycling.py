@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from specrelay.services.drafter.base import TOPK, DraftInput, Verified, gumbel_order
-from specrelay.services.drafter.tree_select import PoolNode, select_tree
+from specrelay.services.drafter.base import TOPK, DraftInput, Verified, allowed_children, gumbel_order
+from specrelay.services.drafter.tree_select import PoolNode, path_to, select_tree
 from specrelay.shared.draft_tree import DraftTree
 
 
@@ -43,6 +43,8 @@ class TokenRecyclingProposer:
             node = pool[node_id]
             row = self.adjacency[node.token]
             valid = row >= 0
+            if (allowed := allowed_children(inp, path_to(pool, node_id), vocab)) is not None:
+                valid &= allowed[row.clamp(min=0)]  # the prior renormalised over what the grammar allows
             if not bool(valid.any()):
                 return
             weights = torch.where(valid, prior, torch.zeros_like(prior))

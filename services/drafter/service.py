@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from specrelay.services.drafter.base import DraftInput, Proposer, Verified
+from specrelay.services.drafter.grammar import DraftGrammars
 from specrelay.shared.bus import Bus, BusUnavailable, make_bus
 from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.messages import DRAFT_STREAM, DraftBatch, DraftFeedback, DraftReply, TreeMsg
@@ -72,11 +73,20 @@ def build_proposer(cfg: DrafterConfig) -> Proposer:
     return DraftModelProposer(runner)
 
 
+def draft_grammars(model_dir: str) -> DraftGrammars:
+    """Structured outputs: grammar states over the target's tokenizer, sized to its vocabulary."""
+    from specrelay.shared.modeling.config import ModelConfig
+
+    return DraftGrammars.for_model(model_dir, ModelConfig.from_dir(model_dir).vocab_size)
+
+
 class Drafter:
     """Maps the bus's string request ids onto a proposer's integer ones and keeps per-request generators."""
 
-    def __init__(self, proposer: Proposer):
+    def __init__(self, proposer: Proposer, grammars: DraftGrammars | None = None):
+        """grammars: the constrained requests' grammar states, to mask their proposals (None: unmasked)."""
         self.proposer = proposer
+        self.grammars = grammars
         self.ids: dict[str, int] = {}
         self._next_id = itertools.count()  # never reused: len(self.ids) would repeat a live id after a release
         self.generators: dict[str, torch.Generator | None] = {}
@@ -91,7 +101,8 @@ class Drafter:
                 seeded = None if params.seed is None else replace(params, seed=(params.seed * 1_000_003 + 7) % 2**63)
                 self.generators[item.request_id] = make_generator(seeded or params)
             gen = self.generators[item.request_id]
-            inputs.append(DraftInput(rid, item.tokens, params, item.max_nodes, gen))
+            grammar = self.grammars.state(item) if self.grammars is not None else None
+            inputs.append(DraftInput(rid, item.tokens, params, item.max_nodes, gen, item.num_prompt_tokens, grammar))
         trees = self.proposer.propose(inputs)
         return DraftReply(batch.step_id, [
             TreeMsg(item.request_id, t.tokens, t.parents, t.draft_probs,
@@ -111,6 +122,8 @@ class Drafter:
             if rid in self.ids:
                 self.proposer.release(self.ids.pop(rid))
                 self.generators.pop(rid, None)
+                if self.grammars is not None:
+                    self.grammars.release(rid)
 
 
 async def serve_drafter(bus: Bus, drafter: Drafter, consumer: str, max_batch_age_s: float = 5.0) -> None:
@@ -174,8 +187,8 @@ def main(args: argparse.Namespace) -> int:
 
     async def go():
         async with make_bus(cfg.redis) as bus:
-            await serve_until_stopped(serve_drafter(bus, Drafter(build_proposer(cfg)), cfg.consumer,
-                                                    cfg.max_batch_age_s))
+            drafter = Drafter(build_proposer(cfg), draft_grammars(cfg.model_dir))
+            await serve_until_stopped(serve_drafter(bus, drafter, cfg.consumer, cfg.max_batch_age_s))
 
     asyncio.run(go())
     return 0

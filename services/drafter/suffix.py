@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from specrelay.services.drafter.base import DraftInput, Verified, gumbel_order
+from specrelay.services.drafter.base import DraftInput, Verified, allowed_children, gumbel_order
 from specrelay.services.drafter.suffix_tree import Node, SuffixTree
-from specrelay.services.drafter.tree_select import PoolNode, select_tree
+from specrelay.services.drafter.tree_select import PoolNode, path_to, select_tree
 from specrelay.shared.draft_tree import DraftTree
 
 
@@ -142,8 +142,10 @@ class SuffixProposer:
 
         def expand(i: int) -> None:
             node, parent = states[i], pool[i]
+            allowed = allowed_children(inp, path_to(pool, i), self.vocab_size)
             kids = sorted(((tok, c) for tok, c in node.children.items()
-                           if parent.value * c.count / node.count >= self.min_token_prob),
+                           if parent.value * c.count / node.count >= self.min_token_prob
+                           and (allowed is None or (tok < self.vocab_size and bool(allowed[tok])))),
                           key=lambda kv: -kv[1].count)
             if not kids:
                 return

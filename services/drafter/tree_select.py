@@ -34,6 +34,15 @@ class PoolNode:
     q: torch.Tensor | None = None  # [vocab] processed draft distribution at this node, once expanded
 
 
+def path_to(pool: list[PoolNode], node: int) -> list[int]:
+    """The tokens from the root's child down to pool node `node` (empty for the root)."""
+    path = []
+    while pool[node].parent >= 0:
+        path.append(pool[node].token)
+        node = pool[node].parent
+    return path[::-1]
+
+
 def select_tree(pool: list[PoolNode], max_nodes: int, with_q: bool,
                 expand: Callable[[int], None] | None = None) -> DraftTree:
     """The DySpec heap over the pool (pool[0] is the root); returns at most `max_nodes` nodes in pop order, so

@@ -40,9 +40,9 @@ def finish_reason(finish: Finish, has_tool_calls: bool) -> str:
         raise ApiError(504, f"generation timed out: {finish.error}", code="timeout")
     if finish.reason == "cancelled":  # not ours: the verifier gave the request up (e.g. shutting down)
         raise ApiError(503, "the verifier cancelled the request", code="cancelled")
-    if has_tool_calls:
-        return "tool_calls"
-    return "length" if finish.reason == "length" else "stop"
+    if finish.reason == "length":  # before calls: the turn was cut (a call it ended inside is left out of them)
+        return "length"
+    return "tool_calls" if has_tool_calls else "stop"
 
 
 def chat_completion(request_id: str, model: str, created: int, message: dict[str, Any], finish: str,

@@ -162,9 +162,24 @@ class StreamingToolParser:
             return False
         block = self._pending if end < 0 else self._pending[:end]
         self._pending = "" if end < 0 else self._pending[end + len(TOOL_CALL_END):]
-        self._close_call(out, block, terminated=end >= 0)
+        if end < 0:
+            self._cut(out, block)
+        else:
+            self._close_call(out, block)
         self._state = "content"
         return end >= 0
+
+    def _cut(self, out: StreamDelta, block: str) -> None:
+        """The text ended inside a call (max_tokens, a stop string): the call is incomplete, not malformed. It is
+        left out of the calls and the errors, as vLLM's parsers leave it out, and kept as `result.cut`; the calls
+        before it stand. Only when its first part was streamed does the stream carry it as an error naming the
+        index, so that the client drops what it got of it."""
+        index = self._call_index
+        self._call_index, self._args_sent = None, ""
+        self.result.cut = ToolCallError(f"unterminated {TOOL_CALL_START}: generation stopped inside the call",
+                                        block.strip(), index)
+        if index is not None:
+            out.errors.append(self.result.cut)
 
     def _stream_arguments(self, out: StreamDelta) -> None:
         if self._call_index is None:
@@ -190,14 +205,13 @@ class StreamingToolParser:
             self._args_sent = safe
             out.tool_calls.append(ToolCallDelta(index=self._call_index, arguments=chunk))
 
-    def _close_call(self, out: StreamDelta, block: str, terminated: bool) -> None:
+    def _close_call(self, out: StreamDelta, block: str) -> None:
         index, sent = self._call_index, self._args_sent
         self._call_index, self._args_sent = None, ""
         try:
             obj = json.loads(block)
         except ValueError as e:
-            obj, parsed = None, (f"tool call is not valid JSON ({e.msg} at char {e.pos})" if terminated else
-                                 f"unterminated {TOOL_CALL_START}: generation stopped inside the call")
+            obj, parsed = None, f"tool call is not valid JSON ({e.msg} at char {e.pos})"
         else:
             parsed = call_from_object(obj, self.tool_names)
             # A name-first call may be streamed before it closes, so whole and streamed parses agree only if the
@@ -274,7 +288,10 @@ class StreamingToolParser:
             try:
                 obj, pos = decoder.raw_decode(body, pos)
             except ValueError as e:
-                return [], f"tool call is not valid JSON ({e.msg} at char {e.pos})"
+                if not _cut_call(body[pos:], e.msg, e.pos - pos):
+                    return [], f"tool call is not valid JSON ({e.msg} at char {e.pos})"
+                self.result.cut = ToolCallError("generation stopped inside the call", body[pos:], None)
+                break
             if isinstance(obj, dict) and self.tool_names is None and not ({"parameters", "arguments"} & obj.keys()):
                 return [], 'a tool call needs "parameters" (or "arguments")'
             parsed = call_from_object(obj, self.tool_names, argument_keys=("parameters", "arguments"))
@@ -283,9 +300,16 @@ class StreamingToolParser:
             calls.append(parsed)
             while pos < len(body) and (body[pos].isspace() or body[pos] == ";"):
                 pos += 1
-        if not calls:
+        if not calls and self.result.cut is None:
             return [], "empty tool call"
         return calls, None
+
+
+def _cut_call(rest: str, error: str, at: int) -> bool:
+    """Whether `rest`, a call object the JSON decoder failed on at `at`, is a call the text ended inside (rather
+    than a malformed one): it opens as a call and the decoder ran out of text, not into a wrong character."""
+    return bool(_LOOKS_LIKE_LLAMA_CALL.match(rest)) and (at >= len(rest.rstrip()) or
+                                                         error.startswith("Unterminated string"))
 
 
 def parse_tool_calls(text: str, fmt: str = "hermes", tool_names: Collection[str] | None = None,

@@ -78,11 +78,14 @@ class ParsedOutput:
     content: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     errors: list[ToolCallError] = field(default_factory=list)
+    # The call the text ended inside (max_tokens): incomplete rather than wrong, so neither a call nor an error;
+    # the complete calls before it stand, and the turn's finish_reason is the verifier's ("length").
+    cut: ToolCallError | None = None
 
     @property
     def finish_reason(self) -> str | None:
         """"tool_calls" when the turn ends in calls for the client; None leaves the verifier's own reason."""
-        return "tool_calls" if self.tool_calls else None
+        return "tool_calls" if self.tool_calls and self.cut is None else None
 
     def to_openai_message(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": self.content or None}

@@ -145,8 +145,16 @@ class SpecEngine:
         room = [min(n, self.runner.max_model_len - len(r.tokens) + 1) for r in self.running]
         if self.max_nodes <= 1 or not self.running or max(room) <= 1:
             return None
-        return [DraftInput(r.request_id, r.tokens, r.params, max(1, k), r.generator)
+        return [DraftInput(r.request_id, r.tokens, r.params, max(1, k), r.generator, len(r.prompt),
+                           self._draft_grammar(r))
                 for r, k in zip(self.running, room)]
+
+    def _draft_grammar(self, r: Request):
+        """The request's grammar state for an in-process proposer to mask its proposals with (a drafter service
+        keeps its own: services/drafter/grammar.py)."""
+        if r.params.grammar is None or self.constraints is None:
+            return None
+        return self.constraints.state(r)
 
     def verify(self, trees: list[DraftTree] | None, draft_s: float = 0.0) -> StepOutput:
         """One target forward over the trees of every running request (None: plain decoding), then acceptance,

@@ -32,6 +32,8 @@ from specrelay.shared.messages import (
 
 STORY = "Once upon a time, a café in Zürich served naïve crêpes to 12 robots 🤖 — each one said thanks. "
 TOOL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+# the rest of a forced call, then the same call again and again (until max_tokens cuts one)
+REPEATED_CALLS = 'get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' + f"\n{TOOL_CALL}" * 20
 
 
 @dataclass
@@ -77,6 +79,8 @@ class FakeVerifier:
         last_turn = prompt.rsplit("<|im_start|>", 2)[-2] if prompt.count("<|im_start|>") >= 2 else prompt
         if prompt.endswith('"arguments": '):
             return '{"city": "Paris"}}\n</tool_call>'
+        if prompt.endswith('{"name": "') and "REPEAT" in last_turn:  # SmolLM2 with parallel calls allowed
+            return REPEATED_CALLS
         if prompt.endswith('{"name": "'):
             return 'get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
         if "FAIL" in last_turn:

@@ -3,8 +3,12 @@ masks the target with), and what cannot be honoured is a 400 before anything is 
 
 from __future__ import annotations
 
+import json
+import re
+
 import llguidance
 
+from .fake_verifier import REPEATED_CALLS
 from .test_errors import TOOL, assert_error, body
 
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
@@ -48,3 +52,20 @@ async def test_completions_take_response_format_too(gateway):
         "model": "tiny-chat", "prompt": "Answer in JSON:", "max_tokens": 8, "response_format": {"type": "json_object"}})
     assert response.status == 200, await response.text()
     assert '"object"' in gateway.fake.generates[-1].sampling.grammar
+
+
+async def test_calls_cut_by_max_tokens_keep_the_complete_ones_and_finish_by_length(gateway, tokenizer):
+    """A model that repeats a forced call until max_tokens (SmolLM2 with parallel calls allowed): the reply holds
+    the complete calls, valid, not the one cut mid-arguments, and says it was cut."""
+    third_city = [m.start() for m in re.finditer("Paris", REPEATED_CALLS)][2]
+    two_and_a_half = REPEATED_CALLS[:third_city]  # two whole calls, the third cut inside its arguments
+    payload = body(tools=[TOOL], tool_choice="required", max_tokens=len(tokenizer.encode(two_and_a_half)),
+                   messages=[{"role": "user", "content": "REPEAT the weather in Paris"}])
+    response = await gateway.client.post("/v1/chat/completions", json=payload)
+    choice = (await response.json())["choices"][0]
+    assert choice["finish_reason"] == "length", choice
+    calls = choice["message"]["tool_calls"]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Paris"}] * 2
+    assert "tool_call_errors" not in choice["message"]
+    streamed = await gateway.client.post("/v1/chat/completions", json={**payload, "stream": True})
+    assert '"finish_reason": "length"' in (await streamed.text()).replace('":"', '": "')

@@ -94,6 +94,24 @@ def test_a_call_cut_off_by_the_token_limit_is_an_error_even_when_streamed():
     assert len(errors) == 1 and "unterminated <tool_call>" in errors[0].message
     # Its first part had gone out, so the error names the index the client must drop.
     assert errors[0].index == 0 and calls[0][0].name == "python"
+    assert result.errors == [] and result.cut == errors[0]  # incomplete, not malformed: no call, no error
+
+
+def test_the_calls_before_one_cut_by_the_token_limit_stand_and_the_cut_one_is_left_out():
+    """SmolLM2 with parallel calls allowed repeats a call until max_tokens: the reply keeps the complete calls
+    (a vLLM parser's reply), the turn's finish_reason stays the verifier's "length"."""
+    hermes = f"{CALC}\n{CALC}\n" + '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2 *'
+    llama = '{"name": "calculator", "parameters": {"expression": "1"}}; {"name": "calculator", "parameters": {"ex'
+    for text, fmt in [(hermes, "hermes"), (llama, "llama3"), (llama[:-4], "llama3")]:
+        out = parse_tool_calls(text, fmt, {"calculator"})
+        assert len(out.tool_calls) == 2 - (fmt == "llama3") and out.errors == [], (text, out)
+        assert out.cut is not None and out.finish_reason is None and out.content == ""
+    whole = parse_tool_calls(f"{CALC}\n{CALC}", "hermes", {"calculator"})
+    assert whole.cut is None and whole.finish_reason == "tool_calls"
+    # a call cut before its name is whole is left out as well; a malformed call stays an error
+    assert parse_tool_calls(f'{CALC}\n<tool_call>\n{{"na').cut is not None
+    broken = parse_tool_calls('{"name": "calculator", "parameters": {"expression": 1]}', "llama3")
+    assert broken.cut is None and broken.tool_calls == [] and len(broken.errors) == 1
 
 
 def test_double_encoded_arguments_and_other_key_orders_are_accepted_streamed_or_not():
@@ -121,8 +139,11 @@ def test_llama3_json_calls():
     assert [(c.name, c.arguments) for c in two.tool_calls] == [("a", "{}"), ("b", '{"k": 1}')]
     # A JSON answer that is not a call stays content; a tagged broken call is an error.
     assert parse_tool_calls('{"answer": 42}', fmt="llama3").content == '{"answer": 42}'
-    broken = parse_tool_calls('<|python_tag|>{"name": "calculator", "parameters": {', fmt="llama3")
+    broken = parse_tool_calls('<|python_tag|>{"name": "calculator", "parameters": {]}', fmt="llama3")
     assert broken.tool_calls == [] and broken.errors[0].message.startswith("tool call is not valid JSON")
+    # one the text ended inside (max_tokens) is incomplete rather than broken: neither a call nor an error
+    cut = parse_tool_calls('<|python_tag|>{"name": "calculator", "parameters": {', fmt="llama3")
+    assert cut.tool_calls == [] and cut.errors == [] and cut.cut is not None
     assert parse_tool_calls("Paris is the capital.", fmt="llama3").content == "Paris is the capital."
 
 
