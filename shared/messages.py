@@ -2,6 +2,7 @@
 
 gateway --Generate--> verifier --TokenChunk (reply_to)--> gateway
 gateway --Cancel----> verifier                       (client went away: free its KV; or release a held request)
+gateway --Preempt---> verifier                       (the SLO schedule pauses a running request, or resumes it)
 gateway --Continue--> verifier.continue.<holder> --TokenChunk (reply_to)--> gateway
                                                      (append tokens to a held request and decode on: a tool round)
 verifier --DraftBatch--> drafter --DraftReply (reply_to)--> verifier
@@ -79,6 +80,16 @@ class Cancel(msgspec.Struct, frozen=True, tag=True):
     # conversation and the tools' answers. The verifier's retention policy (verifier/client_retention.py) then
     # keeps, offloads or drops the KV instead of simply freeing it, and learns the pause per tool name.
     tool_names: list[str] = msgspec.field(default_factory=list)
+
+
+class Preempt(msgspec.Struct, frozen=True, tag=True):
+    """The gateway's SLO schedule pauses a running request to give its batch slot to one that cannot wait
+    (`resume=False`), or lets it go on (`resume=True`). Sent on CANCEL_STREAM, which every replica reads; the one
+    serving the request acts, the others ignore it. Paused, the request keeps its KV unless the verifier needs the
+    blocks (then it is offloaded or dropped, and recomputed on resume); its output is the same either way."""
+
+    request_id: str
+    resume: bool = False
 
 
 class RelayUsage(msgspec.Struct):

@@ -4,14 +4,17 @@ A bounded queue in front of a bounded set of running slots. Beyond `max_running`
 `max_queued` waiting ones the gateway answers 503 at once (shedding load early is kinder than a timeout). Which
 waiting request is admitted next is a `SchedulingPolicy`: `fcfs` here, `slo` (least slack first) in slo_policy.py.
 A policy also hears how admitted requests go (admitted, tokens so far, finished, released), which the SLO policy
-learns its estimates from. Plain Python: no aiohttp, so policies are unit-tested with hand-built tickets.
+learns its estimates from. A policy may also take a slot back (`preempt`, the SLO policy's): the paused request waits
+again, with no handler waiting on it — its stream just goes quiet — and `on_preempt(request_id, resume)` tells the
+verifier to pause it and, once the policy picks it again, to go on. Plain Python: no aiohttp, so policies are
+unit-tested with hand-built tickets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 from specrelay.services.gateway.scheduling import FcfsPolicy, SchedulingPolicy, Ticket
 from specrelay.services.gateway.slo_policy import SloPolicy, SloPolicyConfig
@@ -33,7 +36,9 @@ class Admission:
         self.max_running = max_running
         self.max_queued = max_queued
         self._running: dict[str, Ticket] = {}  # by request id: progress reports name the request
-        self._waiting: list[tuple[Ticket, asyncio.Future[None]]] = []
+        # a preempted request waits with no future: nobody awaits its admission, its handler is streaming
+        self._waiting: list[tuple[Ticket, asyncio.Future[None] | None]] = []
+        self.on_preempt: Callable[[str, bool], None] | None = None  # (request id, resume): tell the verifier
 
     @property
     def num_running(self) -> int:
@@ -58,6 +63,7 @@ class Admission:
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (ticket, granted)
         self._waiting.append(entry)
+        self._preempt()
         try:
             await granted
         except asyncio.CancelledError:
@@ -69,23 +75,52 @@ class Admission:
 
     def release(self, ticket: Ticket) -> None:
         """`ticket`'s slot is free: hand it (and any other free slot) to the waiting request the policy picks."""
-        if self._running.pop(ticket.request_id, None) is not None:
+        paused = [i for i, (t, f) in enumerate(self._waiting) if f is None and t.request_id == ticket.request_id]
+        if self._running.pop(ticket.request_id, None) is not None or paused:
+            self._waiting = [e for i, e in enumerate(self._waiting) if i not in paused]
             self.policy.released(ticket)
+        self._grant()
+
+    def _grant(self) -> None:
+        """Free slots to the waiting requests the policy picks; a preempted one goes on."""
         while self._waiting and self.num_running < self.max_running:
             waiter, granted = self._waiting.pop(self.policy.pick([t for t, _ in self._waiting]))
-            if not granted.done():
+            if granted is None:
+                self._running[waiter.request_id] = waiter
+                self.policy.unpaused(waiter)
+                self.on_preempt(waiter.request_id, True)
+            elif not granted.done():
                 self._start(waiter)
                 granted.set_result(None)
 
+    def _preempt(self) -> None:
+        """A waiting request that cannot wait takes the slot of the running request the policy pauses."""
+        if self.on_preempt is None or not self._waiting or self.num_running < self.max_running:
+            return
+        victim = self.policy.preempt([t for t, _ in self._waiting], list(self._running.values()))
+        if victim is None or (ticket := self._running.pop(victim, None)) is None:
+            return
+        self.policy.paused(ticket)
+        self._waiting.append((ticket, None))
+        self.on_preempt(victim, False)
+        self._grant()
+
     def progress(self, request_id: str, num_tokens: int) -> None:
         """A running request has produced `num_tokens` output tokens so far."""
-        if (ticket := self._running.get(request_id)) is not None:
+        if (ticket := self._ticket(request_id)) is not None:
             self.policy.progress(ticket, num_tokens)
+            self._preempt()  # slack shrinks as time passes: a waiting request may no longer afford to wait
 
     def finished(self, request_id: str, num_tokens: int, completed: bool) -> None:
         """A running request's generation ended (`completed`: at its own stop or length, not cancelled)."""
-        if (ticket := self._running.get(request_id)) is not None:
+        if (ticket := self._ticket(request_id)) is not None:
             self.policy.finished(ticket, num_tokens, completed)
+
+    def _ticket(self, request_id: str) -> Ticket | None:
+        """A running request's ticket, or a paused one's (its last tokens may still arrive)."""
+        if (ticket := self._running.get(request_id)) is not None:
+            return ticket
+        return next((t for t, f in self._waiting if f is None and t.request_id == request_id), None)
 
     @contextlib.asynccontextmanager
     async def slot(self, ticket: Ticket) -> AsyncIterator[None]:

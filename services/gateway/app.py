@@ -19,8 +19,8 @@ from specrelay.services.gateway.errors import ApiError, error_middleware
 from specrelay.services.gateway.metrics import GatewayMetrics, KvStatsSource
 from specrelay.services.gateway.state import GATEWAY, Gateway, GatewayConfig, end_of_turn_ids
 from specrelay.services.gateway.tools import ServerTools
-from specrelay.shared.bus import Bus
-from specrelay.shared.messages import GENERATE_STREAM
+from specrelay.shared.bus import Bus, BusUnavailable
+from specrelay.shared.messages import CANCEL_STREAM, GENERATE_STREAM, Preempt
 from specrelay.shared.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ def create_app(config: GatewayConfig, bus: Bus, tokenizer: Tokenizer,
                       admission=Admission(make_policy(config.policy, config.class_slos), config.max_running,
                                           config.max_queued),
                       stop_token_ids=end_of_turn_ids(tokenizer), server_tools=server_tools)
+    gateway.admission.on_preempt = _preempt_sender(bus, gateway.metrics)
     app = web.Application(client_max_size=config.max_body_bytes,
                           middlewares=[_metrics_middleware, error_middleware, _auth_middleware])
     app[GATEWAY] = gateway
@@ -49,6 +50,28 @@ def create_app(config: GatewayConfig, bus: Bus, tokenizer: Tokenizer,
     app.router.add_get("/metrics", openai_api.metrics)
     app.cleanup_ctx.append(_sample_verifier_queue)
     return app
+
+
+def _preempt_sender(bus: Bus, metrics: GatewayMetrics):
+    """Admission's `on_preempt`: publish `Preempt` to the verifiers, one after another (a resume never overtakes
+    its pause), and count pauses in `vllm:num_preemptions_total`."""
+    last: asyncio.Future | None = None
+
+    async def send(prev: asyncio.Future | None, msg: Preempt) -> None:
+        if prev is not None:
+            await asyncio.gather(prev, return_exceptions=True)
+        try:
+            await bus.publish(CANCEL_STREAM, msg)
+        except BusUnavailable as e:  # the request goes on unpaused, or stays paused until the bus is back
+            log.warning("gateway: could not send %s (%s)", msg, e)
+
+    def on_preempt(request_id: str, resume: bool) -> None:
+        nonlocal last
+        if not resume:
+            metrics.vllm.preemptions.inc()
+        last = asyncio.ensure_future(send(last, Preempt(request_id, resume)))
+
+    return on_preempt
 
 
 @web.middleware

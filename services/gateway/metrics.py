@@ -14,8 +14,8 @@ vLLM's series carry a `model_name` label, as vLLM's do. What each one means here
 - `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`, `vllm:request_{prompt,generation}_tokens`;
 - `vllm:prefix_cache_queries_total` / `_hits_total`: prompt tokens / those whose KV was reused (vLLM counts tokens);
 - `vllm:spec_decode_num_drafts_total` (verify steps), `_num_draft_tokens_total`, `_num_accepted_tokens_total`;
-- `vllm:num_preemptions_total`: always 0 — a verifier admits a request only when its KV blocks fit and never
-  preempts one; exposed so that a vLLM dashboard's panel shows a true 0 rather than "no data";
+- `vllm:num_preemptions_total`: running requests the SLO schedule paused to give their slot to one that could not
+  wait (slo_policy.py); 0 under fcfs — a verifier admits a request only when its KV blocks fit, never evicting one;
 - `vllm:request_success_total{finished_reason}`: stop (tool calls included) | length | abort (client gone, error,
   timeout);
 - `vllm:kv_cache_usage_perc`: KV blocks in use / all, 0..1 (only when the verifier runs in this process).
@@ -252,7 +252,7 @@ class VllmMetrics:
                                                     label, registry=r))
         self.spec_accepted_tokens = bound(prom.Counter("vllm:spec_decode_num_accepted_tokens",
                                                        "Draft tokens the target accepted", label, registry=r))
-        self.preemptions = bound(prom.Counter("vllm:num_preemptions", "Preemptions (specrelay never preempts)",
+        self.preemptions = bound(prom.Counter("vllm:num_preemptions", "Running requests paused by the SLO schedule",
                                               label, registry=r))
         self.success = prom.Counter("vllm:request_success", "Finished requests, by finish reason",
                                     ("model_name", "finished_reason"), registry=r)

@@ -27,6 +27,11 @@ class SchedulingPolicy(ABC):
     def pick(self, waiting: Sequence[Ticket]) -> int:
         """Index into `waiting` (in arrival order, never empty) of the request to admit next."""
 
+    def preempt(self, waiting: Sequence[Ticket], running: Sequence[Ticket]) -> str | None:
+        """The request id of a running request to pause so that a waiting one can go now, or None (never, by
+        default). A paused request waits among the others and goes on when `pick` chooses it."""
+        return None
+
     # Feedback from the request path; a policy that learns nothing ignores it.
     def admitted(self, ticket: Ticket) -> None:
         """`ticket` now holds a running slot."""
@@ -36,6 +41,12 @@ class SchedulingPolicy(ABC):
 
     def finished(self, ticket: Ticket, num_tokens: int, completed: bool) -> None:
         """Generation ended after `num_tokens`; `completed`: it reached its own end (not cancelled or failed)."""
+
+    def paused(self, ticket: Ticket) -> None:
+        """`ticket` was preempted: its slot is taken, it waits again (having produced some tokens)."""
+
+    def unpaused(self, ticket: Ticket) -> None:
+        """A preempted `ticket` holds a running slot again."""
 
     def released(self, ticket: Ticket) -> None:
         """`ticket`'s slot is free again (always called, whatever happened)."""

@@ -123,6 +123,11 @@ class Estimator:
             self._window(self._by_key, (slo_class, max_tokens)).add(num_tokens)
             self._window(self._by_class, slo_class).add(num_tokens)
 
+    def resumed(self, request_id: str, now_s: float) -> None:
+        """A preempted request goes on: the pause is not time per token."""
+        if (r := self._running.get(request_id)) is not None and r.last_s is not None:
+            r.last_s = now_s
+
     def forget(self, request_id: str) -> None:
         self._running.pop(request_id, None)
 

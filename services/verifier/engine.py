@@ -26,7 +26,7 @@ import torch
 from specrelay.kernels.spec_accept import spec_accept
 from specrelay.services.drafter.base import TOPK, DraftInput, Proposer, Verified
 from specrelay.services.verifier.budget import AdaptiveBudget
-from specrelay.services.verifier.handoffs import RequestOutput, SpecStats, StepPlan, StepResult
+from specrelay.services.verifier.handoffs import PausedOutput, RequestOutput, SpecStats, StepPlan, StepResult
 from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.grammar_mask import Constraints, masked
 from specrelay.shared.modeling.kv_cache import BlockTable
@@ -77,6 +77,7 @@ class SpecEngine:
         self.max_nodes = max_nodes if speculate else 1
         self.budget = AdaptiveBudget(self.max_nodes) if adaptive else None
         self.running: list[Request] = []
+        self.paused: dict[str, Request] = {}  # preempted, by the scheduler's request id: out of the batch
         self.constraints: Constraints | None = None  # structured outputs: grammar masks (shared/grammar_mask.py)
         self.num_prefilled_tokens = 0  # tokens run through prefill since start (not loaded, not decoded)
         self._ids = itertools.count()
@@ -138,6 +139,27 @@ class SpecEngine:
     def release(self, kv: Request | BlockTable) -> None:
         """Free a finished request's kept KV (once its owner has published what it wants), or a table's."""
         self.runner.release(kv.table if isinstance(kv, Request) else kv)
+
+    def pause(self, name: str) -> Request | None:
+        """Take a running request out of the batch (preemption); its KV stays in its table until released."""
+        req = next((r for r in self.running if r.name == name), None)
+        if req is not None:
+            self.running.remove(req)
+            self.paused[name] = req
+        return req
+
+    def unpause(self, name: str) -> Request:
+        """Put a paused request back in the batch. Its cache must again hold every committed token but the last:
+        what a release took (all of it, or all but a prefix loaded back from the kvstore) is prefilled again, and
+        its logits are not needed — the last committed token is the next step's root, as it was when paused. The
+        request keeps its generator, so a seeded sampling stream goes on where it stopped."""
+        req = self.paused.pop(name)
+        fed = len(req.tokens) - 1
+        if req.table.num_tokens < fed:
+            self.num_prefilled_tokens += fed - req.table.num_tokens
+            self.runner.prefill(req.table, req.tokens[req.table.num_tokens : fed])
+        self.running.append(req)
+        return req
 
     def plan(self) -> list[DraftInput] | None:
         """What to ask the drafter for this step (one input per running request), or None: nothing to draft."""
@@ -222,9 +244,19 @@ class SpecEngine:
         result = StepResult()
         by_name = {r.name: r for r in self.running}
         for name in plan.cancelled:
-            if (req := by_name.get(name)) is not None:
+            if (req := by_name.get(name) or self.paused.get(name)) is not None:
                 self.cancel(req.request_id)
                 result.outputs.append(_output(req))
+        for name in plan.paused:
+            if (req := self.pause(name)) is not None:
+                result.paused[name] = PausedOutput(req, len(req.tokens), len(req.table.blocks))
+        for unpause in plan.unpaused:
+            try:
+                self.unpause(unpause.request_id)
+            except Exception as e:  # noqa: BLE001 - this request alone fails (its recompute); the others go on
+                log.exception("engine: resuming %s failed", unpause.request_id)
+                self.runner.release(unpause.kv.table)
+                result.outputs.append(_failed(unpause.request_id, f"the verifier could not resume this request: {e}"))
         for resume in plan.resumes:
             try:
                 req = self.extend(resume.kv, resume.token_ids, params_from_spec(resume.sampling), resume.request_id)
@@ -267,9 +299,11 @@ class SpecEngine:
 
     def cancel(self, request_id: int) -> Request | None:
         """Stop a request now and free its KV (the client went away, or a stop string matched)."""
-        req = next((r for r in self.running if r.request_id == request_id), None)
+        req = next((r for r in [*self.running, *self.paused.values()] if r.request_id == request_id), None)
         if req is not None:
-            self.running.remove(req)
+            if req in self.running:
+                self.running.remove(req)
+            self.paused.pop(req.name, None)
             req.finish_reason = "cancelled"
             self.runner.release(req.table)
             if self.proposer is not None:

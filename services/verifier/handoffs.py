@@ -63,6 +63,16 @@ class Resume:
     sampling: Any  # the turn's SamplingSpec
 
 
+@dataclass(frozen=True)
+class Unpause:
+    """A preempted request that goes on now. Its KV was kept (`reload` False: it decodes on as if never paused)
+    or released (`reload`: the service loads what the prefix cache has of it, the engine prefills the rest)."""
+
+    request_id: str
+    kv: Any  # the engine's paused request
+    reload: bool
+
+
 @dataclass
 class Admit:
     """A Generate that starts now. The service's load stage fills `table`, `cached_tokens` and `relay` from the
@@ -83,7 +93,9 @@ class StepPlan:
     rejects: list[Reject] = field(default_factory=list)
     releases: list[Release] = field(default_factory=list)  # KV leaving the device: expiries, cancels, evictions
     # Run by the engine, in this order.
-    cancelled: list[str] = field(default_factory=list)  # running requests stopped now (their KV is freed)
+    cancelled: list[str] = field(default_factory=list)  # running or paused requests stopped now (KV freed)
+    paused: list[str] = field(default_factory=list)  # running requests preempted now: out of the batch, KV kept
+    unpaused: list[Unpause] = field(default_factory=list)  # preempted requests back in the batch
     resumes: list[Resume] = field(default_factory=list)  # Continues first: their KV is already here
     admits: list[Admit] = field(default_factory=list)  # then new Generates, in arrival order
     # One speculative step over every running request. Never in a step that prefills: a first token goes out as
@@ -92,7 +104,7 @@ class StepPlan:
 
     @property
     def runs_engine(self) -> bool:
-        return bool(self.cancelled or self.resumes or self.admits or self.decode)
+        return bool(self.cancelled or self.paused or self.unpaused or self.resumes or self.admits or self.decode)
 
 
 # -- the result ----------------------------------------------------------------------------------------------------
@@ -113,9 +125,17 @@ class RequestOutput:
     stats: SpecStats | None = None
 
 
+@dataclass(frozen=True)
+class PausedOutput:
+    kv: Any  # the engine's paused request: its table holds the KV (released by a Release like any other)
+    num_tokens: int  # prompt + output so far
+    num_blocks: int
+
+
 @dataclass
 class StepResult:
     outputs: list[RequestOutput] = field(default_factory=list)
+    paused: dict[str, PausedOutput] = field(default_factory=dict)  # by request id: the plan's pauses, done
     decoded: bool = False  # a decode step ran: every request running in it has an output
     # For the drafter service: what the step verified (empty when no tree came), engine id -> request id, and the
     # requests it may forget.

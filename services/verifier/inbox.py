@@ -1,8 +1,9 @@
 """What one verifier replica reads from the bus, merged into one queue in arrival order, and what of it is its own.
 
     verifier.generate              group "verifier", shared by every replica: each Generate goes to one of them
-    verifier.cancel                group "cancel-<consumer>", this replica's: every replica sees every Cancel
-                                   published from `cancel_replay_ms` before it started on (not the whole stream)
+    verifier.cancel                group "cancel-<consumer>", this replica's: every replica sees every Cancel (and
+                                   Preempt) published from `cancel_replay_ms` before it started on (not the whole
+                                   stream)
     verifier.continue.<consumer>   this replica's stream: Continues for the requests it holds (held.py)
 
 The replica's own group and stream are named for its consumer (`VerifierConfig.consumer`, host and pid), so they
@@ -16,7 +17,15 @@ from __future__ import annotations
 import asyncio
 
 from specrelay.shared.bus import Bus, Delivery
-from specrelay.shared.messages import CANCEL_STREAM, GENERATE_STREAM, Cancel, Continue, Generate, continue_stream
+from specrelay.shared.messages import (
+    CANCEL_STREAM,
+    GENERATE_STREAM,
+    Cancel,
+    Continue,
+    Generate,
+    Preempt,
+    continue_stream,
+)
 
 
 class Inbox:
@@ -30,7 +39,7 @@ class Inbox:
 
     def start(self) -> None:
         self._feeders = [asyncio.create_task(self._feed(GENERATE_STREAM, "verifier", Generate)),
-                         asyncio.create_task(self._feed(CANCEL_STREAM, self.cancel_group, Cancel,
+                         asyncio.create_task(self._feed(CANCEL_STREAM, self.cancel_group, Cancel | Preempt,
                                                         self.cancel_replay_ms)),
                          asyncio.create_task(self._feed(self.continue_stream, "verifier", Continue))]
 

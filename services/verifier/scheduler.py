@@ -6,10 +6,13 @@ Each step, in this order (`schedule`):
                  the Cancel names the client's tools (a client tool pause), kept / offloaded / dropped as the
                  retention policy says (client_retention.py)
   2. expiries    holds past their time are released; kept conversations whose recheck says so leave the device
-  3. Continues   of held requests (held.py), first: their KV is already here
-  4. Generates   in arrival order, while batch slots and KV blocks last; kept conversations are evicted to make
-                 room, as the retention policy orders
-A step that prefills (3, 4) does not decode; the next one does: a first token goes out as soon as it exists.
+  3. preemptions running requests the gateway pauses leave the batch, their KV kept or, as the retention policy
+                 says, offloaded or dropped (preempted.py); those it lets go on come back first, while slots last
+  4. Continues   of held requests (held.py): their KV is already here
+  5. Generates   in arrival order, while batch slots and KV blocks last; kept conversations and paused requests'
+                 KV are evicted to make room, as the retention policy orders
+A step that prefills (3 after a release, 4, 5) does not decode; the next one does: a first token goes out as soon as
+it exists.
 
 Block budget: a request needs its tokens and a draft tree's (`max_nodes + 1`) to start, and every running request
 keeps two blocks of headroom to grow into. The plan counts the blocks its releases free and its admissions take.
@@ -36,8 +39,10 @@ from specrelay.services.verifier.handoffs import (
     Serving,
     StepPlan,
     StepResult,
+    Unpause,
 )
 from specrelay.services.verifier.held import HeldRequests
+from specrelay.services.verifier.preempted import PausedRuns
 
 if TYPE_CHECKING:
     from specrelay.services.verifier.client_retention import ClientRetention
@@ -79,9 +84,12 @@ class SchedulerConfig:
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, budget: BlockBudget, retention: ClientRetention | None = None,
-                 new_ledger=lambda: None, held: HeldRequests | None = None):
+                 new_ledger=lambda: None, held: HeldRequests | None = None, paused: PausedRuns | None = None):
         self.cfg, self.budget, self.retention, self.new_ledger = cfg, budget, retention, new_ledger
         self.held = held if held is not None else HeldRequests()
+        self.paused = paused if paused is not None else PausedRuns()
+        self.preempts: dict[str, bool] = {}  # request id -> resume (True) or pause (False): Preempt messages
+        self.preempt_acks: list[Any] = []
         self.waiting: list[Any] = []  # Generate deliveries, in arrival order
         self.continues: list[Any] = []  # Continue deliveries, waiting for a batch slot and blocks
         self.running: dict[str, Serving] = {}
@@ -103,6 +111,10 @@ class Scheduler:
         msg = delivery.msg
         self.cancels[msg.request_id] = tuple(msg.tool_names) or self.cancels.get(msg.request_id, ())
         self.cancel_acks.append(delivery)
+
+    def add_preempt(self, delivery: Any) -> None:
+        self.preempts[delivery.msg.request_id] = delivery.msg.resume  # the later of a pause and a resume wins
+        self.preempt_acks.append(delivery)
 
     def add_request(self, delivery: Any, first_turn: bool) -> list[Any]:
         """Queue a Generate (`first_turn`) or a Continue; returns the deliveries to acknowledge now: a copy of a
@@ -131,17 +143,22 @@ class Scheduler:
         plan = StepPlan()
         self._cancel(plan)
         self._expire(plan)
+        self._preempt(plan)
         decodable = any(rid not in plan.cancelled for rid in self.running)
         if not (self._prefilled and decodable):
             room = _Room(self, plan)
+            self._unpause(plan, room)
             self._resume(plan, room)
             self._admit(plan, room)
-        self._prefilled = bool(plan.resumes or plan.admits)
-        plan.decode = decodable and not self._prefilled
+        self._prefilled = bool(plan.resumes or plan.admits or any(u.reload for u in plan.unpaused))
+        plan.decode = (decodable or bool(plan.unpaused)) and not self._prefilled
         return plan
 
     def _cancel(self, plan: StepPlan) -> None:
         for rid, tool_names in self.cancels.items():
+            if (run := self.paused.take(rid)) is not None:  # the engine cancels it from its paused requests
+                run.serving.num_blocks = run.num_blocks
+                self.running[rid] = run.serving
             if rid in self.running:
                 plan.cancelled.append(rid)
             plan.acks += [d for d in self.waiting if d.msg.request_id == rid]  # nobody else should start it
@@ -163,6 +180,39 @@ class Scheduler:
         plan.releases += [Release(held.kv, publish=True) for held in self.held.expired()]
         for kv, action in self.retention.due() if self.retention is not None else ():
             plan.releases.append(Release(kv, publish=action is Retention.OFFLOAD))
+
+    def _preempt(self, plan: StepPlan) -> None:
+        """Pauses and resumes from the gateway's SLO schedule; a request not running or paused here is not ours
+        (or has finished): nothing to do. Newly paused requests' KV is kept, offloaded or dropped as the retention
+        policy says."""
+        for rid, resume in self.preempts.items():
+            if resume and (run := self.paused.get(rid)) is not None:
+                run.resume = True
+            elif not resume and rid in self.running and rid not in plan.cancelled:
+                plan.paused.append(rid)
+                self.paused.pause(rid, self.running.pop(rid))
+        self.preempts.clear()
+        plan.acks += self.preempt_acks
+        self.preempt_acks = []
+        policy, used, _ = self._kv_policy()
+        for kv, action in self.paused.decide(policy, used):
+            plan.releases.append(Release(kv, publish=action is Retention.OFFLOAD))
+
+    def _unpause(self, plan: StepPlan, room: _Room) -> None:
+        """Paused requests the gateway let go on, longest paused first, while batch slots last and their blocks fit:
+        their context if it left the device, plus two blocks to grow into as any running request keeps."""
+        for rid, run in self.paused.ready():
+            if not room.slots():
+                return
+            need = 2 if run.kept else self._blocks(run.num_tokens + self.cfg.max_nodes + 1)
+            if need > room.headroom():
+                return
+            self.paused.take(rid)
+            self.paused.resumed(self._kv_policy()[0], run)
+            plan.unpaused.append(Unpause(rid, run.kv, reload=not run.kept))
+            room.take(0 if run.kept else need - 2)
+            run.serving.num_blocks = run.num_blocks
+            self.running[rid] = run.serving
 
     def _resume(self, plan: StepPlan, room: _Room) -> None:
         """Continues in order while batch slots last; the first that waits for blocks stops the rest (the hold's
@@ -218,6 +268,11 @@ class Scheduler:
             for kv, action in self.retention.evict(short):
                 plan.releases.append(Release(kv, publish=action is Retention.OFFLOAD))
             short = need - room.headroom()
+        if short > 0:
+            policy, used, bytes_per_block = self._kv_policy()
+            for kv, action in self.paused.evict(short, policy, used, bytes_per_block):
+                plan.releases.append(Release(kv, publish=action is Retention.OFFLOAD))
+            short = need - room.headroom()
         return short <= 0
 
     # -- update ------------------------------------------------------------------------------------------------
@@ -228,6 +283,8 @@ class Scheduler:
         for admit in plan.admits:
             if (serving := self.running.get(admit.request_id)) is not None:
                 serving.cached_tokens, serving.relay = admit.cached_tokens, admit.relay
+        for rid, paused in result.paused.items():
+            self.paused.paused_by_engine(rid, paused.kv, paused.num_tokens, paused.num_blocks)
         replies = [self._apply(out) for out in result.outputs]
         reported = {out.request_id for out in result.outputs}
         due = {*plan.cancelled, *(r.request_id for r in plan.resumes), *(a.request_id for a in plan.admits)}
@@ -267,7 +324,7 @@ class Scheduler:
     def close(self) -> tuple[list[str], list[Any], list[Any]]:
         """The replica stops: (running requests to stop, queued Continues to answer with an error, KV to free
         unpublished: held, kept, claimed). Generates stay unacknowledged, for another replica to take over."""
-        running, self.running = list(self.running), {}
+        running, self.running = [*self.running, *(rid for rid, _ in self.paused.take_all())], {}
         continues, self.continues = self.continues, []
         free = [held.kv for held in self.held.take_all()]
         free += self.retention.let_go_all() if self.retention is not None else []
@@ -277,9 +334,19 @@ class Scheduler:
 
     def num_kept_blocks(self) -> int:
         """Blocks held for Continues or kept across client tool pauses."""
-        return self.held.num_blocks() + (self.retention.num_blocks() if self.retention is not None else 0)
+        kept = self.held.num_blocks() + self.paused.num_blocks()
+        return kept + (self.retention.num_blocks() if self.retention is not None else 0)
 
     # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _kv_policy(self) -> tuple[Any, int, int]:
+        """(the PTE retention policy or None, KV bytes in use, bytes per block) for paused requests' KV."""
+        if self.retention is None:
+            return None, 0, 0
+        cache = self.retention.cache
+        bytes_per_block = cache.bytes_per_block()
+        used = (cache.allocator.num_blocks - cache.num_free_blocks) * bytes_per_block
+        return self.retention.policy, used, bytes_per_block
 
     def _blocks(self, num_tokens: int) -> int:
         return -(-num_tokens // self.budget.block_size)

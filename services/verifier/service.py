@@ -27,12 +27,12 @@ import time
 from dataclasses import dataclass
 
 from specrelay.services.verifier.config import VerifierConfig
-from specrelay.services.verifier.handoffs import Admit, Release, Reply, StepPlan, StepResult
+from specrelay.services.verifier.handoffs import Admit, Release, Reply, StepPlan, StepResult, Unpause
 from specrelay.services.verifier.inbox import Inbox
 from specrelay.services.verifier.ledger import Ledger
 from specrelay.services.verifier.scheduler import CacheBudget, Scheduler, SchedulerConfig
 from specrelay.shared.bus import Bus, BusUnavailable, Delivery
-from specrelay.shared.messages import KV_STREAM, Cancel, Continue, Generate, KvReport, TokenChunk
+from specrelay.shared.messages import KV_STREAM, Cancel, Continue, Generate, KvReport, Preempt, TokenChunk
 from specrelay.shared.modeling.kv_cache import BlockTable
 
 __all__ = ["VerifierConfig", "VerifierService"]
@@ -159,6 +159,8 @@ class VerifierService:
     async def _take(self, delivery: Delivery) -> None:
         if isinstance(delivery.msg, Cancel):
             self.scheduler.add_cancel(delivery)
+        elif isinstance(delivery.msg, Preempt):
+            self.scheduler.add_preempt(delivery)
         else:
             again = self.scheduler.add_request(delivery, first_turn=isinstance(delivery.msg, Generate))
             self.outbox += [Outgoing(None, None, d) for d in again]
@@ -172,6 +174,8 @@ class VerifierService:
         self.outbox += [_error(r.delivery, r.error) for r in plan.rejects]
         for release in plan.releases:
             await self._release(release)
+        for unpause in plan.unpaused:
+            await self._reload(unpause)
         for admit in plan.admits:
             await self._reuse(admit)
 
@@ -184,6 +188,17 @@ class VerifierService:
             log.warning("verifier %s: could not save a finished request's prefix (%r)", self.cfg.consumer, e)
         finally:
             self.engine.release(release.kv)
+
+    async def _reload(self, unpause: Unpause) -> None:
+        """A preempted request whose KV was released goes on: what the prefix cache has of it is loaded back (the
+        engine prefills the rest); the store being away only costs the reuse."""
+        if not unpause.reload or self.prefix is None or unpause.kv.table.num_tokens:
+            return
+        try:
+            await self.prefix.load(unpause.kv.table, unpause.kv.tokens)
+        except Exception as e:  # noqa: BLE001 - the engine prefills the whole context instead
+            log.warning("verifier %s: the kvstore failed (%r); recomputing a resumed request", self.cfg.consumer, e)
+            self.engine.release(unpause.kv.table)
 
     async def _reuse(self, admit: Admit) -> None:
         """Fill the admission's table from the kvstore: the cached prefix, then relayed spans. The store being
