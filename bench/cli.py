@@ -1,4 +1,4 @@
-"""`specrelay bench spec|bus|relay|tir`: benchmarks that run ours and the baselines side by side in one process and print
+"""`specrelay bench spec|bus|relay|engine|structured|tir`: benchmarks that run ours and the baselines side by side in one process and print
 ratios (the kernels have their own: `specrelay kernels bench`). Each bench module has its own `add_arguments` and
 `main`; their shared tail is report.py."""
 
@@ -17,6 +17,9 @@ BENCHES = {
               "RelayCaching vs full prefill, naive reuse and CacheBlend on multi-agent pipelines"),
     "engine": ("specrelay.bench.engine", "add_arguments", "main",
                "the engine's plain decoding step vs transformers generate and this machine's matmul floor"),
+    "structured": ("specrelay.bench.structured", "add_arguments", "main",
+                   "issue 17's constrained-decoding checks: forced tool calls, json_schema, greedy with/without "
+                   "speculation"),
     "tir": ("specrelay.bench.tir", "add_arguments", "main",
             "KV across tool pauses: drop, keep, the PTE policy and InferCept on multi-turn tool loops"),
 }
