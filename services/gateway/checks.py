@@ -4,6 +4,7 @@ read the way the rest of the gateway uses them (the stop strings, the top-k, the
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from specrelay.services.gateway.errors import ApiError, bad_request
@@ -11,6 +12,10 @@ from specrelay.services.gateway.schemas import ChatCompletionRequest, Completion
 
 SLO_CLASSES = ("interactive", "deadline", "batch")
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 16  # `n`: each choice is a generation of its own (and, today, a prefill of its own)
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs, as OpenAI
+MAX_LOGIT_BIAS = 100.0
 
 # Free-form JSON (a tool's parameter schema, response_format) nests at most this deep: templates and tool code walk
 # it recursively, and a JSON Schema needs nowhere near this many levels.
@@ -41,21 +46,12 @@ def json_depth(value: Any) -> int:
 
 def check_sampling(req: Sampling, max_tokens: int | None, max_tokens_param: str) -> None:
     """Value checks shared by both endpoints (types were checked by `decode`)."""
-    if req.n not in (None, 1):
-        raise bad_request(f"n={req.n} is not supported: specrelay returns one choice per request (n=1)",
-                          param="n", code="unsupported_value")
-    if req.logprobs is not None and req.logprobs is not False:  # completions' logprobs=0: the sampled token's
-        raise bad_request("logprobs are not supported", param="logprobs", code="unsupported_value")
-    if req.top_logprobs:
-        raise bad_request("top_logprobs is not supported (logprobs are not)", param="top_logprobs",
-                          code="unsupported_value")
+    num_choices(req)
     if req.response_format is not None:
         _check_depth(req.response_format, "response_format")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise bad_request(f"{name} is not supported (only 0)", param=name, code="unsupported_value")
-    if req.logit_bias and any(req.logit_bias.values()):
-        raise bad_request("logit_bias is not supported", param="logit_bias", code="unsupported_value")
     if max_tokens is not None and max_tokens < 1:
         raise bad_request(f"{max_tokens_param} must be at least 1, got {max_tokens}", param=max_tokens_param,
                           code="invalid_value")
@@ -76,6 +72,54 @@ def check_sampling(req: Sampling, max_tokens: int | None, max_tokens_param: str)
     if req.deadline_ms is not None and not req.deadline_ms > 0:
         raise bad_request(f"deadline_ms must be > 0 (milliseconds from arrival), got {req.deadline_ms}",
                           param="deadline_ms", code="invalid_value")
+
+
+def num_choices(req: Sampling) -> int:
+    """`n`: how many choices to generate for the prompt, 1..MAX_CHOICES."""
+    if req.n is not None and not 1 <= req.n <= MAX_CHOICES:
+        raise bad_request(f"n must be in [1, {MAX_CHOICES}], got {req.n}", param="n", code="invalid_value")
+    return req.n or 1
+
+
+def requested_logprobs(req: Sampling, chat: bool) -> int | None:
+    """The alternatives per token the request asks logprobs for (SamplingSpec.logprobs), None for no logprobs.
+    Chat: `logprobs: true` and `top_logprobs` 0..20; completions: `logprobs` 0..5 (OpenAI's two APIs)."""
+    if chat:
+        if req.logprobs is not None and not isinstance(req.logprobs, bool):
+            raise bad_request("logprobs is a boolean in chat completions (the number of alternatives is "
+                              "top_logprobs)", param="logprobs", code="invalid_value")
+        top = req.top_logprobs
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise bad_request(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}", param="top_logprobs",
+                              code="invalid_value")
+        if top and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        return (top or 0) if req.logprobs else None
+    if req.top_logprobs:
+        raise bad_request("top_logprobs is a chat completions parameter; completions take logprobs: k",
+                          param="top_logprobs", code="invalid_value")
+    if req.logprobs is None or req.logprobs is False:
+        return None
+    if req.logprobs is True or not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise bad_request(f"logprobs must be an integer in [0, {MAX_COMPLETION_LOGPROBS}], got "
+                          f"{str(req.logprobs).lower()}", param="logprobs", code="invalid_value")
+    return req.logprobs
+
+
+def logit_bias(req: Sampling, vocab_size: int) -> dict[int, float]:
+    """`logit_bias` as token id -> bias (SamplingSpec.logit_bias): ids of this tokenizer's vocabulary, biases in
+    [-100, 100]; a bias of 0 changes nothing and is left out."""
+    out: dict[int, float] = {}
+    for key, bias in (req.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:
+            raise bad_request(f"logit_bias keys must be token ids in [0, {vocab_size}), got {key[:40]!r}",
+                              param="logit_bias", code="invalid_value")
+        if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+            raise bad_request(f"logit_bias values must be in [-100, 100], got {bias} for token {key}",
+                              param="logit_bias", code="invalid_value")
+        if bias:
+            out[int(key)] = float(bias)
+    return out
 
 
 def _check_depth(value: Any, param: str) -> None:
@@ -99,6 +143,7 @@ def check_chat(req: ChatCompletionRequest) -> int | None:
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     check_sampling(req, max_tokens, param)
+    requested_logprobs(req, chat=True)
     if not req.messages:
         raise bad_request("messages must hold at least one message", param="messages", code="invalid_value")
     names = [t.function.name for t in req.tools or []]
@@ -136,6 +181,7 @@ def check_chat(req: ChatCompletionRequest) -> int | None:
 
 def check_completion(req: CompletionRequest) -> int | None:
     check_sampling(req, req.max_tokens, "max_tokens")
+    requested_logprobs(req, chat=False)
     if req.echo:
         raise bad_request("echo is not supported", param="echo", code="unsupported_value")
     if req.suffix:

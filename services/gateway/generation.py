@@ -32,6 +32,7 @@ from specrelay.shared.messages import (
     Continue,
     Generate,
     TokenChunk,
+    TokenLogprob,
     Usage,
     continue_stream,
 )
@@ -83,6 +84,8 @@ class Generation:
         self._verifier_done = False  # a chunk with finish_reason or error arrived: nothing left to cancel
         self._cancelled = False
         self._num_received = 0  # output tokens received so far (TokenChunk.offset counts in the same units)
+        self.logprobs: list[TokenLogprob] = []  # one per received token, when the request asked for logprobs
+        self._logprobs_taken = 0
 
     async def events(self) -> AsyncIterator[str]:
         """Visible text deltas; when it ends, `self.finish` says why. Raises `ClientGone` if the client left
@@ -124,6 +127,12 @@ class Generation:
                 await self._cancel()
             channel.close()
 
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The logprobs of the tokens behind the text so far (those usage bills) not taken before."""
+        end = min(self.text.num_tokens, len(self.logprobs))
+        taken, self._logprobs_taken = self.logprobs[self._logprobs_taken:end], max(end, self._logprobs_taken)
+        return taken
+
     async def _publish(self, reply_to: str) -> bool:
         """Send the request (again, after a Redis restart); False, with `finish` set, if the bus is unavailable."""
         try:
@@ -159,7 +168,10 @@ class Generation:
             self.finish = Finish("error", self.text.num_tokens, error=f"tokens {self._num_received} to "
                                  f"{chunk.offset - 1} were lost on the bus")
             return
-        token_ids = chunk.token_ids[max(self._num_received - chunk.offset, 0):]
+        skip = max(self._num_received - chunk.offset, 0)
+        token_ids = chunk.token_ids[skip:]
+        if chunk.logprobs is not None:
+            self.logprobs += chunk.logprobs[skip:skip + len(token_ids)]
         self._num_received = max(self._num_received, chunk.offset + len(chunk.token_ids))
         if token_ids:
             now = time.monotonic()

@@ -15,8 +15,9 @@ from specrelay.services.gateway import responses as R
 from specrelay.services.gateway.chat_plan import plan_chat
 from specrelay.services.gateway.checks import check_chat, check_completion, completion_prompt
 from specrelay.services.gateway.errors import ApiError, bad_request
-from specrelay.services.gateway.exchange import Exchange, admitted, check_model, encode, prepare
+from specrelay.services.gateway.exchange import Exchange, Prepared, admitted, check_model, encode, prepare
 from specrelay.services.gateway.generation import Timing
+from specrelay.services.gateway.logprobs import LogprobsView
 from specrelay.services.gateway.metrics import CONTENT_TYPE
 from specrelay.services.gateway.schemas import ChatCompletionRequest, CompletionRequest, decode
 from specrelay.services.gateway.state import GATEWAY, Gateway
@@ -33,9 +34,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     check_model(gw, req.model)
     plan = await plan_chat(gw, request, req, max_tokens, timing)
     prep = plan.prep
-    shape = R.ChatShape(prep.request_id, req.model, prep.created, prep.include_usage)
+    shape = R.ChatShape(prep.request_id, req.model, prep.created, prep.include_usage, _logprobs_view(gw, prep))
     async with admitted(gw, prep.ticket):
-        return await respond(gw, request, shape, ChatTurns(plan), bool(req.stream))
+        turns = [ChatTurns(plan, index) for index in range(prep.num_choices)]
+        return await respond(gw, request, shape, turns, bool(req.stream))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -53,9 +55,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise bad_request(f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
     prep = prepare(gw, request, req, prompt_ids, max_tokens, "cmpl", timing, response_format_grammar(req))
-    shape = R.CompletionShape(prep.request_id, req.model, prep.created, prep.include_usage)
+    shape = R.CompletionShape(prep.request_id, req.model, prep.created, prep.include_usage, _logprobs_view(gw, prep))
     async with admitted(gw, prep.ticket):
-        return await respond(gw, request, shape, TextChoice(Exchange(gw, request, prep)), bool(req.stream))
+        exchange = Exchange(gw, request, prep)
+        choices = [TextChoice(exchange.choice(index)) for index in range(prep.num_choices)]
+        return await respond(gw, request, shape, choices, bool(req.stream))
+
+
+def _logprobs_view(gw: Gateway, prep: Prepared) -> LogprobsView | None:
+    k = prep.generate.sampling.logprobs
+    return None if k is None else LogprobsView(gw.tokenizer, k)
 
 
 # --- models, health, metrics -------------------------------------------------------------------------------------

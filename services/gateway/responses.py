@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 
 from specrelay.services.gateway.errors import ApiError
 from specrelay.services.gateway.generation import Finish
-from specrelay.shared.messages import Usage
+from specrelay.services.gateway.logprobs import LogprobsView
+from specrelay.shared.messages import TokenLogprob, Usage
 
 
 def usage_to_openai(usage: Usage | None, num_prompt_tokens: int, finish: Finish) -> dict[str, Any]:
@@ -45,33 +46,31 @@ def finish_reason(finish: Finish, has_tool_calls: bool) -> str:
     return "tool_calls" if has_tool_calls else "stop"
 
 
-def chat_completion(request_id: str, model: str, created: int, message: dict[str, Any], finish: str,
+def chat_completion(request_id: str, model: str, created: int, choices: list[dict[str, Any]],
                     usage: dict[str, Any]) -> dict[str, Any]:
-    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+    """A `chat.completion`; `choices`: {index, message, logprobs, finish_reason} each."""
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": usage, "system_fingerprint": None}
 
 
-def chat_chunk(request_id: str, model: str, created: int, delta: dict[str, Any] | None, finish: str | None = None,
+def chat_chunk(request_id: str, model: str, created: int, choices: list[dict[str, Any]],
                usage: dict[str, Any] | None = None, include_usage: bool = False) -> dict[str, Any]:
-    """One `chat.completion.chunk`; `delta=None` makes the usage-only chunk that closes a stream (no choices)."""
+    """One `chat.completion.chunk` ({index, delta, logprobs, finish_reason} per choice); no choices: the
+    usage-only chunk that closes a stream."""
     chunk: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                             "model": model, "system_fingerprint": None,
-                             "choices": [] if delta is None else
-                             [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                             "model": model, "system_fingerprint": None, "choices": choices}
     if include_usage:
         chunk["usage"] = usage
     return chunk
 
 
-def text_completion(request_id: str, model: str, created: int, text: str, finish: str | None,
+def text_completion(request_id: str, model: str, created: int, choices: list[dict[str, Any]],
                     usage: dict[str, Any] | None = None, include_usage: bool = True,
                     chunk: bool = False) -> dict[str, Any]:
-    """A `text_completion` object; streamed chunks use the same object with a text delta."""
+    """A `text_completion` object ({index, text, logprobs, finish_reason} per choice); streamed chunks use the
+    same object with a text delta."""
     body: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                            "choices": [] if text is None else
-                            [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                            "system_fingerprint": None}
+                            "choices": choices, "system_fingerprint": None}
     if include_usage or not chunk:
         body["usage"] = usage
     return body
@@ -81,65 +80,90 @@ def now_s() -> int:
     return int(time.time())
 
 
-class Shape(Protocol):
-    """How one endpoint writes a choice (streamer.py): whole, or as a stream of chunks."""
+@dataclass
+class Ended:
+    """One choice after its last delta: its whole message (chat) or text (completions), its finish reason, and the
+    logprobs of every token it generated (none when not asked for)."""
+
+    result: Any
+    finish: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Shape:
+    """How one endpoint writes its choices (streamer.py): whole, or as a stream of chunks. `logprobs`: set when
+    the request asked for them."""
 
     request_id: str
+    model: str
+    created: int
     include_usage: bool  # streamed: every chunk has a usage field, and a usage-only chunk closes the stream
-    end_delta: Any  # the delta of the chunk that carries the finish reason
+    logprobs: LogprobsView | None = None
 
-    def opening(self) -> dict[str, Any] | None: ...
-
-    def chunk(self, delta: Any, finish: str | None = None) -> dict[str, Any]: ...
-
-    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]: ...
-
-    def body(self, result: Any, finish: str, usage: dict[str, Any]) -> dict[str, Any]: ...
-
-
-@dataclass(frozen=True)
-class ChatShape:
-    """`chat.completion`, or `chat.completion.chunk`s of message deltas (the first names the role)."""
-
-    request_id: str
-    model: str
-    created: int
-    include_usage: bool
-    end_delta: Any = field(default_factory=dict)
-
-    def opening(self) -> dict[str, Any]:
-        return self.chunk({"role": "assistant", "content": ""})
-
-    def chunk(self, delta: dict[str, Any] | None, finish: str | None = None) -> dict[str, Any]:
-        return chat_chunk(self.request_id, self.model, self.created, delta, finish, None, self.include_usage)
-
-    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
-        return chat_chunk(self.request_id, self.model, self.created, None, None, usage, self.include_usage)
-
-    def body(self, message: dict[str, Any], finish: str, usage: dict[str, Any]) -> dict[str, Any]:
-        return chat_completion(self.request_id, self.model, self.created, message, finish, usage)
-
-
-@dataclass(frozen=True)
-class CompletionShape:
-    """`text_completion`, whole or as chunks of text deltas."""
-
-    request_id: str
-    model: str
-    created: int
-    include_usage: bool
-    end_delta: Any = ""
-
-    def opening(self) -> None:
+    def opening(self, index: int) -> dict[str, Any] | None:
+        """The chunk that opens a choice's stream, if the shape has one."""
         return None
 
-    def chunk(self, text: str | None, finish: str | None = None) -> dict[str, Any]:
-        return text_completion(self.request_id, self.model, self.created, text, finish, None, self.include_usage,
+    def chunk(self, index: int, delta: Any, logprobs: list[TokenLogprob],
+              finish: str | None = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def body(self, choices: list[Ended], usage: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ChatShape(Shape):
+    """`chat.completion`, or `chat.completion.chunk`s of message deltas (each choice's first names the role)."""
+
+    end_delta: dict[str, Any] = {}
+
+    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        return None if self.logprobs is None or entries is None else self.logprobs.chat(entries)
+
+    def opening(self, index: int) -> dict[str, Any]:
+        return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}])
+
+    def chunk(self, index: int, delta: dict[str, Any], logprobs: list[TokenLogprob],
+              finish: str | None = None) -> dict[str, Any]:
+        return self._chunk([{"index": index, "delta": delta, "logprobs": self._logprobs(logprobs or None),
+                             "finish_reason": finish}])
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+        return chat_chunk(self.request_id, self.model, self.created, [], usage, self.include_usage)
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return chat_chunk(self.request_id, self.model, self.created, choices, None, self.include_usage)
+
+    def body(self, choices: list[Ended], usage: dict[str, Any]) -> dict[str, Any]:
+        return chat_completion(self.request_id, self.model, self.created, [
+            {"index": i, "message": c.result, "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish}
+            for i, c in enumerate(choices)], usage)
+
+
+class CompletionShape(Shape):
+    """`text_completion`, whole or as chunks of text deltas."""
+
+    end_delta = ""
+
+    def _logprobs(self, entries: list[TokenLogprob] | None, index: int) -> dict[str, Any] | None:
+        return None if self.logprobs is None or entries is None else self.logprobs.completion(entries, index)
+
+    def chunk(self, index: int, text: str, logprobs: list[TokenLogprob],
+              finish: str | None = None) -> dict[str, Any]:
+        choice = {"index": index, "text": text, "logprobs": self._logprobs(logprobs or None, index),
+                  "finish_reason": finish}
+        return text_completion(self.request_id, self.model, self.created, [choice], None, self.include_usage,
                                chunk=True)
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
-        return text_completion(self.request_id, self.model, self.created, None, None, usage, self.include_usage,
-                               chunk=True)
+        return text_completion(self.request_id, self.model, self.created, [], usage, self.include_usage, chunk=True)
 
-    def body(self, text: str, finish: str, usage: dict[str, Any]) -> dict[str, Any]:
-        return text_completion(self.request_id, self.model, self.created, text, finish, usage)
+    def body(self, choices: list[Ended], usage: dict[str, Any]) -> dict[str, Any]:
+        return text_completion(self.request_id, self.model, self.created, [
+            {"index": i, "text": c.result, "logprobs": self._logprobs(c.logprobs, i), "finish_reason": c.finish}
+            for i, c in enumerate(choices)], usage)

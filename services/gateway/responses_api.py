@@ -118,7 +118,8 @@ async def _stream(gw: Gateway, request: web.Request, shape: Shape, turns: ChatTu
 def _finish(gw: Gateway, shape: Shape, turns: ChatTurns) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """After the last delta: the chat finish reason, the Responses usage and specrelay's extra fields (server-side
     tool calls); metrics observed. A failed generation raises its ApiError."""
-    message, reason, usage = finish(gw, turns)
+    [ended], usage = finish(gw, [turns])
+    message, reason = ended.result, ended.finish
     extra = {"server_tool_calls": message["server_tool_calls"]} if message.get("server_tool_calls") else {}
     return reason, responses_usage(usage), extra
 

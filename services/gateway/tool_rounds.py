@@ -41,7 +41,7 @@ from specrelay.services.toolcoord.parser import StreamingToolParser
 from specrelay.services.toolcoord.server_tools import build_continuation, run_tool_calls, split_calls
 from specrelay.services.toolcoord.trim import TrimConfig
 from specrelay.shared.errors import ConfigError
-from specrelay.shared.messages import CANCEL_STREAM, Cancel, Continue, Generate, Usage
+from specrelay.shared.messages import CANCEL_STREAM, Cancel, Continue, Generate, TokenLogprob, Usage
 
 
 @dataclass
@@ -66,9 +66,10 @@ class ChatTurns:
     """Runs the turns of one chat request. Iterate `deltas()` (the client's streamed deltas); afterwards `gen`
     is the last turn's generation and `message()` / `openai_usage()` shape the response."""
 
-    def __init__(self, plan: ChatPlan):
-        self.plan, self.exchange = plan, plan.exchange
-        self.gen = plan.exchange.generation()
+    def __init__(self, plan: ChatPlan, index: int = 0):
+        """`index`: which of the request's `n` choices these turns generate."""
+        self.plan, self.exchange = plan, plan.exchange.choice(index) if index else plan.exchange
+        self.gen = self.exchange.generation()
         self.messages, self.tools, self.client_tools = plan.messages, plan.tools, plan.client_tools
         self.forced, self.server = plan.forced, plan.server
         self.fmt, self.max_model_len = self.exchange.config.tool_call_format, self.exchange.config.max_model_len
@@ -83,6 +84,7 @@ class ChatTurns:
         # one round's per fallback (the answers of earlier rounds are in `_earlier_usage` already).
         self._fallback_tool_tokens = 0
         self._fallbacks = 0  # fresh Generates sent in place of a Continue: each goes under a new request id
+        self._logprobs: list[TokenLogprob] = []  # of every turn's tokens, not yet taken
 
     @property
     def server_names(self) -> set[str]:
@@ -110,10 +112,12 @@ class ChatTurns:
             if parser is not None and first and self.forced and (d := view.delta(parser.feed(self.forced))):
                 yield self._content(d, content_before)
             async for text in self.exchange.events(gen):
+                self._logprobs += gen.take_logprobs()
                 parts.append(text)
                 d = view.delta(parser.feed(text)) if parser is not None else {"content": text}
                 if d:
                     yield self._content(d, content_before)
+            self._logprobs += gen.take_logprobs()
             if parser is not None and (d := view.delta(parser.finish())):
                 yield self._content(d, content_before)
             finish = gen.finish
@@ -246,6 +250,11 @@ class ChatTurns:
 
     def result(self) -> dict[str, Any]:  # a Choice's (streamer.py)
         return self.message()
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The logprobs of the tokens generated since the last call (every turn's, in order)."""
+        taken, self._logprobs = self._logprobs, []
+        return taken
 
     @property
     def has_client_calls(self) -> bool:

@@ -27,6 +27,7 @@ from specrelay.shared.messages import (
     Cancel,
     Generate,
     TokenChunk,
+    TokenLogprob,
     Usage,
 )
 
@@ -131,11 +132,14 @@ class FakeVerifier:
                 if reason is not None:
                     await self._finish(g, out, reason, piece)
                     return
-                await self.bus.reply(g.reply_to, TokenChunk(g.request_id, piece, offset=len(out) - len(piece)))
+                offset = len(out) - len(piece)
+                await self.bus.reply(g.reply_to, TokenChunk(g.request_id, piece, offset=offset,
+                                                            logprobs=fake_logprobs(g, piece, offset)))
                 if self.replay_at is not None and len(out) >= self.replay_at and not replayed:
                     # as if redelivered to a new replica: everything again from offset 0
                     replayed = True
-                    await self.bus.reply(g.reply_to, TokenChunk(g.request_id, list(out), offset=0))
+                    await self.bus.reply(g.reply_to, TokenChunk(g.request_id, list(out), offset=0,
+                                                                logprobs=fake_logprobs(g, out, 0)))
                 await asyncio.sleep(self.delay_s)
         finally:
             self.blocks.pop(g.request_id, None)
@@ -148,5 +152,22 @@ class FakeVerifier:
         self.finished[g.request_id] = reason
         piece = piece or []
         holder = self.holder if reason == "stop" and g.hold_s > 0 else None
-        await self.bus.reply(g.reply_to, TokenChunk(g.request_id, piece, offset=len(out) - len(piece),
-                                                    finish_reason=reason, usage=usage, holder=holder))
+        offset = len(out) - len(piece)
+        await self.bus.reply(g.reply_to, TokenChunk(g.request_id, piece, offset=offset, finish_reason=reason,
+                                                    usage=usage, holder=holder,
+                                                    logprobs=fake_logprobs(g, piece, offset)))
+
+
+def fake_logprobs(g: Generate, token_ids: list[int], offset: int) -> list[TokenLogprob] | None:
+    """What the verifier reports when asked (SamplingSpec.logprobs = k): output token i has logprob -i/100 (so a
+    test can tell which position an entry is), and its k alternatives are the token itself, then ids 1, 2, ...
+    at lower logprobs, most likely first."""
+    k = g.sampling.logprobs
+    if k is None:
+        return None
+    out = []
+    for i, token in enumerate(token_ids, start=offset):
+        logprob = -i / 100
+        top = [(token, logprob), *((alt, logprob - alt) for alt in range(1, k))][:k]
+        out.append(TokenLogprob(token, logprob, top))
+    return out

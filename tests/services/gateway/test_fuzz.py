@@ -71,11 +71,11 @@ TOKEN_IDS = st.lists(st.integers(3, 300), min_size=1, max_size=8)
 # four times in five, so that most requests get past validation to tokenization, admission and generation.
 PLAUSIBLE = {
     "temperature": st.sampled_from([None, 0.0, 1e-40, 0.7, 1.0, 2.0]), "top_p": st.sampled_from([None, 0.5, 1.0]),
-    "top_k": st.sampled_from([None, -1, 0, 1, 40]), "n": st.sampled_from([None, 1]),
-    "logprobs": st.sampled_from([None, False]), "presence_penalty": st.sampled_from([None, 0.0]),
+    "top_k": st.sampled_from([None, -1, 0, 1, 40]), "n": st.sampled_from([None, 1, 2]),
+    "logprobs": st.sampled_from([None, False, True, 2]), "presence_penalty": st.sampled_from([None, 0.0]),
     "frequency_penalty": st.sampled_from([None, 0.0]), "slo_class": st.sampled_from([None, "batch", "deadline"]),
     "deadline_ms": st.sampled_from([None, 50.0, 1e9]), "echo": st.sampled_from([None, False]),
-    "suffix": st.sampled_from([None, ""]), "logit_bias": st.sampled_from([None, {}]),
+    "suffix": st.sampled_from([None, ""]), "logit_bias": st.sampled_from([None, {}, {"5": 2.5}]),
     "response_format": st.sampled_from([None, {"type": "text"}]),
     "stop": st.one_of(st.none(), TEXT.filter(bool), st.lists(TEXT.filter(bool), max_size=4)),
     "max_tokens": st.one_of(st.none(), st.integers(1, 40)), "max_completion_tokens": st.integers(1, 40),

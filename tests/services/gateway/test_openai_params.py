@@ -14,10 +14,14 @@ REFUSED_CHAT = [
     ("functions", [{"name": "f", "parameters": {"type": "object"}}]),
     ("function_call", "auto"),
     ("function_call", {"name": "f"}),
-    ("logprobs", True),
-    ("top_logprobs", 2),
-    ("n", 3),
-    ("logit_bias", {"50256": -100}),
+    ("logprobs", 3),  # chat's logprobs is a boolean; the number of alternatives is top_logprobs
+    ("top_logprobs", 2),  # without logprobs: true
+    ("top_logprobs", 21),
+    ("n", 0),
+    ("n", 1000),
+    ("logit_bias", {"50256": -100}),  # beyond the tokenizer's vocabulary (600)
+    ("logit_bias", {"abc": 1}),
+    ("logit_bias", {"5": 1e9}),
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("modalities", ["text", "audio"]),
     ("prediction", {"type": "content", "content": "x"}),
@@ -29,7 +33,8 @@ REFUSED_CHAT = [
     ("service_tier", "flex"),
     ("presence_penalty", 0.5),
 ]
-REFUSED_COMPLETION = [("best_of", 2), ("logprobs", 0), ("logprobs", 3), ("n", 2), ("echo", True), ("suffix", "x")]
+REFUSED_COMPLETION = [("best_of", 2), ("logprobs", 6), ("logprobs", True), ("top_logprobs", 2), ("n", 0), ("n", 17),
+                      ("logit_bias", {"-1": 5}), ("echo", True), ("suffix", "x")]
 
 
 @pytest.mark.parametrize("field,value", REFUSED_CHAT, ids=[f"{f}={v}" for f, v in REFUSED_CHAT])
