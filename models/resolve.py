@@ -97,6 +97,12 @@ def _resolve(spec: str, size: int, mtime_ns: int) -> Path:  # size and mtime: a 
     return import_cached(builtin_gguf(spec))[0]
 
 
+def add_model_argument(parser, what: str = "the model") -> None:
+    """--model, for every command that serves or drafts for a model (gateway, verifier, drafter, serve)."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{what}: a model directory (tokenizer, config.json), "
+                        f"a .gguf file (imported once into the cache) or a built-in model (default: {DEFAULT_MODEL})")
+
+
 def resolve_model(spec: str | Path, flag: str = "--model") -> Path:
     """A model directory for `spec` (see the module docstring); anything else is a one-line error."""
     path = Path(spec)

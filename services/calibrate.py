@@ -74,11 +74,11 @@ def calibrate(runner, prompt_lengths, context_lengths, repeats: int = 3, device:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from specrelay.models.resolve import DEFAULT_MODEL
+    from specrelay.models.resolve import add_model_argument
+    from specrelay.shared.flags import add_device_argument
 
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="a model directory, a .gguf file or a built-in model "
-                        f"(default: {DEFAULT_MODEL}, the default served model)")
-    parser.add_argument("--device", default="cpu")
+    add_model_argument(parser, "the model to profile (the one you serve)")
+    add_device_argument(parser)
     parser.add_argument("--out", default=None, metavar="FILE",
                         help="where to write the profile (default: the cache the server reads, see --help text)")
     parser.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS}, 2 runs each")

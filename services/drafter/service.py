@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 PROPOSERS = ("tree", "chain", "recycle", "suffix")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DrafterConfig:
     model_dir: str  # the target: Token Recycling needs its vocabulary size only
     draft_dir: str | None  # None: no draft model (Token Recycling)
@@ -45,6 +45,16 @@ class DrafterConfig:
     num_blocks: int = 2048
     device: str = "cpu"
     max_batch_age_s: float = 5.0  # a DraftBatch published longer ago than this is dropped undrafted
+
+    def __post_init__(self) -> None:
+        from specrelay.shared.errors import ConfigError
+
+        if self.proposer not in PROPOSERS:
+            raise ConfigError(f"drafter: proposer {self.proposer!r} is not one of {', '.join(PROPOSERS)}")
+        if not self.max_batch_age_s > 0:
+            raise ConfigError(f"--max-batch-age-s {self.max_batch_age_s}: must be positive")
+        if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or self.num_blocks < 1:
+            raise ConfigError(f"drafter: num_blocks={self.num_blocks!r} must be a whole number ≥ 1")
 
 
 def build_proposer(cfg: DrafterConfig) -> Proposer:
@@ -155,34 +165,51 @@ async def _serve(bus: Bus, drafter: Drafter, consumer: str, max_batch_age_s: flo
         await delivery.ack()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from specrelay.models.resolve import DEFAULT_MODEL
+def add_draft_arguments(parser: argparse.ArgumentParser, plain_decoding: bool = False) -> None:
+    """--draft and --proposer, for `specrelay drafter` and `specrelay serve` (which may also decode plainly)."""
+    parser.add_argument("--draft", default=None, help="draft model: a directory or a .gguf file with the target's "
+                        "vocabulary (default: the small pair's draft when --model is its target, else none)")
+    parser.add_argument("--proposer", choices=(*PROPOSERS, "none") if plain_decoding else PROPOSERS, default=None,
+                        help="draft-model tree, chain, model-free Token Recycling or suffix matching"
+                             + (", or none (plain decoding)" if plain_decoding else "")
+                             + "; default: tree when there is a draft model, else recycle")
 
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="the target: a directory, a .gguf file or a built-in "
-                        f"model (default: {DEFAULT_MODEL})")
-    parser.add_argument("--draft", default=None, help="draft model with the target's vocabulary (default: the small "
-                        "pair's draft when --model is its target, else none)")
-    parser.add_argument("--proposer", choices=PROPOSERS, default=None,
-                        help="default: tree when there is a draft model, else recycle (model-free)")
-    parser.add_argument("--redis", default=os.environ.get("SPECRELAY_REDIS"), required=False, metavar="URL")
-    parser.add_argument("--device", default="cpu")
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from specrelay.models.resolve import add_model_argument
+    from specrelay.shared.flags import add_device_argument, add_redis_argument
+
+    add_model_argument(parser, "the target")
+    add_draft_arguments(parser)
+    add_redis_argument(parser)
+    add_device_argument(parser)
     parser.add_argument("--max-batch-age-s", type=float, default=5.0,
                         help="draft batches published longer ago are dropped undrafted (their verifier has moved on)")
 
 
-def main(args: argparse.Namespace) -> int:
-    from specrelay.shared.errors import ConfigError
-
-    if not args.redis:
-        raise ConfigError("a stand-alone drafter needs --redis URL (or SPECRELAY_REDIS)")
-    if not args.max_batch_age_s > 0:
-        raise ConfigError(f"--max-batch-age-s {args.max_batch_age_s}: must be positive")
+def from_args(args: argparse.Namespace, **settings) -> DrafterConfig | None:
+    """The drafter's config from --model, --draft, --proposer and --device (declared by `specrelay drafter` and
+    `specrelay serve` alike); `settings`: what the entrypoint decides itself. None: --proposer none."""
     from specrelay.models.resolve import choose_proposer, resolve_model
 
     model_dir = resolve_model(args.model)
     proposer, draft_dir = choose_proposer(model_dir, args.draft, args.proposer)
-    cfg = DrafterConfig(str(model_dir), draft_dir and str(draft_dir), proposer, args.redis, device=args.device,
-                        max_batch_age_s=args.max_batch_age_s)
+    if proposer == "none":
+        return None
+    return DrafterConfig(str(model_dir), draft_dir and str(draft_dir), proposer, device=args.device, **settings)
+
+
+def build_config(args: argparse.Namespace) -> DrafterConfig:
+    """`specrelay drafter`'s config: a stand-alone drafter, over Redis."""
+    from specrelay.shared.errors import ConfigError
+
+    if not args.redis:
+        raise ConfigError("a stand-alone drafter needs --redis URL (or SPECRELAY_REDIS)")
+    return from_args(args, redis=args.redis, max_batch_age_s=args.max_batch_age_s)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
     logging.basicConfig(level=logging.INFO)
 
     async def go():

@@ -34,16 +34,26 @@ class ServiceConfig:
     tools: ToolOptions | None = None  # server-side tools (tool_rounds.py); None: none
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from specrelay.models.resolve import DEFAULT_MODEL
+@dataclass(frozen=True)
+class VerifierLimits:
+    """What the verifiers behind this gateway can take, when it knows (`specrelay serve` builds its gateway from its
+    verifier's): the gateway's own limits are the flags' values cut to these."""
 
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="a model directory (tokenizer, config.json), a .gguf "
-                        f"file (imported once into the cache) or a built-in model (default: {DEFAULT_MODEL})")
+    max_model_len: int  # the longest sequence the verifier's model serves
+    max_running: int  # requests in one verifier batch: more would wait in its FIFO, out of the schedule's reach
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from specrelay.models.resolve import add_model_argument
+
+    add_model_argument(parser)
     parser.add_argument("--served-model-name", default=None, help="the `model` clients send (default: the "
                         "model directory's name)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--redis", default=None, metavar="URL", help="the bus (default: in-process)")
+    from specrelay.shared.flags import add_redis_argument
+
+    add_redis_argument(parser, from_env=False)
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
                         help=f"require 'Authorization: Bearer KEY' on /v1 (repeatable; or ${API_KEY_ENV})")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: config.json)")
@@ -100,15 +110,19 @@ def sampling_defaults(model_dir: Path) -> dict[str, float]:
     return out
 
 
-def build_config(args: argparse.Namespace) -> ServiceConfig:
+def build_config(args: argparse.Namespace, limits: VerifierLimits | None = None) -> ServiceConfig:
+    """The gateway's config from its flags (`add_arguments`), cut to the verifiers' `limits` when known."""
     from specrelay.models.resolve import resolve_model
     from specrelay.services.gateway.state import GatewayConfig
 
     model_dir = resolve_model(args.model)
+    max_model_len, max_running = args.max_model_len or model_max_len(model_dir), args.max_running
+    if limits is not None:
+        max_model_len, max_running = min(max_model_len, limits.max_model_len), min(max_running, limits.max_running)
     gateway = GatewayConfig(
         model_name=args.served_model_name or model_dir.resolve().name,
-        max_model_len=args.max_model_len or model_max_len(model_dir), api_keys=api_keys(args.api_key),
-        tool_call_format=args.tool_call_format, policy=args.schedule, max_running=args.max_running,
+        max_model_len=max_model_len, api_keys=api_keys(args.api_key),
+        tool_call_format=args.tool_call_format, policy=args.schedule, max_running=max_running,
         max_queued=args.max_queued, class_slos=tuple(args.class_slo or ()), **sampling_defaults(model_dir))
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port}: not a TCP port")

@@ -79,6 +79,16 @@ class KeeperConfig:
     port: int = 8100
     interval_s: float = 5.0
 
+    def __post_init__(self) -> None:
+        if not self.redis_url:
+            raise ConfigError("the kvstore keeper needs --redis URL (or SPECRELAY_REDIS)")
+        if isinstance(self.capacity_bytes, bool) or not isinstance(self.capacity_bytes, int) or self.capacity_bytes < 1:
+            raise ConfigError(f"capacity {self.capacity_bytes!r}: must be a whole number of bytes ≥ 1")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port {self.port}: not a TCP port")
+        if not self.interval_s > 0:
+            raise ConfigError(f"--interval-s {self.interval_s}: must be positive")
+
 
 class StoreKeeper:
     def __init__(self, config: KeeperConfig):
@@ -175,8 +185,9 @@ def create_app(keeper: StoreKeeper):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis", default=os.environ.get("SPECRELAY_REDIS"), metavar="URL",
-                        help="the Redis that holds the store (or SPECRELAY_REDIS)")
+    from specrelay.shared.flags import add_redis_argument
+
+    add_redis_argument(parser, "the Redis that holds the store")
     parser.add_argument("--capacity", default=os.environ.get(CAPACITY_ENV) or "2G",
                         help=f"bytes the store may hold, e.g. 2G (or ${CAPACITY_ENV})")
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="the store's key prefix")
@@ -186,12 +197,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> KeeperConfig:
-    if not args.redis:
-        raise ConfigError("the kvstore keeper needs --redis URL (or SPECRELAY_REDIS)")
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port {args.port}: not a TCP port")
-    if args.interval_s <= 0:
-        raise ConfigError(f"--interval-s {args.interval_s}: must be positive")
     return KeeperConfig(args.redis, parse_bytes(args.capacity), args.prefix, args.host, args.port, args.interval_s)
 
 

@@ -22,6 +22,7 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 
 import msgspec
 
@@ -106,31 +107,47 @@ async def serve_toolcoord(bus, registry, consumer: str, max_concurrent: int = 8)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis", default=os.environ.get("SPECRELAY_REDIS"), metavar="URL",
-                        help="the bus (or SPECRELAY_REDIS)")
+    from specrelay.shared.flags import add_redis_argument
+
+    add_redis_argument(parser)
     parser.add_argument("--tools", default=os.environ.get("SPECRELAY_TOOLS") or None, metavar="FILE",
                         help="server-side tools config, TOML or JSON (or SPECRELAY_TOOLS; default: the built-ins)")
     parser.add_argument("--max-concurrent", type=int, default=8, help="tool calls run at once")
 
 
+@dataclass(frozen=True)
+class ToolcoordConfig:
+    redis: str  # the bus
+    tools: str | None = None  # the registry's config file (TOML/JSON); None: the built-ins
+    max_concurrent: int = 8  # tool calls run at once
+    consumer: str = f"toolcoord-{socket.gethostname()}-{os.getpid()}"  # unique per container as well as per process
+
+    def __post_init__(self) -> None:
+        from specrelay.shared.errors import ConfigError
+
+        if not self.redis:
+            raise ConfigError("a stand-alone toolcoord needs --redis URL (or SPECRELAY_REDIS)")
+        if isinstance(self.max_concurrent, bool) or not isinstance(self.max_concurrent, int) or self.max_concurrent < 1:
+            raise ConfigError(f"--max-concurrent {self.max_concurrent}: must be at least 1")
+
+
+def build_config(args: argparse.Namespace) -> ToolcoordConfig:
+    return ToolcoordConfig(args.redis, args.tools, args.max_concurrent)
+
+
 def main(args: argparse.Namespace) -> int:
     from specrelay.services.toolcoord.tools.registry import load_registry
     from specrelay.shared.bus import make_bus
-    from specrelay.shared.errors import ConfigError
 
-    if not args.redis:
-        raise ConfigError("a stand-alone toolcoord needs --redis URL (or SPECRELAY_REDIS)")
-    if args.max_concurrent < 1:
-        raise ConfigError(f"--max-concurrent {args.max_concurrent}: must be at least 1")
-    registry = load_registry(args.tools)
-    consumer = f"toolcoord-{socket.gethostname()}-{os.getpid()}"  # unique per container as well as per process
+    cfg = build_config(args)
+    registry = load_registry(cfg.tools)
     logging.basicConfig(level=logging.INFO)
 
     async def go():
-        async with make_bus(args.redis) as bus:
-            print(f"specrelay toolcoord: {', '.join(registry.tools)} for {TOOL_CALLS_STREAM} as {consumer}",
+        async with make_bus(cfg.redis) as bus:
+            print(f"specrelay toolcoord: {', '.join(registry.tools)} for {TOOL_CALLS_STREAM} as {cfg.consumer}",
                   flush=True)
-            await serve_until_stopped(serve_toolcoord(bus, registry, consumer, args.max_concurrent))
+            await serve_until_stopped(serve_toolcoord(bus, registry, cfg.consumer, cfg.max_concurrent))
 
     asyncio.run(go())
     return 0

@@ -7,14 +7,18 @@ import argparse
 import asyncio
 import logging
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specrelay.services.verifier.config import VerifierConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from specrelay.models.resolve import DEFAULT_MODEL
+    from specrelay.models.resolve import add_model_argument
+    from specrelay.shared.flags import add_redis_argument
 
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="a directory, a .gguf file or a built-in model "
-                        f"(default: {DEFAULT_MODEL})")
-    parser.add_argument("--redis", default=os.environ.get("SPECRELAY_REDIS"), metavar="URL")
+    add_model_argument(parser)
+    add_redis_argument(parser)
     parser.add_argument("--no-speculate", action="store_true", help="plain decoding, no drafter service")
     parser.add_argument("--claim-idle-s", type=float, default=os.environ.get("SPECRELAY_CLAIM_IDLE_S", "30"),
                         metavar="S", help="a request left unrenewed this long by its replica (dead) is taken over by "
@@ -32,27 +36,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_arguments(parser)  # --max-nodes, --num-blocks, --device, ... (as `specrelay serve`)
 
 
-def main(args: argparse.Namespace) -> int:
+def build_config(args: argparse.Namespace) -> VerifierConfig:
+    """`specrelay verifier`'s config: one replica over Redis. Raises ConfigError on a bad value."""
+    from specrelay.models.resolve import resolve_model
     from specrelay.services.kvstore.service import parse_bytes
     from specrelay.services.verifier.config import from_args
-    from specrelay.services.verifier.service import VerifierService
-    from specrelay.shared.bus import BusConfig, make_bus
     from specrelay.shared.errors import ConfigError
-    from specrelay.shared.stopping import serve_until_stopped
 
     if not args.redis:
         raise ConfigError("a stand-alone verifier needs --redis URL (or SPECRELAY_REDIS)")
-    if not args.claim_idle_s > 0:
-        raise ConfigError(f"--claim-idle-s {args.claim_idle_s} must be positive")
-    from specrelay.models.resolve import resolve_model
-
     model_dir = str(resolve_model(args.model))  # a .gguf or built-in model: imported once into the cache
-    cfg = from_args(args, model_dir, redis=args.redis, speculate=not args.no_speculate, kvstore=args.kvstore,
-                    kvstore_capacity_bytes=parse_bytes(args.kv_capacity), cancel_replay_s=args.cancel_replay_s)
+    return from_args(args, model_dir, redis=args.redis, speculate=not args.no_speculate, kvstore=args.kvstore,
+                     kvstore_capacity_bytes=parse_bytes(args.kv_capacity), cancel_replay_s=args.cancel_replay_s,
+                     claim_idle_s=args.claim_idle_s)
+
+
+def main(args: argparse.Namespace) -> int:
+    from specrelay.services.verifier.service import VerifierService
+    from specrelay.shared.bus import BusConfig, make_bus
+    from specrelay.shared.stopping import serve_until_stopped
+
+    cfg = build_config(args)
     logging.basicConfig(level=logging.INFO)
 
     async def go() -> None:
-        async with make_bus(cfg.redis, BusConfig(min_idle_ms=int(args.claim_idle_s * 1000))) as bus:
+        async with make_bus(cfg.redis, BusConfig(min_idle_ms=int(cfg.claim_idle_s * 1000))) as bus:
             # run() cancelled (Ctrl-C, SIGTERM), then close() gives back what it holds, before the bus closes
             await serve_until_stopped(VerifierService(cfg, bus).run())
 

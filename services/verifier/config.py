@@ -40,11 +40,14 @@ class VerifierConfig:
     # A new replica reads the Cancels of this last while (a request it takes over may have been cancelled before it
     # started), not every Cancel the stream retains.
     cancel_replay_s: float = 60.0
+    # A request left unrenewed this long by its replica (dead) is taken over by another (the bus's leases)
+    claim_idle_s: float = 30.0
 
     def __post_init__(self) -> None:
         at_least_one = {"max_nodes": self.max_nodes, "num_blocks": self.num_blocks, "block_size": self.block_size,
                         "max_batch": self.max_batch, "kvstore_capacity_bytes": self.kvstore_capacity_bytes}
-        positive = {"draft_timeout_s": self.draft_timeout_s, "kvstore_bytes_per_s": self.kvstore_bytes_per_s}
+        positive = {"draft_timeout_s": self.draft_timeout_s, "kvstore_bytes_per_s": self.kvstore_bytes_per_s,
+                    "claim_idle_s": self.claim_idle_s}
         not_negative = {"max_hold_s": self.max_hold_s, "cancel_replay_s": self.cancel_replay_s}
         bad = ([f"{k}={v!r} must be a whole number ≥ 1" for k, v in at_least_one.items()
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1]
@@ -58,9 +61,11 @@ class VerifierConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of a verifier in any process: `specrelay serve` and `specrelay verifier` both take these."""
+    from specrelay.shared.flags import add_device_argument
+
     parser.add_argument("--max-nodes", type=int, default=16, help="largest draft tree verified per request")
     parser.add_argument("--num-blocks", type=int, default=2048, help="KV cache blocks (16 tokens each)")
-    parser.add_argument("--device", default="cpu")
+    add_device_argument(parser)
     parser.add_argument("--pte-profile", default=None, metavar="FILE",
                         help="PTE profile for usage.pte (default: what `specrelay calibrate` cached, else analytic)")
     parser.add_argument("--no-client-retention", action="store_true",

@@ -48,9 +48,10 @@ class InProcessServer:
 
     def _run(self) -> None:
         from specrelay.services import serve
+        from specrelay.services.config import build_serve
 
         asyncio.set_event_loop(self.loop)
-        self.task = self.loop.create_task(serve.serve(self.args))
+        self.task = self.loop.create_task(serve.serve(build_serve(self.args)))
         try:
             self.loop.run_until_complete(self.task)
         except asyncio.CancelledError:
