@@ -104,6 +104,21 @@ async def test_the_server_runs_its_tool_and_answers(tokenizer, base_config):
     assert chunks[-1]["usage"]["tool_rounds"] == 1
 
 
+async def test_n_choices_each_run_their_own_tool_rounds(tokenizer, base_config):
+    calls: list[dict] = []
+    async with served(tokenizer, base_config, calls) as (client, fake):
+        body = {"model": MODEL, "messages": WEATHER, "n": 2}
+        data = await (await client.post("/v1/chat/completions", json=body)).json()
+        stream = await client.post("/v1/chat/completions", json={**body, "stream": True})
+        chunks = _events(await stream.text())
+    assert [c["message"]["content"] for c in data["choices"]] == ['The weather in Paris: {"temperature": 18}.'] * 2
+    assert data["usage"]["tool_rounds"] == 2 and len(calls) == 4  # one round per choice, whole and streamed
+    for index in (0, 1):
+        mine = [ch for c in chunks for ch in c["choices"] if ch["index"] == index]
+        assert "".join(ch["delta"].get("content") or "" for ch in mine) == data["choices"][index]["message"]["content"]
+    assert len({g.request_id for g in fake.generates}) == len(fake.generates)  # every turn of every choice its own
+
+
 async def test_a_malformed_server_tool_call_is_reported_not_raised(tokenizer, base_config):
     calls: list[dict] = []
     async with served(tokenizer, base_config, calls) as (client, fake):
