@@ -51,7 +51,7 @@ class StepProfile:
             setattr(self.llama, name, self._timed("attention", fn))
         for m in self.linears:
             m.forward = self._timed("matmuls", m.forward)
-        self.model.forward = self._timed("other_model", self.model.forward)
+        self.model.forward_hidden = self._timed("other_model", self.model.forward_hidden)
         if hasattr(self.engine, "_accept"):
             self.engine._accept = self._timed("sampling", self.engine._accept)
         return self
@@ -59,8 +59,9 @@ class StepProfile:
     def __exit__(self, *exc) -> None:
         for name, fn in self._attention.items():
             setattr(self.llama, name, fn)
-        for obj in (*self.linears, self.model):
-            del obj.forward  # the instance attribute goes; the class's method shows through again
+        for m in self.linears:
+            del m.forward  # the instance attribute goes; the class's method shows through again
+        del self.model.forward_hidden
         self.engine.__dict__.pop("_accept", None)
 
     def step(self) -> None:

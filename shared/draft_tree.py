@@ -20,6 +20,7 @@ class DraftTree:
     draft_probs: list[float]  # [num_nodes] q(token | path to parent); 1.0 for the root
     q: torch.Tensor | None = None  # [num_nodes, vocab] processed draft distribution at each node (sampling only)
     values: list[float] = field(default_factory=list)  # [num_nodes] estimated chance the target reaches the node
+    sources: list[str] | None = None  # [num_nodes] the proposer of each node ("" for the root): a hybrid's credit
 
     @classmethod
     def root_only(cls, token: int) -> DraftTree:

@@ -115,6 +115,11 @@ class PteParts(msgspec.Struct):
     turns: int = 0  # prefills: 1 + the tool rounds continued on held KV
 
 
+class ProposerUsage(msgspec.Struct):
+    accepted_tokens: int = 0
+    drafted_tokens: int = 0
+
+
 class Usage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -124,6 +129,7 @@ class Usage(msgspec.Struct):
     drafted_tokens: int = 0
     relay: RelayUsage | None = None  # None: no relayed span in the prompt
     pte: PteParts | None = None  # None: the verifier has no PTE profile
+    proposers: dict[str, ProposerUsage] | None = None  # per proposer (a hybrid's suffix / head); None: not told
 
 
 class TokenLogprob(msgspec.Struct, frozen=True):
@@ -173,11 +179,13 @@ class TreeMsg(msgspec.Struct, frozen=True):
     parents: list[int]
     draft_probs: list[float]
     q: WireTensor | None = None  # [num_nodes, vocab] float32, sampling only
+    sources: list[str] | None = None  # [num_nodes] which proposer drafted each node (a hybrid tree)
 
 
 class DraftReply(msgspec.Struct, frozen=True, tag=True):
     step_id: int
     trees: list[TreeMsg]
+    wants_hidden: bool = False  # the proposer continues from the target's hidden states: send them with feedback
 
 
 class FeedbackItem(msgspec.Struct, frozen=True):
@@ -185,6 +193,7 @@ class FeedbackItem(msgspec.Struct, frozen=True):
     tree_tokens: list[int]
     accepted_nodes: list[int]
     target_topk: WireTensor  # [num_nodes, k] int64: the target's top-k after every tree node
+    hidden: WireTensor | None = None  # [1 + num_accepted, hidden] float16: the target's last hidden states, root first
 
 
 class DraftFeedback(msgspec.Struct, frozen=True, tag=True):

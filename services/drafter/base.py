@@ -55,6 +55,9 @@ class Verified:
     tree: DraftTree
     target_topk: torch.Tensor  # [num_nodes, TOPK] int64: the target's best tokens after every node, rejected too
     accepted_nodes: list[int]  # tree nodes accepted, root excluded, root-down
+    # [1 + len(accepted_nodes), hidden]: the target's last normed hidden state at the root and each accepted node
+    # (a draft head continues from it); None when the verifier did not send it
+    hidden: torch.Tensor | None = None
 
 
 class Proposer(Protocol):

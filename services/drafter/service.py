@@ -32,7 +32,7 @@ from specrelay.shared.stopping import leave, serve_until_stopped
 from specrelay.shared.wire import WireTensor
 
 log = logging.getLogger(__name__)
-PROPOSERS = ("tree", "chain", "recycle", "suffix")
+PROPOSERS = ("tree", "chain", "recycle", "suffix", "head", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,8 @@ def build_proposer(cfg: DrafterConfig) -> Proposer:
         from specrelay.services.drafter.suffix import SuffixProposer
 
         return SuffixProposer(ModelConfig.from_dir(cfg.model_dir).vocab_size)
+    if cfg.proposer in ("head", "hybrid"):
+        return build_head_proposer(cfg.proposer, Path(cfg.model_dir))
     if cfg.draft_dir is None:
         raise ConfigError(f"--proposer {cfg.proposer} needs a draft model (--draft)")
     check_same_vocabulary(Path(cfg.model_dir), Path(cfg.draft_dir))
@@ -88,6 +90,22 @@ def draft_grammars(model_dir: str) -> DraftGrammars:
     from specrelay.shared.modeling.config import ModelConfig
 
     return DraftGrammars.for_model(model_dir, ModelConfig.from_dir(model_dir).vocab_size)
+
+
+def build_head_proposer(kind: str, model_dir) -> Proposer:
+    """The draft head shipped for the model (`head`), or it with suffix decoding (`hybrid`)."""
+    from specrelay.models.resolve import default_head
+    from specrelay.services.drafter.head import HeadProposer
+    from specrelay.services.drafter.hybrid import HybridProposer
+    from specrelay.services.drafter.suffix import SuffixProposer
+    from specrelay.shared.errors import ConfigError
+    from specrelay.shared.modeling.draft_head import DraftHead
+
+    head_dir = default_head(model_dir)
+    if head_dir is None:
+        raise ConfigError(f"--proposer {kind}: no draft head ships for {model_dir.name}")
+    head = HeadProposer(DraftHead.load(head_dir, model_dir))
+    return head if kind == "head" else HybridProposer(SuffixProposer(head.vocab_size), head)
 
 
 class Drafter:
@@ -116,8 +134,8 @@ class Drafter:
         trees = self.proposer.propose(inputs)
         return DraftReply(batch.step_id, [
             TreeMsg(item.request_id, t.tokens, t.parents, t.draft_probs,
-                    None if t.q is None else WireTensor.from_torch(t.q.float().contiguous()))
-            for item, t in zip(batch.items, trees)])
+                    None if t.q is None else WireTensor.from_torch(t.q.float().contiguous()), t.sources)
+            for item, t in zip(batch.items, trees)], wants_hidden=getattr(self.proposer, "wants_hidden", False))
 
     def feedback(self, msg: DraftFeedback) -> None:
         verified = []
@@ -125,8 +143,9 @@ class Drafter:
             if item.request_id not in self.ids:
                 continue
             tree = DraftTree(item.tree_tokens, [-1] * len(item.tree_tokens), [1.0] * len(item.tree_tokens))
+            hidden = None if item.hidden is None else item.hidden.to_torch(copy=True).float()
             verified.append(Verified(self.ids[item.request_id], tree, item.target_topk.to_torch(copy=True),
-                                     item.accepted_nodes))
+                                     item.accepted_nodes, hidden))
         self.proposer.observe(verified)
         for rid in msg.released:
             if rid in self.ids:
@@ -170,7 +189,8 @@ def add_draft_arguments(parser: argparse.ArgumentParser, plain_decoding: bool = 
     parser.add_argument("--draft", default=None, help="draft model: a directory or a .gguf file with the target's "
                         "vocabulary (default: the small pair's draft when --model is its target, else none)")
     parser.add_argument("--proposer", choices=(*PROPOSERS, "none") if plain_decoding else PROPOSERS, default=None,
-                        help="draft-model tree, chain, model-free Token Recycling or suffix matching"
+                        help="draft-model tree, chain, model-free Token Recycling or suffix matching, the shipped "
+                             "draft head (head), or suffix + head trees (hybrid)"
                              + (", or none (plain decoding)" if plain_decoding else "")
                              + "; default: tree when there is a draft model, else recycle")
 

@@ -161,4 +161,6 @@ class SuffixProposer:
                                      value=parent.value * estimate))
                 states.append(c)
 
-        return select_tree(pool, min(inp.max_nodes, 1 + match.max_tokens), sampling, expand=expand)
+        tree = select_tree(pool, min(inp.max_nodes, 1 + match.max_tokens), sampling, expand=expand)
+        tree.sources = [""] + [self.name] * (tree.num_nodes - 1)
+        return tree

@@ -184,7 +184,7 @@ class SpecEngine:
         live = self.running
         trees = trees or [DraftTree.root_only(r.output[-1]) for r in live]
         t0 = time.perf_counter()
-        logits = self.runner.forward([
+        logits, hidden = self.runner.forward_hidden([
             StepInput(r.table, t.tokens, positions=[r.table.num_tokens + d for d in t.depths()],
                       tree_mask=t.ancestor_mask(), logits_rows=list(range(t.num_nodes)))
             for r, t in zip(live, trees)])
@@ -195,16 +195,19 @@ class SpecEngine:
             if draft_s:
                 self.budget.observe_draft(draft_s)
         out = StepOutput()
-        for r, t, lg, path, nxt in zip(live, trees, logits, paths, next_tokens):
+        for r, t, lg, hid, path, nxt in zip(live, trees, logits, hidden, paths, next_tokens):
             self._compact(r, t, path)
             r.stats.steps += 1
             r.stats.accepted_tokens += len(path)
             r.stats.drafted_tokens += t.num_nodes - 1
+            if t.sources is not None and len(t.sources) == t.num_nodes:
+                r.stats.credit(t.sources, path)
             r.stats.draft_s += draft_s / len(live)
             r.stats.verify_s += verify_s / len(live)
             if self.budget:
                 self.budget.observe_acceptance(path, t.num_nodes)
-            out.verified.append(Verified(r.request_id, t, lg.topk(min(TOPK, lg.shape[-1])).indices, path))
+            out.verified.append(Verified(r.request_id, t, lg.topk(min(TOPK, lg.shape[-1])).indices, path,
+                                         hidden=hid[[0, *path]]))
             before = len(r.output)
             self._commit(r, [t.tokens[i] for i in path] + [nxt])
             out.new_tokens[r.request_id] = r.output[before:]

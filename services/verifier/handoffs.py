@@ -25,6 +25,14 @@ class SpecStats:
     drafted_tokens: int = 0  # tree nodes verified, roots excluded
     draft_s: float = 0.0
     verify_s: float = 0.0
+    by_proposer: dict[str, list[int]] = field(default_factory=dict)  # proposer -> [accepted, drafted] tokens
+
+    def credit(self, sources: list[str], accepted_nodes: list[int]) -> None:
+        """Count a verified tree's nodes (sources[i]: node i's proposer, the root's "") and accepted ones."""
+        for source in sources[1:]:
+            self.by_proposer.setdefault(source, [0, 0])[1] += 1
+        for i in accepted_nodes:
+            self.by_proposer[sources[i]][0] += 1
 
     @property
     def mean_accepted_tokens(self) -> float:

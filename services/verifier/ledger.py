@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from specrelay.shared.messages import PteParts, RelayUsage, Usage
+from specrelay.shared.messages import ProposerUsage, PteParts, RelayUsage, Usage
 from specrelay.shared.pte import PteAccount, PteProfile, TurnTokens
 
 if TYPE_CHECKING:
@@ -46,6 +46,10 @@ class Ledger:
         u.spec_steps += s.steps
         u.accepted_tokens += s.accepted_tokens
         u.drafted_tokens += s.drafted_tokens
+        for name, (accepted, drafted) in s.by_proposer.items():
+            mine = (u.proposers if u.proposers is not None else {}).get(name) or ProposerUsage()
+            u.proposers = {**(u.proposers or {}), name: ProposerUsage(mine.accepted_tokens + accepted,
+                                                                       mine.drafted_tokens + drafted)}
         if relay is not None:
             u.relay = relay
         if self.account is None:

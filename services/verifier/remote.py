@@ -36,6 +36,7 @@ class RemoteDrafter:
         self.channel = bus.open_reply_channel(DraftReply)
         self.step_id = 0
         self.timeouts = 0
+        self.wants_hidden = False  # the drafter's replies say whether its proposer reads the target's hidden states
 
     async def propose(self, inputs: list[DraftInput], names: dict[int, str]) -> list[DraftTree] | None:
         self.step_id += 1
@@ -55,6 +56,7 @@ class RemoteDrafter:
             return None
         if reply is None:  # channel closed: shutting down
             return None
+        self.wants_hidden = reply.wants_hidden
         by_name = {t.request_id: t for t in reply.trees}
         trees = []
         for item in items:
@@ -62,12 +64,14 @@ class RemoteDrafter:
             if t is None:
                 return None
             q = None if t.q is None else t.q.to_torch(copy=True)
-            trees.append(DraftTree(t.tokens, t.parents, t.draft_probs, q))
+            trees.append(DraftTree(t.tokens, t.parents, t.draft_probs, q, sources=t.sources))
         return trees
 
     async def feedback(self, verified: list[Verified], names: dict[int, str], released: list[str]) -> None:
         items = [FeedbackItem(names[v.request_id], v.tree.tokens, v.accepted_nodes,
-                              WireTensor.from_torch(v.target_topk.to(torch.int64).contiguous()))
+                              WireTensor.from_torch(v.target_topk.to(torch.int64).contiguous()),
+                              WireTensor.from_torch(v.hidden.to(torch.float16).contiguous())
+                              if self.wants_hidden and v.hidden is not None else None)
                  for v in verified if v.request_id in names]
         if items or released:
             try:

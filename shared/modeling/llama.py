@@ -211,9 +211,15 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         """Writes the new tokens' K/V into `cache` and returns float32 logits [num_logits, vocab] for the rows
         `batch.logits_indices`."""
+        return self.forward_hidden(batch, cache)[0]
+
+    @torch.inference_mode()
+    def forward_hidden(self, batch: ForwardBatch, cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `forward`, plus the last layer's normed hidden states of those rows [num_logits, hidden] (what the
+        LM head reads): the feature an EAGLE-style draft head continues from."""
         x = self.model.embed_tokens(batch.input_ids)  # [num_tokens, hidden]
         cos, sin = rope_cos_sin(self.inv_freq, batch.positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, batch, cache)
         x = self.model.norm(x[batch.logits_indices])
-        return self.lm_head(x).float()
+        return self.lm_head(x).float(), x

@@ -41,6 +41,10 @@ class ModelRunner:
 
     def forward(self, steps: list[StepInput]) -> list[torch.Tensor]:
         """Runs the new tokens of every step in one forward; returns per step float32 logits [num_rows, vocab]."""
+        return self.forward_hidden(steps)[0]
+
+    def forward_hidden(self, steps: list[StepInput]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """As `forward`, plus per step the last layer's normed hidden states of the same rows [num_rows, hidden]."""
         slots = [self.cache.reserve(s.table, len(s.token_ids)) for s in steps]
         batch = ForwardBatch.build(
             token_ids=[s.token_ids for s in steps],
@@ -56,11 +60,11 @@ class ModelRunner:
             window=self.model.config.sliding_window or 0,
             device=self.model.device,
         )
-        logits = self.model(batch, self.cache)
+        logits, hidden = self.model.forward_hidden(batch, self.cache)
         for s in steps:
             s.table.num_tokens += len(s.token_ids)
         sizes = [len(s.logits_rows) if s.logits_rows is not None else 1 for s in steps]
-        return list(logits.split(sizes))
+        return list(logits.split(sizes)), list(hidden.split(sizes))
 
     def prefill(self, table: BlockTable, token_ids: list[int]) -> torch.Tensor:
         """Chunked prefill of one sequence; returns the logits [vocab] after its last token."""

@@ -2,6 +2,9 @@ import pytest
 import torch
 
 from specrelay.services.drafter.draft_model import DraftModelProposer
+from specrelay.services.drafter.head import HeadProposer
+from specrelay.shared.modeling.draft_head import DraftHead, HeadConfig
+from specrelay.services.drafter.hybrid import HybridProposer
 from specrelay.services.drafter.recycling import TokenRecyclingProposer
 from specrelay.services.drafter.suffix import SuffixProposer
 from specrelay.shared.modeling.loader import load_model
@@ -9,7 +12,7 @@ from specrelay.shared.modeling.runner import ModelRunner
 
 from ...conftest import save_tiny_llama
 
-PROPOSERS = ["chain", "tree", "recycle", "suffix"]
+PROPOSERS = ["chain", "tree", "recycle", "suffix", "head", "hybrid"]
 
 
 @pytest.fixture(scope="session")
@@ -44,4 +47,9 @@ def make_proposer(name: str, draft, vocab_size: int):
         return TokenRecyclingProposer(vocab_size, k=4)
     if name == "suffix":
         return SuffixProposer(vocab_size)
+    if name in ("head", "hybrid"):  # a random head: losslessness never depends on what it proposes
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            head = HeadProposer(DraftHead(HeadConfig.for_target(draft, vocab_size)).eval().bind(draft))
+        return head if name == "head" else HybridProposer(SuffixProposer(vocab_size), head)
     raise ValueError(name)

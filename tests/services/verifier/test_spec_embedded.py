@@ -9,6 +9,7 @@ import pytest
 from specrelay.models.corpus import tool_prompts
 from specrelay.services.drafter.draft_model import DraftModelProposer
 from specrelay.services.drafter.recycling import TokenRecyclingProposer
+from specrelay.services.drafter.service import build_head_proposer
 from specrelay.services.drafter.suffix import SuffixProposer
 from specrelay.services.verifier.engine import SpecEngine
 from specrelay.shared.modeling.loader import load_model
@@ -57,7 +58,8 @@ def speculative_outputs(proposer: str, batch_size: int) -> list[dict]:
     make = {"chain": lambda: DraftModelProposer.chain(ModelRunner(draft, num_blocks=4096)),
             "tree": lambda: DraftModelProposer(ModelRunner(draft, num_blocks=4096)),
             "recycle": lambda: TokenRecyclingProposer(target.config.vocab_size),
-            "suffix": lambda: SuffixProposer(target.config.vocab_size)}[proposer]
+            "suffix": lambda: SuffixProposer(target.config.vocab_size),
+            "hybrid": lambda: build_head_proposer("hybrid", MODELS / "target")}[proposer]  # the shipped pair head
     engine = SpecEngine(ModelRunner(target, num_blocks=4096), make(), max_nodes=16)
     return [{"output": req.output, "accepted": req.stats.accepted_tokens}
             for start in range(0, NUM_PROMPTS, batch_size)
@@ -65,7 +67,7 @@ def speculative_outputs(proposer: str, batch_size: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("batch_size", [1, 8])
-@pytest.mark.parametrize("proposer", ["chain", "tree", "recycle", "suffix"])
+@pytest.mark.parametrize("proposer", ["chain", "tree", "recycle", "suffix", "hybrid"])
 def test_embedded_pair_greedy_is_lossless(proposer, batch_size, runs):
     reference, cases = runs
     reference, outputs = reference.result(), cases[proposer, batch_size].result()

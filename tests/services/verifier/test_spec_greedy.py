@@ -15,7 +15,7 @@ from .conftest import PROPOSERS, make_proposer, tiny_pair_from
 NUM_PROMPTS, NEW_TOKENS = 50, 128
 # the first test waits for its run while the others share the cores: room for that on a loaded machine
 pytestmark = pytest.mark.timeout(1200)
-HALVES = (("chain", "tree"), ("recycle", "suffix"))  # about equal work
+HALVES = (("chain", "tree"), ("recycle", "suffix"), ("head", "hybrid"))  # about equal work
 
 
 @pytest.fixture(scope="module")

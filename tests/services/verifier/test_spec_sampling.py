@@ -16,6 +16,9 @@ from scipy.stats import chi2
 from specrelay.kernels import spec_accept as accept_module
 from specrelay.services.drafter.base import DraftInput
 from specrelay.services.drafter.draft_model import DraftModelProposer
+from specrelay.services.drafter.head import HeadProposer
+from specrelay.shared.modeling.draft_head import DraftHead, HeadConfig
+from specrelay.services.drafter.hybrid import HybridProposer
 from specrelay.services.drafter.recycling import TokenRecyclingProposer
 from specrelay.services.drafter.suffix import SuffixProposer
 from specrelay.services.verifier import engine as engine_module
@@ -143,10 +146,16 @@ def make(name, draft):
         return DraftModelProposer.chain(ModelRunner(draft, num_blocks=6000), length=3)
     if name == "suffix":
         return suffix_after_earlier_requests()
+    if name in ("head", "hybrid"):  # a random head: any q keeps the law; the hybrid's suffix has a history
+        with torch.random.fork_rng():
+            torch.manual_seed(6)
+            head = HeadProposer(DraftHead(HeadConfig.for_target(draft, VOCAB)).eval().bind(draft), branch=3)
+        return head if name == "head" else HybridProposer(suffix_after_earlier_requests(), head)
     return TokenRecyclingProposer(VOCAB, k=3)
 
 
-@pytest.mark.parametrize("proposer", ["tree", "recycle", "suffix"])  # the chain is a tree of width 1: same code path
+# the chain is a tree of width 1: same code path
+@pytest.mark.parametrize("proposer", ["tree", "recycle", "suffix", "head", "hybrid"])
 def test_speculative_sampling_matches_the_target_law(proposer, runs, target_law):
     samples = [tuple(s) for s in runs[proposer, False].result()]
     assert chi_square_p(samples, target_law) > 0.001
