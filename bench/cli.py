@@ -20,6 +20,8 @@ BENCHES = {
     "structured": ("specrelay.bench.structured", "add_arguments", "main",
                    "issue 17's constrained-decoding checks: forced tool calls, json_schema, greedy with/without "
                    "speculation"),
+    "arrival": ("specrelay.bench.arrival", "add_arguments", "main",
+                "a long prompt arriving among running streams: whole-prompt vs chunked prefill, TTFT and their gaps"),
     "tir": ("specrelay.bench.tir", "add_arguments", "main",
             "KV across tool pauses: drop, keep, the PTE policy and InferCept on multi-turn tool loops"),
 }

@@ -42,13 +42,18 @@ class VerifierConfig:
     cancel_replay_s: float = 60.0
     # A request left unrenewed this long by its replica (dead) is taken over by another (the bus's leases)
     claim_idle_s: float = 30.0
+    # > 0: admissions are prefilled this many prompt tokens per step, beside the running requests' decode step
+    # (chunked_prefill.py), so a long prompt does not stall the streams; 0: a prompt is prefilled whole, in a step
+    # of its own
+    prefill_chunk: int = 0
 
     def __post_init__(self) -> None:
         at_least_one = {"max_nodes": self.max_nodes, "num_blocks": self.num_blocks, "block_size": self.block_size,
                         "max_batch": self.max_batch, "kvstore_capacity_bytes": self.kvstore_capacity_bytes}
         positive = {"draft_timeout_s": self.draft_timeout_s, "kvstore_bytes_per_s": self.kvstore_bytes_per_s,
                     "claim_idle_s": self.claim_idle_s}
-        not_negative = {"max_hold_s": self.max_hold_s, "cancel_replay_s": self.cancel_replay_s}
+        not_negative = {"max_hold_s": self.max_hold_s, "cancel_replay_s": self.cancel_replay_s,
+                        "prefill_chunk": self.prefill_chunk}
         bad = ([f"{k}={v!r} must be a whole number ≥ 1" for k, v in at_least_one.items()
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1]
                + [f"{k}={v!r} must be positive" for k, v in positive.items() if not v > 0]
@@ -66,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-nodes", type=int, default=16, help="largest draft tree verified per request")
     parser.add_argument("--num-blocks", type=int, default=2048, help="KV cache blocks (16 tokens each)")
     add_device_argument(parser)
+    parser.add_argument("--prefill-chunk", type=int, default=0, metavar="TOKENS",
+                        help="prefill new prompts this many tokens per step beside the running streams' decode "
+                             "(chunked prefill: a long prompt does not stall them); 0 (default): whole prompts")
     parser.add_argument("--pte-profile", default=None, metavar="FILE",
                         help="PTE profile for usage.pte (default: what `specrelay calibrate` cached, else analytic)")
     parser.add_argument("--no-client-retention", action="store_true",
@@ -82,5 +90,6 @@ def from_args(args: argparse.Namespace, model_dir: str, **settings) -> VerifierC
     from specrelay.services.verifier.relay_hooks import relay_config
 
     return VerifierConfig(model_dir, max_nodes=args.max_nodes, num_blocks=args.num_blocks, device=args.device,
+                          prefill_chunk=getattr(args, "prefill_chunk", 0),
                           pte_profile=args.pte_profile, client_retention=not args.no_client_retention,
                           relay=relay_config(args), **settings)

@@ -26,7 +26,9 @@ import torch
 from specrelay.kernels.spec_accept import spec_accept
 from specrelay.services.drafter.base import TOPK, DraftInput, Proposer, Verified
 from specrelay.services.verifier.budget import AdaptiveBudget
-from specrelay.services.verifier.handoffs import PausedOutput, RequestOutput, SpecStats, StepPlan, StepResult
+from specrelay.services.verifier.chunked_prefill import ChunkedPrefill
+from specrelay.services.verifier.engine_pause import Pausing
+from specrelay.services.verifier.handoffs import RequestOutput, SpecStats, StepPlan, StepResult
 from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.grammar_mask import Constraints, masked
 from specrelay.shared.modeling.kv_cache import BlockTable
@@ -66,7 +68,7 @@ class StepOutput:
     verified: list[Verified] = field(default_factory=list)  # feedback for the drafter
 
 
-class SpecEngine:
+class SpecEngine(Pausing):
     def __init__(self, runner: ModelRunner, proposer: Proposer | None = None, max_nodes: int = 16,
                  adaptive: bool = True, speculate: bool | None = None):
         """speculate: plan draft trees (default: when an in-process proposer is given; a service that drafts over
@@ -78,6 +80,7 @@ class SpecEngine:
         self.budget = AdaptiveBudget(self.max_nodes) if adaptive else None
         self.running: list[Request] = []
         self.paused: dict[str, Request] = {}  # preempted, by the scheduler's request id: out of the batch
+        self.chunked: ChunkedPrefill | None = None  # set: `execute` prefills admissions in chunks beside decoding
         self.constraints: Constraints | None = None  # structured outputs: grammar masks (shared/grammar_mask.py)
         self.num_prefilled_tokens = 0  # tokens run through prefill since start (not loaded, not decoded)
         self._ids = itertools.count()
@@ -139,27 +142,6 @@ class SpecEngine:
     def release(self, kv: Request | BlockTable) -> None:
         """Free a finished request's kept KV (once its owner has published what it wants), or a table's."""
         self.runner.release(kv.table if isinstance(kv, Request) else kv)
-
-    def pause(self, name: str) -> Request | None:
-        """Take a running request out of the batch (preemption); its KV stays in its table until released."""
-        req = next((r for r in self.running if r.name == name), None)
-        if req is not None:
-            self.running.remove(req)
-            self.paused[name] = req
-        return req
-
-    def unpause(self, name: str) -> Request:
-        """Put a paused request back in the batch. Its cache must again hold every committed token but the last:
-        what a release took (all of it, or all but a prefix loaded back from the kvstore) is prefilled again, and
-        its logits are not needed — the last committed token is the next step's root, as it was when paused. The
-        request keeps its generator, so a seeded sampling stream goes on where it stopped."""
-        req = self.paused.pop(name)
-        fed = len(req.tokens) - 1
-        if req.table.num_tokens < fed:
-            self.num_prefilled_tokens += fed - req.table.num_tokens
-            self.runner.prefill(req.table, req.tokens[req.table.num_tokens : fed])
-        self.running.append(req)
-        return req
 
     def plan(self) -> list[DraftInput] | None:
         """What to ask the drafter for this step (one input per running request), or None: nothing to draft."""
@@ -245,21 +227,12 @@ class SpecEngine:
         that fails fails alone, its KV freed), or one decode step over every running request (a failure fails
         them all). The plan's requests are kept when they finish: the scheduler holds or releases their KV."""
         result = StepResult()
-        by_name = {r.name: r for r in self.running}
+        by_name = {r.name: r for r in [*self.running, *(self.chunked.queue if self.chunked is not None else [])]}
         for name in plan.cancelled:
             if (req := by_name.get(name) or self.paused.get(name)) is not None:
                 self.cancel(req.request_id)
                 result.outputs.append(_output(req))
-        for name in plan.paused:
-            if (req := self.pause(name)) is not None:
-                result.paused[name] = PausedOutput(req, len(req.tokens), len(req.table.blocks))
-        for unpause in plan.unpaused:
-            try:
-                self.unpause(unpause.request_id)
-            except Exception as e:  # noqa: BLE001 - this request alone fails (its recompute); the others go on
-                log.exception("engine: resuming %s failed", unpause.request_id)
-                self.runner.release(unpause.kv.table)
-                result.outputs.append(_failed(unpause.request_id, f"the verifier could not resume this request: {e}"))
+        self.execute_pauses(plan, result)
         for resume in plan.resumes:
             try:
                 req = self.extend(resume.kv, resume.token_ids, params_from_spec(resume.sampling), resume.request_id)
@@ -271,6 +244,9 @@ class SpecEngine:
             result.outputs.append(_output(req, req.output, started=True))
         for admit in plan.admits:
             table = admit.table if admit.table is not None else BlockTable()
+            if self.chunked is not None:
+                self._start_chunked(admit, table, result)
+                continue
             try:
                 [req] = self.add([admit.prompt], [params_from_spec(admit.sampling)], [table], names=[admit.request_id],
                                  keep=True)
@@ -282,7 +258,41 @@ class SpecEngine:
             result.outputs.append(_output(req, req.output, started=True))
         if plan.decode and self.running:
             self._execute_decode(result, draft)
+        if self.chunked is not None:
+            self._execute_chunk(result)
         return result
+
+    def _start_chunked(self, admit, table: BlockTable, result: StepResult) -> None:
+        """An admission whose prompt is prefilled a chunk per step from now on (chunked_prefill.py)."""
+        params = params_from_spec(admit.sampling)
+        req = Request(next(self._ids), list(admit.prompt), params, table=table, generator=make_generator(params),
+                      name=admit.request_id, keep_kv=True)
+        req.stats.cached_tokens = table.num_tokens
+        self.num_prefilled_tokens += len(req.prompt) - table.num_tokens
+        try:
+            self.chunked.start(req)
+        except Exception as e:  # noqa: BLE001 - this request alone fails (no blocks for it); the others go on
+            self.runner.release(table)
+            result.outputs.append(_failed(admit.request_id, f"the verifier could not start this request: {e}"))
+            return
+        result.outputs.append(RequestOutput(req.name, [], len(table.blocks)))
+
+    def _execute_chunk(self, result: StepResult) -> None:
+        """One chunk of the prompts being prefilled; a prompt it completes draws its first token and runs."""
+        try:
+            done = self.chunked.step()
+        except Exception as e:  # noqa: BLE001 - the chunk's requests fail; the replica serves the next ones
+            log.exception("engine: a prefill chunk failed")
+            for r in self.chunked.remove_all():
+                self.runner.release(r.table)
+                result.outputs.append(_failed(r.name, f"the verifier could not start this request: {e}"))
+            return
+        for r, logits in done:
+            self._commit(r, [self._draw(masked(self.constraints, r, logits[None]), r.params, r.generator)])
+            if r.finish_reason is None:
+                self.running.append(r)
+            result.outputs.append(_output(r, r.output, started=True))
+        result.outputs += [RequestOutput(r.name, [], len(r.table.blocks)) for r in self.chunked.queue]
 
     def _execute_decode(self, result: StepResult, draft: Draft | None) -> None:
         live = list(self.running)
@@ -302,11 +312,15 @@ class SpecEngine:
 
     def cancel(self, request_id: int) -> Request | None:
         """Stop a request now and free its KV (the client went away, or a stop string matched)."""
-        req = next((r for r in [*self.running, *self.paused.values()] if r.request_id == request_id), None)
+        prefilling = self.chunked.queue if self.chunked is not None else []
+        req = next((r for r in [*self.running, *self.paused.values(), *prefilling] if r.request_id == request_id),
+                   None)
         if req is not None:
             if req in self.running:
                 self.running.remove(req)
             self.paused.pop(req.name, None)
+            if self.chunked is not None:
+                self.chunked.remove(req)
             req.finish_reason = "cancelled"
             self.runner.release(req.table)
             if self.proposer is not None:

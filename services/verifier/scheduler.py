@@ -12,7 +12,7 @@ Each step, in this order (`schedule`):
   5. Generates   in arrival order, while batch slots and KV blocks last; kept conversations and paused requests'
                  KV are evicted to make room, as the retention policy orders
 A step that prefills (3 after a release, 4, 5) does not decode; the next one does: a first token goes out as soon as
-it exists.
+it exists. With chunked prefill, every step admits and decodes: the engine prefills a chunk beside the decode.
 
 Block budget: a request needs its tokens and a draft tree's (`max_nodes + 1`) to start, and every running request
 keeps two blocks of headroom to grow into. The plan counts the blocks its releases free and its admissions take.
@@ -80,6 +80,7 @@ class SchedulerConfig:
     max_model_len: int = 2048
     max_hold_s: float = 300.0  # the longest a finished request's KV is held for a Continue
     remember: int = 10_000  # finished Generate ids remembered, so a late second copy of one is not served again
+    chunked_prefill: bool = False  # the engine prefills admissions a chunk per step: admit and decode every step
 
 
 class Scheduler:
@@ -145,13 +146,14 @@ class Scheduler:
         self._expire(plan)
         self._preempt(plan)
         decodable = any(rid not in plan.cancelled for rid in self.running)
-        if not (self._prefilled and decodable):
+        mixed = self.cfg.chunked_prefill  # prefills go a chunk per step beside the decode (chunked_prefill.py)
+        if mixed or not (self._prefilled and decodable):
             room = _Room(self, plan)
             self._unpause(plan, room)
             self._resume(plan, room)
             self._admit(plan, room)
         self._prefilled = bool(plan.resumes or plan.admits or any(u.reload for u in plan.unpaused))
-        plan.decode = (decodable or bool(plan.unpaused)) and not self._prefilled
+        plan.decode = (decodable or bool(plan.unpaused)) and (mixed or not self._prefilled)
         return plan
 
     def _cancel(self, plan: StepPlan) -> None:
@@ -188,7 +190,7 @@ class Scheduler:
         for rid, resume in self.preempts.items():
             if resume and (run := self.paused.get(rid)) is not None:
                 run.resume = True
-            elif not resume and rid in self.running and rid not in plan.cancelled:
+            elif not resume and rid in self.running and rid not in plan.cancelled and self.running[rid].sent:
                 plan.paused.append(rid)
                 self.paused.pause(rid, self.running.pop(rid))
         self.preempts.clear()

@@ -68,7 +68,12 @@ class VerifierService:
 
             self.retention = ClientRetention.for_cache(runner.cache, self.pte_profile, self.prefix is not None,
                                                        cfg.kvstore_bytes_per_s)
-        self.scheduler = Scheduler(SchedulerConfig(cfg.max_batch, cfg.max_nodes, runner.max_model_len, cfg.max_hold_s),
+        if cfg.prefill_chunk:
+            from specrelay.services.verifier.chunked_prefill import ChunkedPrefill
+
+            self.engine.chunked = ChunkedPrefill(runner, cfg.prefill_chunk)
+        self.scheduler = Scheduler(SchedulerConfig(cfg.max_batch, cfg.max_nodes, runner.max_model_len, cfg.max_hold_s,
+                                                   chunked_prefill=cfg.prefill_chunk > 0),
                                    CacheBudget(runner.cache), self.retention,
                                    new_ledger=lambda: Ledger(self.pte_profile, self.pte_source))
         self.drafter = RemoteDrafter(bus, cfg.draft_timeout_s) if cfg.speculate else None

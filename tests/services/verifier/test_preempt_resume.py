@@ -25,10 +25,11 @@ def _engine(tiny_pair, num_blocks: int, speculate: bool) -> SpecEngine:
     return SpecEngine(ModelRunner(target, num_blocks=num_blocks), proposer=proposer, max_nodes=8)
 
 
-def _serve(engine: SpecEngine, events, max_steps: int = 400) -> dict[str, list[int]]:
+def _serve(engine: SpecEngine, events, max_steps: int = 400, steps: list | None = None) -> dict[str, list[int]]:
     """Run the verifier's scheduler and engine; `events(step, scheduler, engine)` returns the messages that arrive
-    before the step. Returns every request's output."""
-    config = SchedulerConfig(max_batch=4, max_nodes=engine.max_nodes, max_model_len=engine.runner.max_model_len)
+    before the step. Returns every request's output; `steps` gets, per step, the requests that produced tokens."""
+    config = SchedulerConfig(max_batch=4, max_nodes=engine.max_nodes, max_model_len=engine.runner.max_model_len,
+                             chunked_prefill=engine.chunked is not None)
     sched = Scheduler(config, CacheBudget(engine.runner.cache))
     proposer = engine.proposer
     draft = (lambda inputs, names: proposer.propose(inputs)) if proposer is not None else None
@@ -45,7 +46,10 @@ def _serve(engine: SpecEngine, events, max_steps: int = 400) -> dict[str, list[i
         plan = sched.schedule()
         for release in plan.releases:
             engine.release(release.kv)
-        for reply in sched.update(plan, engine.execute(plan, draft)):
+        replies = sched.update(plan, engine.execute(plan, draft))
+        if steps is not None:
+            steps.append({r.serving.msg.request_id for r in replies if r.token_ids})
+        for reply in replies:
             rid = reply.serving.msg.request_id
             assert reply.offset == len(outputs[rid]) and reply.error is None
             outputs[rid] += reply.token_ids
