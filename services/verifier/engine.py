@@ -244,10 +244,10 @@ class SpecEngine(Pausing):
             result.outputs.append(_output(req, req.output, started=True))
         for admit in plan.admits:
             table = admit.table if admit.table is not None else BlockTable()
-            if self.chunked is not None:
-                self._start_chunked(admit, table, result)
-                continue
             try:
+                if self.chunked is not None:
+                    result.outputs.append(self._start_chunked(admit, table))
+                    continue
                 [req] = self.add([admit.prompt], [params_from_spec(admit.sampling)], [table], names=[admit.request_id],
                                  keep=True)
             except Exception as e:  # noqa: BLE001 - this request alone fails (its prefill); the others go on
@@ -262,20 +262,15 @@ class SpecEngine(Pausing):
             self._execute_chunk(result)
         return result
 
-    def _start_chunked(self, admit, table: BlockTable, result: StepResult) -> None:
+    def _start_chunked(self, admit, table: BlockTable) -> RequestOutput:
         """An admission whose prompt is prefilled a chunk per step from now on (chunked_prefill.py)."""
         params = params_from_spec(admit.sampling)
         req = Request(next(self._ids), list(admit.prompt), params, table=table, generator=make_generator(params),
                       name=admit.request_id, keep_kv=True)
         req.stats.cached_tokens = table.num_tokens
+        self.chunked.start(req)
         self.num_prefilled_tokens += len(req.prompt) - table.num_tokens
-        try:
-            self.chunked.start(req)
-        except Exception as e:  # noqa: BLE001 - this request alone fails (no blocks for it); the others go on
-            self.runner.release(table)
-            result.outputs.append(_failed(admit.request_id, f"the verifier could not start this request: {e}"))
-            return
-        result.outputs.append(RequestOutput(req.name, [], len(table.blocks)))
+        return RequestOutput(req.name, [], len(table.blocks))
 
     def _execute_chunk(self, result: StepResult) -> None:
         """One chunk of the prompts being prefilled; a prompt it completes draws its first token and runs."""
