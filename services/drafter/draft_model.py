@@ -21,7 +21,7 @@ from specrelay.services.drafter.tree_select import PoolNode, path_to, select_tre
 from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.modeling.runner import ModelRunner, StepInput
-from specrelay.shared.sampling import finite_logits, processed_probs
+from specrelay.shared.sampling import biased, finite_logits, processed_probs
 
 
 @dataclass
@@ -106,7 +106,7 @@ class DraftModelProposer:
                 logits = logits.masked_fill(~allowed, float("-inf"))
             if g.inp.params.greedy:  # rank by the draft's own softmax: a one-hot q would rank nothing
                 # (NaN/inf logits as the sampler reads them; a row with nothing finite ranks nothing: q_prob 0)
-                probs = torch.softmax(finite_logits(logits.float()), dim=-1).nan_to_num(0.0)
+                probs = torch.softmax(finite_logits(biased(logits.float(), g.inp.params)), dim=-1).nan_to_num(0.0)
                 kids = probs.topk(self.branch).indices.tolist()
             else:
                 probs = processed_probs(logits[None], g.inp.params)[0]

@@ -29,12 +29,15 @@ from specrelay.services.verifier.budget import AdaptiveBudget
 from specrelay.services.verifier.chunked_prefill import ChunkedPrefill
 from specrelay.services.verifier.engine_pause import Pausing
 from specrelay.services.verifier.handoffs import RequestOutput, SpecStats, StepPlan, StepResult
+from specrelay.services.verifier.logprobs import token_logprobs
 from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.grammar_mask import Constraints, masked
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.modeling.runner import ModelRunner, StepInput
+from specrelay.shared.messages import TokenLogprob
 from specrelay.shared.sampling import SamplingParams, make_generator, processed_probs, sample
 from specrelay.shared.sampling_wire import params_from_spec
+from specrelay.shared.seeded_draws import seeded_draws
 
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,11 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length"
     name: str = ""  # the scheduler's request id
     keep_kv: bool = False  # finished, its KV stays until `release`
+    logprobs: list[TokenLogprob] | None = None  # one per output token, when the request asked for them
+
+    def __post_init__(self):
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
 
     @property
     def tokens(self) -> list[int]:
@@ -70,9 +78,14 @@ class StepOutput:
 
 class SpecEngine(Pausing):
     def __init__(self, runner: ModelRunner, proposer: Proposer | None = None, max_nodes: int = 16,
-                 adaptive: bool = True, speculate: bool | None = None):
+                 adaptive: bool = True, speculate: bool | None = None, positional_seeds: bool = False):
         """speculate: plan draft trees (default: when an in-process proposer is given; a service that drafts over
-        the bus passes True and calls plan / verify itself)."""
+        the bus passes True and calls plan / verify itself).
+        positional_seeds: a seeded sampled request draws its n-th token from noise seeded by (seed, n) alone
+        (shared/seeded_draws.py), so its output is the same whatever the trees, the batch or the drafter — what a
+        server promises its clients' `seed`. Off, the seed seeds the request's own random stream (reproducible for
+        the same engine set-up, and verified by speculative sampling's rejection rule)."""
+        self.positional_seeds = positional_seeds
         self.runner = runner
         self.proposer = proposer
         speculate = proposer is not None if speculate is None else speculate
@@ -105,11 +118,10 @@ class SpecEngine(Pausing):
             group = short[start : start + 64]
             steps = [StepInput(r.table, r.prompt[r.table.num_tokens :]) for r in group]
             for r, logits in zip(group, self.runner.forward(steps)):
-                self._commit(r, [self._draw(masked(self.constraints, r, logits), r.params, r.generator)])
+                self._commit_first(r, logits)
         for r in requests:
             if r not in short:
-                logits = self.runner.prefill(r.table, r.prompt[r.table.num_tokens :])
-                self._commit(r, [self._draw(masked(self.constraints, r, logits[None]), r.params, r.generator)])
+                self._commit_first(r, self.runner.prefill(r.table, r.prompt[r.table.num_tokens :])[None])
         for r in requests:
             if r.finish_reason is None:
                 self.running.append(r)
@@ -170,6 +182,8 @@ class SpecEngine(Pausing):
             StepInput(r.table, t.tokens, positions=[r.table.num_tokens + d for d in t.depths()],
                       tree_mask=t.ancestor_mask(), logits_rows=list(range(t.num_nodes)))
             for r, t in zip(live, trees)])
+        # the target's logits at every node, masked by the grammar state after the node's path
+        logits = [masked(self.constraints, r, lg, t) for r, lg, t in zip(live, logits, trees)]
         paths, next_tokens = self._accept(live, trees, logits)
         verify_s = time.perf_counter() - t0
         if self.budget:
@@ -191,7 +205,10 @@ class SpecEngine(Pausing):
             out.verified.append(Verified(r.request_id, t, lg.topk(min(TOPK, lg.shape[-1])).indices, path,
                                          hidden=hid[[0, *path]]))
             before = len(r.output)
-            self._commit(r, [t.tokens[i] for i in path] + [nxt])
+            tokens = [t.tokens[i] for i in path] + [nxt]
+            # token j was drawn after the root (j = 0) or after accepted node path[j - 1]
+            logprobs = token_logprobs(lg[[0, *path]], r.params, tokens) if r.logprobs is not None else None
+            self._commit(r, tokens, logprobs)
             out.new_tokens[r.request_id] = r.output[before:]
         out.finished = [r for r in live if r.finish_reason is not None]
         self.running = [r for r in live if r.finish_reason is None]
@@ -241,7 +258,7 @@ class SpecEngine(Pausing):
                 self.release(resume.kv)
                 result.outputs.append(_failed(resume.request_id, f"the verifier could not continue this request: {e}"))
                 continue
-            result.outputs.append(_output(req, req.output, started=True))
+            result.outputs.append(_output(req, 0, started=True))
         for admit in plan.admits:
             table = admit.table if admit.table is not None else BlockTable()
             try:
@@ -255,7 +272,7 @@ class SpecEngine(Pausing):
                 self.runner.release(table)
                 result.outputs.append(_failed(admit.request_id, f"the verifier could not start this request: {e}"))
                 continue
-            result.outputs.append(_output(req, req.output, started=True))
+            result.outputs.append(_output(req, 0, started=True))
         if plan.decode and self.running:
             self._execute_decode(result, draft)
         if self.chunked is not None:
@@ -303,7 +320,7 @@ class SpecEngine(Pausing):
             return
         result.verified = out.verified if drafted else []
         result.released = [r.name for r in out.finished]
-        result.outputs += [_output(r, r.output[before[r.request_id] :]) for r in live]
+        result.outputs += [_output(r, before[r.request_id]) for r in live]
 
     def cancel(self, request_id: int) -> Request | None:
         """Stop a request now and free its KV (the client went away, or a stop string matched)."""
@@ -329,21 +346,28 @@ class SpecEngine(Pausing):
         return requests
 
     def _accept(self, live, trees, logits) -> tuple[list[list[int]], list[int]]:
-        """Greedy and sampling requests are accepted in two batched calls; returns accepted paths and next tokens."""
+        """Greedy, positionally seeded and sampled requests are accepted in one batched call each; returns accepted
+        paths and next tokens. logits: per request [num_nodes, vocab], grammar-masked."""
         paths: list[list[int]] = [[] for _ in live]
         next_tokens = [0] * len(live)
-        for greedy in (True, False):
-            idx = [i for i, r in enumerate(live) if r.params.greedy == greedy]
+        for mode in ("greedy", "seeded", "sampled"):
+            idx = [i for i, r in enumerate(live) if self._mode(r) == mode]
             if not idx:
                 continue
             sizes = [trees[i].num_nodes for i in idx]
             cu = torch.tensor([0, *itertools.accumulate(sizes)])
-            # the target's distribution at every node, masked by the grammar state after the node's path
-            probs = torch.cat([processed_probs(masked(self.constraints, live[i], logits[i], trees[i]), live[i].params)
-                               for i in idx])
+            probs = [processed_probs(logits[i], live[i].params) for i in idx]
+            if mode == "seeded":  # the target's draw at every node, one-hot: the greedy walk accepts exactly those
+                probs = [_one_hot(seeded_draws(p, live[i].params.seed, _positions(live[i], trees[i])), p)
+                         for i, p in zip(idx, probs)]
+            probs = torch.cat(probs)
+            greedy = mode != "sampled"
             q = None if greedy else torch.cat([self._q(trees[i], probs.shape[-1]) for i in idx])
-            uniforms = torch.cat([torch.rand(s, generator=live[i].generator) for i, s in zip(idx, sizes)])
-            final = torch.cat([torch.rand(1, generator=live[i].generator) for i in idx])
+            if greedy:  # no test to draw for: the walk follows the argmax
+                uniforms, final = torch.zeros(sum(sizes)), torch.zeros(len(idx))
+            else:
+                uniforms = torch.cat([torch.rand(s, generator=live[i].generator) for i, s in zip(idx, sizes)])
+                final = torch.cat([torch.rand(1, generator=live[i].generator) for i in idx])
             result = spec_accept(torch.tensor([tok for i in idx for tok in trees[i].tokens]),
                                  torch.tensor([p for i in idx for p in trees[i].parents]),
                                  cu, probs, q, uniforms, final, greedy)
@@ -351,6 +375,11 @@ class SpecEngine(Pausing):
                 paths[i] = result.accepted_nodes[j, : int(result.num_accepted[j])].tolist()
                 next_tokens[i] = int(result.next_token[j])
         return paths, next_tokens
+
+    def _mode(self, r: Request) -> str:
+        if r.params.greedy:
+            return "greedy"
+        return "seeded" if self.positional_seeds and r.params.seed is not None else "sampled"
 
     @staticmethod
     def _q(tree: DraftTree, vocab: int) -> torch.Tensor:
@@ -366,9 +395,11 @@ class SpecEngine(Pausing):
             self.runner.cache.move_slots([slot(s) for s, _ in moves], [slot(d) for _, d in moves])
         self.runner.cache.truncate(r.table, ctx + 1 + len(path))
 
-    def _commit(self, r: Request, tokens: list[int]) -> None:
-        for tok in tokens:
+    def _commit(self, r: Request, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
+        for j, tok in enumerate(tokens):
             r.output.append(tok)
+            if logprobs is not None:
+                r.logprobs.append(logprobs[j])
             if tok in r.params.stop_token_ids:
                 r.finish_reason = "stop"
             elif len(r.output) >= r.params.max_tokens or len(r.tokens) >= self.runner.max_model_len:
@@ -376,16 +407,34 @@ class SpecEngine(Pausing):
             if r.finish_reason:
                 return
 
-    @staticmethod
-    def _draw(logits: torch.Tensor, params: SamplingParams, generator) -> int:
-        if params.greedy:
-            return int(logits.argmax(-1))
-        return int(sample(processed_probs(logits, params), generator))
+    def _commit_first(self, r: Request, logits: torch.Tensor) -> None:
+        """The token after the prompt, from the target's logits after it ([1, vocab])."""
+        logits = masked(self.constraints, r, logits)
+        probs = processed_probs(logits, r.params)
+        if r.params.greedy:
+            token = int(probs.argmax(-1))
+        elif self._mode(r) == "seeded":
+            token = int(seeded_draws(probs, r.params.seed, [len(r.tokens)])[0])
+        else:
+            token = int(sample(probs, r.generator))
+        self._commit(r, [token], token_logprobs(logits, r.params, [token]) if r.logprobs is not None else None)
 
 
-def _output(req: Request, new_tokens: list[int] | None = None, started: bool = False) -> RequestOutput:
-    out = RequestOutput(req.name, list(new_tokens or []), len(req.table.blocks), req.finish_reason,
-                        cached_tokens=req.stats.cached_tokens if started else None)
+def _positions(r: Request, tree: DraftTree) -> list[int]:
+    """The sequence position of the token drawn after each node: the root is the last committed token."""
+    return [len(r.tokens) + d for d in tree.depths()]
+
+
+def _one_hot(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.one_hot(tokens, like.shape[-1]).to(like.dtype)
+
+
+def _output(req: Request, start: int | None = None, started: bool = False) -> RequestOutput:
+    """What the scheduler learns of a request after a step: its tokens from output index `start` on (None: none)."""
+    new = slice(start, None) if start is not None else slice(0, 0)
+    out = RequestOutput(req.name, req.output[new], len(req.table.blocks), req.finish_reason,
+                        cached_tokens=req.stats.cached_tokens if started else None,
+                        logprobs=req.logprobs[new] if req.logprobs is not None else None)
     if req.finish_reason is not None:
         out.kv = req if req.finish_reason != "cancelled" else None  # a cancelled request's KV is freed already
         out.num_prompt_tokens, out.output, out.stats = len(req.prompt), list(req.output), dataclasses.replace(req.stats)

@@ -126,6 +126,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None  # finish_reason "error": why; the request alone failed and its KV is freed
     cached_tokens: int | None = None  # set the step it starts: context tokens whose KV it did not prefill
+    logprobs: list[Any] | None = None  # TokenLogprob per new token, when the request asked for logprobs
     # Set when it finished:
     kv: Any = None  # "stop" / "length": the engine's request, its KV kept for the scheduler to hold or release
     num_prompt_tokens: int = 0
@@ -185,3 +186,4 @@ class Reply:
     turn: RequestOutput | None = None  # finished: what the engine reported (usage, the relay index)
     held: bool = False  # its KV is held for a Continue: the chunk names this replica
     release: Release | None = None  # its KV, published and freed once the turn is recorded
+    logprobs: list[Any] | None = None  # TokenLogprob per token of token_ids (the service fills it from the step)

@@ -101,7 +101,7 @@ class VerifierService:
                 plan = self.scheduler.schedule()
                 await self._load_kv(plan)
                 result = await self._execute(plan)
-                await self._publish(self.scheduler.update(plan, result))
+                await self._publish(_with_logprobs(self.scheduler.update(plan, result), result))
                 if self.drafter is not None and result.decoded:
                     await self.drafter.feedback(result.verified, result.names, result.released)
                 try:
@@ -249,7 +249,8 @@ class VerifierService:
             msg = reply.serving.msg
             if reply.finish_reason is None:
                 self.outbox.append(Outgoing(msg.reply_to, TokenChunk(msg.request_id, reply.token_ids,
-                                                                     offset=reply.offset), None))
+                                                                     offset=reply.offset, logprobs=reply.logprobs),
+                                            None))
             elif reply.finish_reason == "error":
                 self.outbox.append(_error(reply.serving.delivery, reply.error))
             else:
@@ -270,7 +271,7 @@ class VerifierService:
         if reply.release is not None:
             await self._release(reply.release)
         return TokenChunk(msg.request_id, reply.token_ids, offset=reply.offset, finish_reason=reply.finish_reason,
-                          usage=usage, holder=self.cfg.consumer if reply.held else None)
+                          usage=usage, holder=self.cfg.consumer if reply.held else None, logprobs=reply.logprobs)
 
     async def _flush(self) -> None:
         """Send the outbox in order; what the bus refuses stays for the next step."""
@@ -282,6 +283,16 @@ class VerifierService:
             if out.ack is not None:
                 await out.ack.ack()
             self.outbox.pop(0)
+
+
+def _with_logprobs(replies: list[Reply], result: StepResult) -> list[Reply]:
+    """A reply's tokens are what the engine committed for its request this step: so are their logprobs."""
+    logprobs = {out.request_id: out.logprobs for out in result.outputs if out.logprobs is not None}
+    for reply in replies:
+        lps = logprobs.get(reply.serving.msg.request_id)
+        if reply.finish_reason != "error" and lps is not None and len(lps) == len(reply.token_ids):
+            reply.logprobs = lps
+    return replies
 
 
 def _error(delivery: Delivery, error: str) -> Outgoing:
@@ -298,7 +309,9 @@ def _load_engine(cfg: VerifierConfig):
 
     runner = ModelRunner(load_model(cfg.model_dir, device=cfg.device), cfg.num_blocks, cfg.block_size)
     # drafts come from the drafter service over the bus, not from an in-process proposer
-    engine = SpecEngine(runner, proposer=None, max_nodes=cfg.max_nodes, speculate=cfg.speculate)
+    # a client's `seed` gives the same output whatever else the server runs (shared/seeded_draws.py)
+    engine = SpecEngine(runner, proposer=None, max_nodes=cfg.max_nodes, speculate=cfg.speculate,
+                        positional_seeds=True)
     engine.constraints = Constraints.for_model(cfg.model_dir, runner.model.config.vocab_size)  # structured outputs
     return engine
 
