@@ -1,6 +1,6 @@
-"""`specrelay bench spec|bus|relay|engine|structured|tir`: benchmarks that run ours and the baselines side by side in one process and print
-ratios (the kernels have their own: `specrelay kernels bench`). Each bench module has its own `add_arguments` and
-`main`; their shared tail is report.py."""
+"""`specrelay bench spec|bus|relay|engine|structured|arrival|tir|seeded`: benchmarks that run ours and the baselines
+side by side in one process and print ratios (the kernels have their own: `specrelay kernels bench`). Each bench
+module has its own `add_arguments` and `main`; their shared tail is report.py."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ BENCHES = {
                    "speculation"),
     "arrival": ("specrelay.bench.arrival", "add_arguments", "main",
                 "a long prompt arriving among running streams: whole-prompt vs chunked prefill, TTFT and their gaps"),
+    "seeded": ("specrelay.bench.seeded", "add_arguments", "main",
+               "what a fixed seed costs speculation: accepted tokens per step, seeded vs unseeded vs greedy"),
     "tir": ("specrelay.bench.tir", "add_arguments", "main",
             "KV across tool pauses: drop, keep, the PTE policy and InferCept on multi-turn tool loops"),
 }

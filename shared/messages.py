@@ -165,6 +165,9 @@ class DraftItem(msgspec.Struct, frozen=True):
     # Where the output starts in `tokens`: a drafter replays the request's grammar (sampling.grammar) over the
     # output to mask its proposals with the state the target is masked with.
     num_prompt_tokens: int = 0
+    # the verifier draws this request's tokens from positional noise (shared/seeded_draws.py): the drafter draws
+    # with the same noise, and the verifier needs no q back
+    positional_seed: int | None = None
 
 
 class DraftBatch(msgspec.Struct, frozen=True, tag=True):

@@ -9,6 +9,7 @@ import torch
 
 from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.sampling import SamplingParams
+from specrelay.shared.seeded_draws import gumbel_noise
 
 
 TOPK = 8  # candidates per node the verifier reports back (Token Recycling's k is at most this)
@@ -34,6 +35,9 @@ class DraftInput:
     # Structured outputs: every proposal is masked with it (the target is masked alike, so a node the grammar
     # forbids could never be accepted; masking the draft spends the tree on nodes that can). None: free text.
     grammar: DraftGrammar | None = None
+    # Set when the verifier draws this request's tokens from positional noise (shared/seeded_draws.py): drawing
+    # the children with the same noise makes the first child the target's own draw whenever q agrees with p.
+    positional_seed: int | None = None
 
 
 def allowed_children(inp: DraftInput, path: list[int], width: int) -> torch.Tensor | None:
@@ -68,6 +72,14 @@ class Proposer(Protocol):
     def observe(self, verified: list[Verified]) -> None: ...
 
     def release(self, request_id: int) -> None: ...
+
+
+def seeded_order(probs: torch.Tensor, k: int, seed: int, position: int) -> list[int]:
+    """k tokens drawn from `probs` without replacement with the verifier's noise for `position` (Gumbel-top-k over
+    the same Gumbel noise as the target's draw there): the first is the target's draw whenever q ranks it first."""
+    k = min(k, int((probs > 0).sum()))
+    keys = torch.log(probs) + gumbel_noise(seed, position, probs.shape[-1], probs.device)
+    return keys.topk(k).indices.tolist()
 
 
 def gumbel_order(probs: torch.Tensor, k: int, generator: torch.Generator | None) -> list[int]:

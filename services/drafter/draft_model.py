@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specrelay.services.drafter.base import DraftInput, Verified, allowed_children, gumbel_order
+from specrelay.services.drafter.base import DraftInput, Verified, allowed_children, gumbel_order, seeded_order
 from specrelay.services.drafter.tree_select import PoolNode, path_to, select_tree
 from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.modeling.kv_cache import BlockTable
@@ -113,7 +113,11 @@ class DraftModelProposer:
                 if allowed is not None:  # a row with nothing finite falls back to a one-hot the grammar may forbid
                     probs = probs * allowed
                     probs = probs / probs.sum().clamp_min(1e-30)
-                kids = gumbel_order(probs, self.branch, g.inp.generator)
+                if g.inp.positional_seed is None:
+                    kids = gumbel_order(probs, self.branch, g.inp.generator)
+                else:  # its children sit one after it: the root's at len(tokens)
+                    position = len(g.inp.tokens) + len(path_to(g.pool, node_id))
+                    kids = seeded_order(probs, self.branch, g.inp.positional_seed, position)
                 node.q = probs
             if allowed is not None:
                 kids = [tok for tok in kids if probs[tok] > 0]

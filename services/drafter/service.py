@@ -130,11 +130,13 @@ class Drafter:
                 self.generators[item.request_id] = make_generator(seeded or params)
             gen = self.generators[item.request_id]
             grammar = self.grammars.state(item) if self.grammars is not None else None
-            inputs.append(DraftInput(rid, item.tokens, params, item.max_nodes, gen, item.num_prompt_tokens, grammar))
+            inputs.append(DraftInput(rid, item.tokens, params, item.max_nodes, gen, item.num_prompt_tokens, grammar,
+                                     positional_seed=item.positional_seed))
         trees = self.proposer.propose(inputs)
         return DraftReply(batch.step_id, [
             TreeMsg(item.request_id, t.tokens, t.parents, t.draft_probs,
-                    None if t.q is None else WireTensor.from_torch(t.q.float().contiguous()), t.sources)
+                    None if t.q is None or item.positional_seed is not None  # verified without q
+                    else WireTensor.from_torch(t.q.float().contiguous()), t.sources)
             for item, t in zip(batch.items, trees)], wants_hidden=getattr(self.proposer, "wants_hidden", False))
 
     def feedback(self, msg: DraftFeedback) -> None:

@@ -14,12 +14,10 @@ it for a Continue or publishes it first); a kept one is freed by `release`.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
@@ -28,16 +26,19 @@ from specrelay.services.drafter.base import TOPK, DraftInput, Proposer, Verified
 from specrelay.services.verifier.budget import AdaptiveBudget
 from specrelay.services.verifier.chunked_prefill import ChunkedPrefill
 from specrelay.services.verifier.engine_pause import Pausing
-from specrelay.services.verifier.handoffs import RequestOutput, SpecStats, StepPlan, StepResult
+from specrelay.services.verifier.draws import MODES, draw_mode, first_token, seeded_targets
+from specrelay.services.verifier.engine_request import Request, StepOutput
+from specrelay.services.verifier.engine_request import failed_output as _failed
+from specrelay.services.verifier.engine_request import request_output as _output
+from specrelay.services.verifier.handoffs import RequestOutput, StepPlan, StepResult
 from specrelay.services.verifier.logprobs import token_logprobs
 from specrelay.shared.draft_tree import DraftTree
 from specrelay.shared.grammar_mask import Constraints, masked
 from specrelay.shared.modeling.kv_cache import BlockTable
 from specrelay.shared.modeling.runner import ModelRunner, StepInput
 from specrelay.shared.messages import TokenLogprob
-from specrelay.shared.sampling import SamplingParams, make_generator, processed_probs, sample
+from specrelay.shared.sampling import SamplingParams, make_generator, processed_probs
 from specrelay.shared.sampling_wire import params_from_spec
-from specrelay.shared.seeded_draws import seeded_draws
 
 
 log = logging.getLogger(__name__)
@@ -46,45 +47,13 @@ log = logging.getLogger(__name__)
 Draft = Callable[[list[DraftInput], dict[int, str]], "list[DraftTree] | None"]
 
 
-@dataclass(eq=False)  # a request is itself: `r in requests` by identity (value equality made it O(n²))
-class Request:
-    request_id: int
-    prompt: list[int]
-    params: SamplingParams
-    table: BlockTable = field(default_factory=BlockTable)
-    output: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
-    stats: SpecStats = field(default_factory=SpecStats)
-    finish_reason: str | None = None  # "stop" | "length"
-    name: str = ""  # the scheduler's request id
-    keep_kv: bool = False  # finished, its KV stays until `release`
-    logprobs: list[TokenLogprob] | None = None  # one per output token, when the request asked for them
-
-    def __post_init__(self):
-        if self.params.logprobs is not None and self.logprobs is None:
-            self.logprobs = []
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
-
-
-@dataclass
-class StepOutput:
-    new_tokens: dict[int, list[int]] = field(default_factory=dict)  # request id -> tokens committed this step
-    finished: list[Request] = field(default_factory=list)
-    verified: list[Verified] = field(default_factory=list)  # feedback for the drafter
-
-
 class SpecEngine(Pausing):
     def __init__(self, runner: ModelRunner, proposer: Proposer | None = None, max_nodes: int = 16,
                  adaptive: bool = True, speculate: bool | None = None, positional_seeds: bool = False):
         """speculate: plan draft trees (default: when an in-process proposer is given; a service that drafts over
         the bus passes True and calls plan / verify itself).
-        positional_seeds: a seeded sampled request draws its n-th token from noise seeded by (seed, n) alone
-        (shared/seeded_draws.py), so its output is the same whatever the trees, the batch or the drafter — what a
-        server promises its clients' `seed`. Off, the seed seeds the request's own random stream (reproducible for
-        the same engine set-up, and verified by speculative sampling's rejection rule)."""
+        positional_seeds: a seeded sampled request's output is the same whatever else runs (draws.py); off, its
+        seed seeds its own random stream, verified by the rejection rule (the sampling-law tests run that)."""
         self.positional_seeds = positional_seeds
         self.runner = runner
         self.proposer = proposer
@@ -162,7 +131,7 @@ class SpecEngine(Pausing):
         if self.max_nodes <= 1 or not self.running or max(room) <= 1:
             return None
         return [DraftInput(r.request_id, r.tokens, r.params, max(1, k), r.generator, len(r.prompt),
-                           self._draft_grammar(r))
+                           self._draft_grammar(r), positional_seed=r.params.seed if self._mode(r) == "seeded" else None)
                 for r, k in zip(self.running, room)]
 
     def _draft_grammar(self, r: Request):
@@ -300,10 +269,10 @@ class SpecEngine(Pausing):
                 result.outputs.append(_failed(r.name, f"the verifier could not start this request: {e}"))
             return
         for r, logits in done:
-            self._commit(r, [self._draw(masked(self.constraints, r, logits[None]), r.params, r.generator)])
+            self._commit_first(r, logits[None])
             if r.finish_reason is None:
                 self.running.append(r)
-            result.outputs.append(_output(r, r.output, started=True))
+            result.outputs.append(_output(r, 0, started=True))
         result.outputs += [RequestOutput(r.name, [], len(r.table.blocks)) for r in self.chunked.queue]
 
     def _execute_decode(self, result: StepResult, draft: Draft | None) -> None:
@@ -350,7 +319,7 @@ class SpecEngine(Pausing):
         paths and next tokens. logits: per request [num_nodes, vocab], grammar-masked."""
         paths: list[list[int]] = [[] for _ in live]
         next_tokens = [0] * len(live)
-        for mode in ("greedy", "seeded", "sampled"):
+        for mode in MODES:
             idx = [i for i, r in enumerate(live) if self._mode(r) == mode]
             if not idx:
                 continue
@@ -358,7 +327,7 @@ class SpecEngine(Pausing):
             cu = torch.tensor([0, *itertools.accumulate(sizes)])
             probs = [processed_probs(logits[i], live[i].params) for i in idx]
             if mode == "seeded":  # the target's draw at every node, one-hot: the greedy walk accepts exactly those
-                probs = [_one_hot(seeded_draws(p, live[i].params.seed, _positions(live[i], trees[i])), p)
+                probs = [seeded_targets(p, live[i].params.seed, len(live[i].tokens), trees[i])
                          for i, p in zip(idx, probs)]
             probs = torch.cat(probs)
             greedy = mode != "sampled"
@@ -377,9 +346,7 @@ class SpecEngine(Pausing):
         return paths, next_tokens
 
     def _mode(self, r: Request) -> str:
-        if r.params.greedy:
-            return "greedy"
-        return "seeded" if self.positional_seeds and r.params.seed is not None else "sampled"
+        return draw_mode(r.params, self.positional_seeds)
 
     @staticmethod
     def _q(tree: DraftTree, vocab: int) -> torch.Tensor:
@@ -410,36 +377,5 @@ class SpecEngine(Pausing):
     def _commit_first(self, r: Request, logits: torch.Tensor) -> None:
         """The token after the prompt, from the target's logits after it ([1, vocab])."""
         logits = masked(self.constraints, r, logits)
-        probs = processed_probs(logits, r.params)
-        if r.params.greedy:
-            token = int(probs.argmax(-1))
-        elif self._mode(r) == "seeded":
-            token = int(seeded_draws(probs, r.params.seed, [len(r.tokens)])[0])
-        else:
-            token = int(sample(probs, r.generator))
+        token = first_token(processed_probs(logits, r.params), r.params, self._mode(r), len(r.tokens), r.generator)
         self._commit(r, [token], token_logprobs(logits, r.params, [token]) if r.logprobs is not None else None)
-
-
-def _positions(r: Request, tree: DraftTree) -> list[int]:
-    """The sequence position of the token drawn after each node: the root is the last committed token."""
-    return [len(r.tokens) + d for d in tree.depths()]
-
-
-def _one_hot(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.one_hot(tokens, like.shape[-1]).to(like.dtype)
-
-
-def _output(req: Request, start: int | None = None, started: bool = False) -> RequestOutput:
-    """What the scheduler learns of a request after a step: its tokens from output index `start` on (None: none)."""
-    new = slice(start, None) if start is not None else slice(0, 0)
-    out = RequestOutput(req.name, req.output[new], len(req.table.blocks), req.finish_reason,
-                        cached_tokens=req.stats.cached_tokens if started else None,
-                        logprobs=req.logprobs[new] if req.logprobs is not None else None)
-    if req.finish_reason is not None:
-        out.kv = req if req.finish_reason != "cancelled" else None  # a cancelled request's KV is freed already
-        out.num_prompt_tokens, out.output, out.stats = len(req.prompt), list(req.output), dataclasses.replace(req.stats)
-    return out
-
-
-def _failed(name: str, error: str) -> RequestOutput:
-    return RequestOutput(name, finish_reason="error", error=error)

@@ -40,7 +40,8 @@ class RemoteDrafter:
 
     async def propose(self, inputs: list[DraftInput], names: dict[int, str]) -> list[DraftTree] | None:
         self.step_id += 1
-        items = [DraftItem(names[i.request_id], i.tokens, spec_from_params(i.params), i.max_nodes, i.num_prompt_tokens)
+        items = [DraftItem(names[i.request_id], i.tokens, spec_from_params(i.params), i.max_nodes, i.num_prompt_tokens,
+                           positional_seed=i.positional_seed)
                  for i in inputs]
         try:
             await self.bus.publish(DRAFT_STREAM, DraftBatch(self.step_id, self.channel.name, items))
