@@ -107,22 +107,29 @@ class Workload:
         return self.tokenizer.decode(output)
 
 
-def judge_call(workload: Workload, i: int, request) -> tuple[bool, bool]:
-    """(valid, a call was cut by max_tokens and left out) for forced-call request i."""
+def judge_call(workload: Workload, i: int, request) -> tuple[bool, bool, str]:
+    """(valid, a call was cut by max_tokens and left out, why not valid) for forced-call request i."""
     import jsonschema
 
     from specrelay.services.toolcoord.parser import parse_tool_calls
 
     name, parallel, forced = forced_call(i)
     parsed = parse_tool_calls(forced + workload.text(request), "hermes", set(SCHEMAS))
-    valid = bool(parsed.tool_calls) and not parsed.errors and (parallel or len(parsed.tool_calls) == 1)
-    for call in parsed.tool_calls if valid else []:
+    cut = parsed.cut is not None
+    if not parsed.tool_calls:
+        return False, cut, "no complete call" + (" (the first was cut by max_tokens)" if cut else "")
+    if parsed.errors:
+        return False, cut, f"a malformed call: {parsed.errors[0].message}"
+    if not parallel and len(parsed.tool_calls) != 1:
+        return False, cut, f"{len(parsed.tool_calls)} calls with parallel_tool_calls false"
+    for call in parsed.tool_calls:
+        if name not in (None, call.name):
+            return False, cut, f"called {call.name}, not {name}"
         try:
             jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
-        except jsonschema.ValidationError:
-            valid = False
-        valid = valid and name in (None, call.name)
-    return valid, parsed.cut is not None
+        except jsonschema.ValidationError as e:
+            return False, cut, f"arguments invalid: {e.message}"
+    return True, cut, ""
 
 
 def judge_json(workload: Workload, request) -> bool:
@@ -181,15 +188,18 @@ def sampled(engines: Engines, workload: Workload, args, max_tokens: int) -> dict
     requests, wall_s = engines.run(*map(list, zip(*(calls + replies))), speculate=True)
     call_requests, json_requests = requests[: len(calls)], requests[len(calls):]
     judged = [judge_call(workload, i, r) for i, r in enumerate(call_requests)]
-    by_parallel = {p: [v for i, (v, _) in enumerate(judged) if forced_call(i)[1] == p] for p in (True, False)}
+    by_parallel = {p: [v for i, (v, _, _) in enumerate(judged) if forced_call(i)[1] == p] for p in (True, False)}
     json_valid = [judge_json(workload, r) for r in json_requests]
     return {
         "max_tokens": max_tokens, "wall_s": round(wall_s, 1),
-        "calls": {"valid": sum(v for v, _ in judged), "of": len(judged),
+        "calls": {"valid": sum(v for v, _, _ in judged), "of": len(judged),
                   "valid_parallel_allowed": f"{sum(by_parallel[True])}/{len(by_parallel[True])}",
                   "valid_parallel_false": f"{sum(by_parallel[False])}/{len(by_parallel[False])}",
                   "ended_by_length": sum(r.finish_reason == "length" for r in call_requests),
-                  "cut_call_left_out": sum(c for _, c in judged)},
+                  "cut_call_left_out": sum(c for _, c, _ in judged),
+                  "invalid": [{"request": i, "why": why, "finish_reason": r.finish_reason,
+                               "tokens": len(r.output)} for i, ((v, _, why), r) in enumerate(zip(judged, call_requests))
+                              if not v]},
         "json_schema": {"valid": sum(json_valid), "of": len(json_valid),
                         "ended_by_length": sum(r.finish_reason == "length" for r in json_requests)},
         "accepted_per_step": _per_step(requests),
@@ -241,6 +251,9 @@ def main(args: argparse.Namespace) -> int:
               f"length {c['ended_by_length']}, a cut call left out {c['cut_call_left_out']}); json_schema valid "
               f"{j['valid']}/{j['of']} (ended by length {j['ended_by_length']}); accepted/step "
               f"{run['accepted_per_step']}; {run['wall_s']} s")
+        for bad in c["invalid"]:
+            print(f"  forced call {bad['request']} {forced_call(bad['request'])[:2]}: {bad['why']} "
+                  f"({bad['finish_reason']}, {bad['tokens']} tokens)")
         report["goals"][f"forced_calls_valid_max_tokens_{max_tokens}"] = c["valid"] == c["of"]
         report["goals"][f"json_schema_valid_max_tokens_{max_tokens}"] = j["valid"] == j["of"]
     g = report["greedy"] = greedy(engines, workload, args.num_greedy, budgets[-1])

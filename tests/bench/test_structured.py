@@ -33,6 +33,7 @@ def test_the_report_has_every_check_at_every_budget(report):
     for run in report["sampled"]:
         assert (run["calls"]["valid"], run["calls"]["of"]) == (12, 12)
         assert run["calls"]["valid_parallel_allowed"] == "6/6" and run["calls"]["valid_parallel_false"] == "6/6"
+        assert run["calls"]["invalid"] == []
         assert (run["json_schema"]["valid"], run["json_schema"]["of"]) == (6, 6)
     assert (report["greedy"]["equal"], report["greedy"]["of"], report["greedy"]["max_tokens"]) == (6, 6, 64)
     assert set(report["goals"]) == {"forced_calls_valid_max_tokens_48", "json_schema_valid_max_tokens_48",
@@ -49,12 +50,12 @@ def test_the_judge_refuses_what_a_client_would():
     workload = Workload(TARGET)
     call = '{"city": "Oslo", "unit": "celsius"}}\n</tool_call>'
     assert forced_call(1)[:2] == ("get_weather", False)
-    assert judge_call(workload, 1, _request(workload, call)) == (True, False)
+    assert judge_call(workload, 1, _request(workload, call)) == (True, False, "")
     assert not judge_call(workload, 1, _request(workload, '{"city": "Oslo"}}\n</tool_call>'))[0]  # unit missing
     assert not judge_call(workload, 1, _request(workload, f"{call}\n<tool_call>\n{{\"name\": \"get_weather\", "
                                                           f"\"arguments\": {call}"))[0]  # two calls, parallel false
     cut = _request(workload, '{"city": "Os', "length")
-    assert judge_call(workload, 1, cut) == (False, True)  # no complete call left
+    assert judge_call(workload, 1, cut) == (False, True, "no complete call (the first was cut by max_tokens)")
     answer = '{"city": "Oslo", "temperature": 3, "sunny": false}'
     assert judge_json(workload, _request(workload, answer))
     assert not judge_json(workload, _request(workload, answer[:-1], "length"))
