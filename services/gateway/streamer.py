@@ -93,21 +93,22 @@ def finish(gw: Gateway, choices: list[Choice]) -> tuple[list[R.Ended], dict[str,
     return ended, usage
 
 
+# Fields of a usage that describe the verifier, not the work done: the same for every choice, never summed.
+NOT_SUMMED = ("prompt_tokens", "prompt_tokens_details", "gamma", "beta", "source")
+
+
 def summed_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
     """The usage of `n` generations of one prompt: the prompt (and its cached part) once, as OpenAI counts it;
-    every other count summed over the choices."""
-    out = dict(usages[0])
+    every count summed over the choices (usage.pte's profile parameters kept)."""
+    out = usages[0]
     for usage in usages[1:]:
-        for key, value in usage.items():
-            if key not in ("prompt_tokens", "prompt_tokens_details"):
-                out[key] = _add(out.get(key), value)
-    out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
-    return out
+        out = _add(out, usage)
+    return {**out, "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
 
 
 def _add(a: Any, b: Any) -> Any:
     if isinstance(a, dict) and isinstance(b, dict):
-        return {k: _add(a.get(k), b.get(k)) for k in {**a, **b}}
+        return {k: a.get(k) if k in NOT_SUMMED and k in a else _add(a.get(k), b.get(k)) for k in {**a, **b}}
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return a + b
     return a if a is not None else b

@@ -146,3 +146,19 @@ async def test_hostile_values_are_400s_naming_the_field_and_the_server_goes_on(g
     assert (await response.json())["error"]["param"] == param
     assert not gateway.fake.generates
     await post(gateway, path, **{k: v for k, v in body.items() if k in ("messages", "prompt")}, max_tokens=2)
+
+
+def test_n_usage_sums_the_work_and_keeps_what_describes_the_verifier():
+    from specrelay.services.gateway.streamer import summed_usage
+
+    def usage(completion: int, cached: int) -> dict:
+        return {"prompt_tokens": 100, "completion_tokens": completion, "total_tokens": 100 + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}, "spec_steps": completion,
+                "pte": {"total": 100.0 + completion, "prefill": 100.0, "gamma": 0.2, "beta": 0.0,
+                        "source": "analytic", "turns": 1}}
+
+    summed = summed_usage([usage(4, 0), usage(6, 96), usage(5, 96)])
+    assert summed["prompt_tokens"] == 100 and summed["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert summed["completion_tokens"] == summed["spec_steps"] == 15 and summed["total_tokens"] == 115
+    assert summed["pte"] == {"total": 315.0, "prefill": 300.0, "gamma": 0.2, "beta": 0.0, "source": "analytic",
+                             "turns": 3}
