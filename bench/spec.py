@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 SYSTEMS = ("hf_generate", "hf_assisted", "hf_prompt_lookup", "specrelay_plain", "specrelay_chain", "specrelay_tree",
-           "specrelay_recycle", "specrelay_suffix")
+           "specrelay_recycle", "specrelay_suffix", "specrelay_head", "specrelay_hybrid")
 NEEDS_DRAFT = ("hf_assisted", "specrelay_chain", "specrelay_tree")
+NEEDS_HEAD = ("specrelay_head", "specrelay_hybrid")  # a draft head shipped for the model (models/heads/)
+WORKLOADS = ("agentic", "chat", "relay", "code")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--systems", default=None, help=f"comma-separated, from {', '.join(SYSTEMS)} (default: "
                         "all that the model can run)")
+    parser.add_argument("--workloads", default="agentic,chat", help=f"comma-separated, from {', '.join(WORKLOADS)}")
     parser.add_argument("--max-nodes", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: small models are overhead-bound, and two threads "
@@ -41,9 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def workloads(model_dir: str, num_prompts: int) -> dict[str, list[list[int]]]:
-    """agentic: held-out tool-use prompts (the answer is a tool call: JSON) and multi-agent hand-offs; chat: plain
-    questions, with no tools in the system turn."""
-    from specrelay.models.corpus import tool_prompts
+    """agentic: held-out tool-use prompts (the answer is a tool call: JSON); chat: plain questions, with no tools in
+    the system turn; relay: a worker agent carrying out, and quoting, a planner agent's plan; code: edit a given
+    function and return all of it (the output repeats the input). Seeds and sources apart from the draft head's
+    training prompts (models/head_data.py)."""
+    import random
+
+    from specrelay.models.corpus import PythonSource, _plan, tool_prompts
+    from specrelay.models.tools_catalog import NAMES, TOPICS
     from specrelay.shared.tokenizer import Tokenizer
 
     tok = Tokenizer(model_dir)
@@ -52,7 +60,15 @@ def workloads(model_dir: str, num_prompts: int) -> dict[str, list[list[int]]]:
               "what JSON is", "the capital of Norway", "a short summary of a meeting", "how to read a file"]
     chat = [tok.apply_chat_template([{"role": "user", "content": f"Tell me about {topics[i % len(topics)]}."}])
             for i in range(num_prompts)]
-    return {"agentic": agentic, "chat": chat}
+    r, source = random.Random(77), PythonSource("val")
+    relay = [tok.apply_chat_template([
+        {"role": "system", "content": "You are the worker agent."},
+        {"role": "user", "content": f"{r.choice(NAMES)}'s planner wrote:\n\"\"\"\n{_plan(r, r.choice(TOPICS))}\n\"\"\"\n"
+                                    "Carry out every step, quoting each one."}]) for _ in range(num_prompts)]
+    code = [tok.apply_chat_template([{"role": "user", "content": "Add a comment above each line of this code and "
+                                      f"return all of it:\n```python\n{source.chunk(r)}\n```"}])
+            for _ in range(num_prompts)]
+    return {"agentic": agentic, "chat": chat, "relay": relay, "code": code}
 
 
 def stop_ids(model_dir: str) -> tuple[int, ...]:
@@ -62,9 +78,10 @@ def stop_ids(model_dir: str) -> tuple[int, ...]:
     return tuple(i for i in (tok.eos_token_id, tok.token_to_id("<|endoftext|>")) if i is not None)
 
 
-def run_specrelay(name: str, target, draft, prompts, batch, params, max_nodes):
+def run_specrelay(name: str, target, draft, prompts, batch, params, max_nodes, model_dir: str | None = None):
     from specrelay.services.drafter.draft_model import DraftModelProposer
     from specrelay.services.drafter.recycling import TokenRecyclingProposer
+    from specrelay.services.drafter.service import build_head_proposer
     from specrelay.services.drafter.suffix import SuffixProposer
     from specrelay.services.verifier.engine import SpecEngine
     from specrelay.shared.modeling.runner import ModelRunner
@@ -75,11 +92,13 @@ def run_specrelay(name: str, target, draft, prompts, batch, params, max_nodes):
         "specrelay_tree": lambda: DraftModelProposer(ModelRunner(draft, num_blocks=2048)),
         "specrelay_recycle": lambda: TokenRecyclingProposer(target.config.vocab_size),
         "specrelay_suffix": lambda: SuffixProposer(target.config.vocab_size),
+        "specrelay_head": lambda: build_head_proposer("head", Path(model_dir)),
+        "specrelay_hybrid": lambda: build_head_proposer("hybrid", Path(model_dir)),
     }[name]
     proposer = make()
     engine = SpecEngine(ModelRunner(target, num_blocks=2048), proposer, max_nodes=max_nodes)
     engine.generate(prompts[:batch], params)  # warm-up: the cost curve and Â(n) start from measurements
-    if name == "specrelay_suffix":  # its global tree would hold the very outputs measured next: start it empty
+    if name in ("specrelay_suffix", "specrelay_hybrid"):  # its global tree would hold the very outputs measured next
         proposer = engine.proposer = make()
     # one engine serves the whole workload, as a server would: the suffix tree learns from earlier prompts' outputs
     outputs, steps, accepted = [], 0, 0
@@ -125,7 +144,6 @@ def main(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     from specrelay.models.resolve import check_same_vocabulary, pair_draft, resolve_model
-    from specrelay.shared.errors import ConfigError
     from specrelay.shared.modeling.loader import load_model
     from specrelay.shared.sampling import SamplingParams
 
@@ -134,13 +152,7 @@ def main(args: argparse.Namespace) -> int:
     if draft_dir is not None:
         check_same_vocabulary(model_dir, draft_dir)
     args.model, args.draft = str(model_dir), None if draft_dir is None else str(draft_dir)
-    systems = [s for s in (args.systems or "").split(",") if s] or [
-        s for s in SYSTEMS if draft_dir is not None or s not in NEEDS_DRAFT]
-    unknown = [s for s in systems if s not in SYSTEMS]
-    if unknown:
-        raise ConfigError(f"unknown system {unknown[0]!r} (choose from {', '.join(SYSTEMS)})")
-    if draft_dir is None and (needing := [s for s in systems if s in NEEDS_DRAFT]):
-        raise ConfigError(f"{needing[0]} needs a draft model of {model_dir.name}'s vocabulary: pass --draft")
+    systems, chosen = choose(args, model_dir, draft_dir)
     if args.threads:
         torch.set_num_threads(args.threads)
     num_prompts = args.num_prompts or (4 if args.quick else 16)
@@ -155,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=max_tokens, stop_token_ids=stops)
     runs = []
     for workload, prompts in workloads(args.model, num_prompts).items():
-        for batch in batch_sizes:
+        for batch in batch_sizes if workload in chosen else []:
             results, reference = {}, None
             for system in sorted(systems, key=lambda s: s != "specrelay_plain"):
                 if system.startswith("hf_"):
@@ -163,7 +175,7 @@ def main(args: argparse.Namespace) -> int:
                                                         stops)
                 else:
                     outputs, elapsed, mean_acc = run_specrelay(system, target, draft, prompts, batch, params,
-                                                               args.max_nodes)
+                                                               args.max_nodes, args.model)
                 if system == "specrelay_plain":
                     reference = outputs
                 tokens = sum(len(o) for o in outputs)
@@ -177,6 +189,26 @@ def main(args: argparse.Namespace) -> int:
                                                "max_tokens": max_tokens, "threads": torch.get_num_threads()},
                                               indent=2))
     return 0
+
+
+def choose(args: argparse.Namespace, model_dir: Path, draft_dir: Path | None) -> tuple[list[str], list[str]]:
+    """(systems, workloads) from the flags; by default every system the model can run."""
+    from specrelay.models.resolve import default_head
+    from specrelay.shared.errors import ConfigError
+
+    has_head = default_head(model_dir) is not None
+    systems = [s for s in (args.systems or "").split(",") if s] or [
+        s for s in SYSTEMS if (draft_dir is not None or s not in NEEDS_DRAFT) and (has_head or s not in NEEDS_HEAD)]
+    chosen = [w for w in args.workloads.split(",") if w]
+    if bad := [w for w in chosen if w not in WORKLOADS]:
+        raise ConfigError(f"unknown workload {bad[0]!r} (choose from {', '.join(WORKLOADS)})")
+    if unknown := [s for s in systems if s not in SYSTEMS]:
+        raise ConfigError(f"unknown system {unknown[0]!r} (choose from {', '.join(SYSTEMS)})")
+    if draft_dir is None and (needing := [s for s in systems if s in NEEDS_DRAFT]):
+        raise ConfigError(f"{needing[0]} needs a draft model of {model_dir.name}'s vocabulary: pass --draft")
+    if not has_head and (needing := [s for s in systems if s in NEEDS_HEAD]):
+        raise ConfigError(f"{needing[0]} needs a draft head trained for {model_dir.name} (models/heads/)")
+    return systems, chosen
 
 
 def print_run(run: dict) -> None:

@@ -47,9 +47,9 @@ class HeadProposer:
     name = "head"
     wants_hidden = True  # the verifier sends the target's hidden states with feedback
 
-    def __init__(self, head: DraftHead, branch: int = 4, max_depth: int = 8, max_context: int = 1024):
+    def __init__(self, head: DraftHead, branch: int = 4, max_depth: int = 8, max_context: int = 1024, width: int = 4):
         self.head = head
-        self.branch, self.max_depth, self.max_context = branch, max_depth, max_context
+        self.branch, self.max_depth, self.max_context, self.width = branch, max_depth, max_context, width
         self.vocab_size = head.cfg.vocab_size
         self.states: dict[int, _State] = {}
 
@@ -73,11 +73,16 @@ class HeadProposer:
         state = self.advance(inp)
         if inp.max_nodes <= 1 or state.root_feature is None:
             return DraftTree.root_only(root), [PoolNode(root, -1, 1.0, 1.0)]
+        if inp.params.greedy:
+            pool = self._grow_levels(inp, state)
+            tree = select_tree(pool, inp.max_nodes, False)
+            tree.sources = [""] + [self.name] * (tree.num_nodes - 1)
+            return tree, pool
         pool = [PoolNode(token=root, parent=-1, q_prob=1.0, value=1.0)]
         work: list[_Node | None] = [_Node(state.root_feature, state.keys[:0], state.values[:0], len(inp.tokens) - 1)]
         depth = [0]
 
-        def expand(i: int) -> None:  # one head forward per chosen node: its feature, then its children
+        def expand(i: int) -> None:  # sampling: one head forward per chosen node, its feature, then its children
             if depth[i] >= self.max_depth:
                 return
             if work[i] is None:
@@ -94,6 +99,44 @@ class HeadProposer:
         tree = select_tree(pool, inp.max_nodes, not inp.params.greedy, expand=expand)
         tree.sources = [""] + [self.name] * (tree.num_nodes - 1)
         return tree, pool
+
+    def _grow_levels(self, inp: DraftInput, state: _State) -> list[PoolNode]:
+        """Greedy: the pool grows depth by depth, the `width` best nodes of the newest depth fed to the head in one
+        call (EAGLE-2's expansion); stops once none of them can still make the budget's cut (values only shrink)."""
+        root_pos, ids = len(inp.tokens) - 1, self.head.vocab_ids.tolist()
+        pool = [PoolNode(token=inp.tokens[-1], parent=-1, q_prob=1.0, value=1.0)]
+        feats, fed, node_k, node_v, frontier = {0: state.root_feature}, [], [], [], [0]
+        for depth in range(self.max_depth):
+            top = torch.softmax(self.head.logits(torch.stack([feats[i] for i in frontier])), -1).topk(self.branch)
+            for row, i in enumerate(frontier):
+                for p, j in zip(top.values[row].tolist(), top.indices[row].tolist()):
+                    pool[i].children.append(len(pool))
+                    pool.append(PoolNode(token=ids[j], parent=i, q_prob=p, value=pool[i].value * p))
+            values = sorted((n.value for n in pool), reverse=True)
+            cutoff = values[inp.max_nodes - 1] if len(values) >= inp.max_nodes else 0.0
+            newest = sorted((c for i in frontier for c in pool[i].children), key=lambda c: -pool[c].value)
+            frontier = [c for c in newest[: self.width] if pool[c].value > cutoff]
+            if not frontier or depth == self.max_depth - 1:
+                break
+            # each frontier node attends to the context, its ancestors fed at earlier depths, and itself
+            x, q, k, v = self.head.qkv(torch.stack([feats[pool[c].parent] for c in frontier]),
+                                       torch.tensor([pool[c].token for c in frontier]),
+                                       torch.full((len(frontier),), root_pos + depth + 1))
+            ctx, slot = state.keys.shape[0], {p: j for j, p in enumerate(fed)}
+            mask = torch.zeros(len(frontier), ctx + len(fed) + len(frontier), dtype=torch.bool)
+            mask[:, :ctx] = True
+            for r, c in enumerate(frontier):
+                mask[r, ctx + len(fed) + r] = True
+                a = pool[c].parent
+                while a > 0:
+                    mask[r, ctx + slot[a]] = True
+                    a = pool[a].parent
+            node_k.append(k)
+            node_v.append(v)
+            out = self.head.finish(x, q, torch.cat([state.keys, *node_k]), torch.cat([state.values, *node_v]), mask)
+            fed += frontier
+            feats.update(zip(frontier, out))
+        return pool
 
     def _children(self, logits: torch.Tensor, inp: DraftInput) -> tuple[list[tuple[int, float]], torch.Tensor | None]:
         """logits: [draft_vocab] -> [(target token, q mass)] in draw order, and q over the target's vocabulary

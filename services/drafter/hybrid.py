@@ -5,7 +5,8 @@ path both proposed is one node) and every node keeps the higher of its proposers
 suffix decoding's count ratios along the match, the head's product of draft probabilities (tree_select.py). Since
 a node's estimate never exceeds its parent's in either tree, the `max_nodes` best nodes form a tree: the merged
 tree is cut to the adaptive budget by value alone. Each node is credited to the proposer whose estimate won, for
-`usage`.
+`usage`. The head's share of the budget is what the suffix's confident nodes (estimate ≥ `confident`) leave, so a
+long match, where the suffix fills the tree alone, costs no head forwards.
 
 Sampling: multi-draft verification needs every node's children drawn from one distribution q, which a merge of
 two proposers' draws is not. So a sampled step takes the suffix tree whole when the context has a suffix match —
@@ -13,6 +14,8 @@ a choice made from counts only, never from a random draw, which keeps it lossles
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from specrelay.services.drafter.base import DraftInput, Verified
 from specrelay.services.drafter.head import HeadProposer
@@ -24,8 +27,9 @@ class HybridProposer:
     name = "hybrid"
     wants_hidden = True
 
-    def __init__(self, suffix: SuffixProposer, head: HeadProposer):
+    def __init__(self, suffix: SuffixProposer, head: HeadProposer, confident: float = 0.5):
         self.suffix, self.head = suffix, head
+        self.confident = confident  # a suffix node estimated at least this likely is kept without the head's help
 
     def propose(self, inputs: list[DraftInput]) -> list[DraftTree]:
         suffix_trees = self.suffix.propose(inputs)
@@ -33,10 +37,18 @@ class HybridProposer:
         for inp, st in zip(inputs, suffix_trees):
             if not inp.params.greedy and st.num_nodes > 1:
                 self.head.advance(inp)  # keep the head's context current for later steps
-                out.append(_credit(st, "suffix"))
+                out.append(st)
                 continue
-            ht = self.head.grow(inp)[0]
-            out.append(_credit(ht, "head") if not inp.params.greedy else merge(st, ht, inp.max_nodes))
+            if not inp.params.greedy:
+                out.append(self.head.grow(inp)[0])
+                continue
+            # the head grows only what the suffix's confident nodes leave of the budget: a long match costs it nothing
+            budget = inp.max_nodes - sum(v >= self.confident for v in st.values[1:])
+            if budget <= 1:
+                self.head.advance(inp)
+                out.append(st)
+                continue
+            out.append(merge(st, self.head.grow(replace(inp, max_nodes=budget))[0], inp.max_nodes))
         return out
 
     def observe(self, verified: list[Verified]) -> None:
@@ -46,11 +58,6 @@ class HybridProposer:
     def release(self, request_id: int) -> None:
         self.suffix.release(request_id)
         self.head.release(request_id)
-
-
-def _credit(tree: DraftTree, source: str) -> DraftTree:
-    tree.sources = [""] + [source] * (tree.num_nodes - 1)
-    return tree
 
 
 def merge(suffix: DraftTree, head: DraftTree, max_nodes: int) -> DraftTree:

@@ -61,7 +61,9 @@ def speculative_outputs(target_dir: str, prompts: list[list[int]], cases: list[l
     params = SamplingParams(max_tokens=NEW_TOKENS)
     runs = []
     for proposer, batch_size in cases:
-        engine = SpecEngine(ModelRunner(target, num_blocks=1024), make_proposer(proposer, draft, 101), max_nodes=12)
+        # a random head is right by chance only: the adaptive budget would soon stop drafting it at all
+        engine = SpecEngine(ModelRunner(target, num_blocks=1024), make_proposer(proposer, draft, 101), max_nodes=12,
+                            adaptive=proposer != "head")
         requests = [{"output": req.output, "finish_reason": req.finish_reason, "accepted": req.stats.accepted_tokens}
                     for start in range(0, NUM_PROMPTS, batch_size)
                     for req in engine.generate(prompts[start : start + batch_size], params)]
