@@ -156,7 +156,7 @@ class StreamingToolParser:
 
     def _advance_call(self, out: StreamDelta, final: bool) -> bool:
         """Stream a hermes call's arguments; True when its block closed (state back to content)."""
-        end = self._pending.find(TOOL_CALL_END)
+        end = _call_end(self._pending)
         if end < 0 and not final:
             self._stream_arguments(out)
             return False
@@ -303,6 +303,29 @@ class StreamingToolParser:
         if not calls and self.result.cut is None:
             return [], "empty tool call"
         return calls, None
+
+
+def _call_end(block: str) -> int:
+    """Where the call's `</tool_call>` starts in `block` (-1: not yet): the first one outside a JSON string. An
+    argument string may hold the marker's text (a sampled reply did), and it does not end the call."""
+    start = 0
+    while (end := block.find(TOOL_CALL_END, start)) >= 0:
+        if not _inside_string(block[:end]):
+            return end
+        start = end + 1
+    return -1
+
+
+def _inside_string(text: str) -> bool:
+    inside, escaped = False, False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = inside
+        elif ch == '"':
+            inside = not inside
+    return inside
 
 
 def _cut_call(rest: str, error: str, at: int) -> bool:

@@ -202,3 +202,12 @@ def test_garbage_never_raises_and_never_depends_on_chunking(fragments, cuts, fmt
     assert [e.message for e in errors] == [e.message for e in whole.errors]
     for call in whole.tool_calls:
         assert isinstance(json.loads(call.arguments), dict)
+
+
+def test_a_closing_marker_inside_an_argument_string_does_not_end_the_call():
+    """A sampled reply wrote `</tool_call>` inside a city name (the grammar allows any text in a string)."""
+    text = '<tool_call>\n{"name": "book", "arguments": {"city": "Oslo</tool_call>\\"x"}}\n</tool_call>'
+    for cuts in ([], list(range(0, len(text), 5))):
+        content, calls, errors, result = stream(text, cuts)
+        assert errors == [] and content == "", (cuts, errors)
+        assert [json.loads(c.arguments) for c in result.tool_calls] == [{"city": 'Oslo</tool_call>"x'}]
