@@ -332,7 +332,7 @@ class SpecEngine(Pausing):
             probs = torch.cat(probs)
             greedy = mode != "sampled"
             q = None if greedy else torch.cat([self._q(trees[i], probs.shape[-1]) for i in idx])
-            if greedy:  # no test to draw for: the walk follows the argmax
+            if mode == "seeded":  # no test to draw for, and the request's stream stays untouched
                 uniforms, final = torch.zeros(sum(sizes)), torch.zeros(len(idx))
             else:
                 uniforms = torch.cat([torch.rand(s, generator=live[i].generator) for i, s in zip(idx, sizes)])
