@@ -99,10 +99,15 @@ NOT_SUMMED = ("prompt_tokens", "prompt_tokens_details", "gamma", "beta", "source
 
 def summed_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
     """The usage of `n` generations of one prompt: the prompt (and its cached part) once, as OpenAI counts it;
-    every count summed over the choices (usage.pte's profile parameters kept)."""
+    every count summed over the choices (usage.pte's profile parameters kept). The cached part is the least any
+    choice had: a choice that copied the prompt's KV from another (the verifier prefills it once) counts it as
+    cached, but the prompt was computed once all the same."""
     out = usages[0]
     for usage in usages[1:]:
         out = _add(out, usage)
+    cached = [u["prompt_tokens_details"]["cached_tokens"] for u in usages if u.get("prompt_tokens_details")]
+    if cached and len(cached) == len(usages):
+        out = {**out, "prompt_tokens_details": {**out["prompt_tokens_details"], "cached_tokens": min(cached)}}
     return {**out, "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
 
 

@@ -25,6 +25,7 @@ from specrelay.kernels.spec_accept import spec_accept
 from specrelay.services.drafter.base import TOPK, DraftInput, Proposer, Verified
 from specrelay.services.verifier.budget import AdaptiveBudget
 from specrelay.services.verifier.chunked_prefill import ChunkedPrefill
+from specrelay.services.verifier.engine_fork import PromptForks
 from specrelay.services.verifier.engine_pause import Pausing
 from specrelay.services.verifier.draws import MODES, draw_mode, first_token, seeded_targets
 from specrelay.services.verifier.engine_request import Request, StepOutput
@@ -66,6 +67,7 @@ class SpecEngine(Pausing):
         self.constraints: Constraints | None = None  # structured outputs: grammar masks (shared/grammar_mask.py)
         self.num_prefilled_tokens = 0  # tokens run through prefill since start (not loaded, not decoded)
         self._ids = itertools.count()
+        self.forks = PromptForks(runner.cache)
 
     def add(self, prompts: list[list[int]], params: list[SamplingParams], tables: list[BlockTable] | None = None, *,
             names: list[str] | None = None, keep: bool = False) -> list[Request]:
@@ -81,7 +83,24 @@ class SpecEngine(Pausing):
         for r in requests:
             assert r.table.num_tokens < len(r.prompt), "the last prompt token must be computed for its logits"
             r.stats.cached_tokens = r.table.num_tokens
-            self.num_prefilled_tokens += len(r.prompt) - r.table.num_tokens
+        with self.forks.round():
+            lead, follow = self.forks.split(requests, self.running)  # identical prompts: engine_fork.py
+            self._prefill(lead)
+            for r in follow:
+                if (logits := self.forks.copy(r)) is None:
+                    self._prefill([r])
+                else:
+                    self._commit_first(r, logits)
+        for r in requests:
+            if r.finish_reason is None:
+                self.running.append(r)
+            elif not r.keep_kv:
+                self.runner.release(r.table)
+        return requests
+
+    def _prefill(self, requests: list[Request]) -> None:
+        """Prefill what each table lacks of its prompt (short ones together) and draw each first token."""
+        self.num_prefilled_tokens += sum(len(r.prompt) - r.table.num_tokens for r in requests)
         short = [r for r in requests if len(r.prompt) - r.table.num_tokens <= self.runner.prefill_chunk]
         for start in range(0, len(short), 64):
             group = short[start : start + 64]
@@ -91,12 +110,6 @@ class SpecEngine(Pausing):
         for r in requests:
             if r not in short:
                 self._commit_first(r, self.runner.prefill(r.table, r.prompt[r.table.num_tokens :])[None])
-        for r in requests:
-            if r.finish_reason is None:
-                self.running.append(r)
-            elif not r.keep_kv:
-                self.runner.release(r.table)
-        return requests
 
     def extend(self, held: Request, token_ids: list[int], params: SamplingParams, name: str = "",
                keep: bool | None = None) -> Request:
@@ -228,6 +241,15 @@ class SpecEngine(Pausing):
                 result.outputs.append(_failed(resume.request_id, f"the verifier could not continue this request: {e}"))
                 continue
             result.outputs.append(_output(req, 0, started=True))
+        with self.forks.round():  # identical prompts admitted in this step are prefilled once (engine_fork.py)
+            self._execute_admits(plan, result)
+        if plan.decode and self.running:
+            self._execute_decode(result, draft)
+        if self.chunked is not None:
+            self._execute_chunk(result)
+        return result
+
+    def _execute_admits(self, plan: StepPlan, result: StepResult) -> None:
         for admit in plan.admits:
             table = admit.table if admit.table is not None else BlockTable()
             try:
@@ -241,12 +263,8 @@ class SpecEngine(Pausing):
                 self.runner.release(table)
                 result.outputs.append(_failed(admit.request_id, f"the verifier could not start this request: {e}"))
                 continue
+            admit.cached_tokens += self.forks.copied.get(req.request_id, 0)  # a copy is prefilled by nobody
             result.outputs.append(_output(req, 0, started=True))
-        if plan.decode and self.running:
-            self._execute_decode(result, draft)
-        if self.chunked is not None:
-            self._execute_chunk(result)
-        return result
 
     def _start_chunked(self, admit, table: BlockTable) -> RequestOutput:
         """An admission whose prompt is prefilled a chunk per step from now on (chunked_prefill.py)."""
@@ -375,7 +393,8 @@ class SpecEngine(Pausing):
                 return
 
     def _commit_first(self, r: Request, logits: torch.Tensor) -> None:
-        """The token after the prompt, from the target's logits after it ([1, vocab])."""
+        """The token after the prompt, from the target's logits after it ([1, vocab]); a fork leader's are kept."""
+        self.forks.prefilled(r, logits)
         logits = masked(self.constraints, r, logits)
         token = first_token(processed_probs(logits, r.params), r.params, self._mode(r), len(r.tokens), r.generator)
         self._commit(r, [token], token_logprobs(logits, r.params, [token]) if r.logprobs is not None else None)

@@ -111,3 +111,16 @@ def test_hostile_values_are_400s_and_the_server_keeps_serving(client, model_name
     assert error.value.param == param
     reply = client.chat.completions.create(model=model_name, messages=HI, max_tokens=2, **GREEDY)
     assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_n_choices_prefill_the_prompt_once(client, model_name):
+    """The n Generates carry one prompt: the verifier prefills it once and copies its KV to the other choices
+    (services/verifier/engine_fork.py), whether they reach it in one step or a step apart (then each copies all
+    but the last prompt token and prefills that one)."""
+    text = " ".join(f"Point {i}: the tide at pier {i * 7} turns after {i + 3} hours." for i in range(9))
+    messages = [{"role": "user", "content": f"Summarise these notes (n sharing check). {text}"}]
+    reply = client.chat.completions.create(model=model_name, messages=messages, max_tokens=4, n=3, **GREEDY)
+    usage = reply.usage.model_dump()
+    fresh = usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"]
+    assert fresh > 100  # a new prompt: the prefix cache had at most the template's start
+    assert fresh <= usage["pte"]["prefill"] <= fresh + 2  # once, not 3 times (at most 1 more for each late choice)

@@ -162,3 +162,5 @@ def test_n_usage_sums_the_work_and_keeps_what_describes_the_verifier():
     assert summed["completion_tokens"] == summed["spec_steps"] == 15 and summed["total_tokens"] == 115
     assert summed["pte"] == {"total": 315.0, "prefill": 300.0, "gamma": 0.2, "beta": 0.0, "source": "analytic",
                              "turns": 3}
+    # choice 0 copied the prompt's KV from choice 1 (the verifier prefilled it once): the prompt was not cached
+    assert summed_usage([usage(4, 100), usage(6, 0)])["prompt_tokens_details"] == {"cached_tokens": 0}
